@@ -1,0 +1,73 @@
+"""Tile grids and Gaussian blending weights, shared by the latent sampler and the VAE tiler.
+
+The release places tiles at ``i * (tile - overlap)`` and aligns the last tile of each axis to the edge; it crashes
+when one side is shorter than the tile. Here each axis is planned on its own, so thin images simply get one tile
+along their short side.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["axis_starts", "Tile", "plan_tiles", "gaussian_ramp", "gaussian_weights", "needs_tiling"]
+
+
+def axis_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets along one axis, as the release computes them (last tile edge-aligned).
+
+    ``tile`` is clamped to ``length``; ``overlap`` is clamped below ``tile`` so the loop always advances.
+    """
+    if length <= 0:
+        raise ValueError(f"axis length must be positive, got {length}")
+    if tile <= 0:
+        raise ValueError(f"tile size must be positive, got {tile}")
+    tile = min(tile, length)
+    overlap = max(0, min(overlap, tile - 1))
+    stride = tile - overlap
+    count = 1 if length <= tile else 1 + math.ceil((length - tile) / stride)
+    starts = [i * stride for i in range(count - 1)] + [length - tile]
+    return starts
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: rows ``y0:y0+h`` and columns ``x0:x0+w``."""
+
+    y0: int
+    x0: int
+    h: int
+    w: int
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.y0, self.y0 + self.h), slice(self.x0, self.x0 + self.w)
+
+
+def plan_tiles(height: int, width: int, tile: int, overlap: int) -> list[Tile]:
+    """Row-major grid covering ``height x width``; every tile has the same shape (so tiles can be batched)."""
+    th, tw = min(tile, height), min(tile, width)
+    ys = axis_starts(height, tile, overlap)
+    xs = axis_starts(width, tile, overlap)
+    return [Tile(y, x, th, tw) for y in ys for x in xs]
+
+
+def needs_tiling(height: int, width: int, tile: int) -> bool:
+    """The release's area trigger: tile only when ``h*w > tile*tile``. ``tile <= 0`` means never tile."""
+    return tile > 0 and height * width > tile * tile
+
+
+def gaussian_ramp(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """1-D blending weight of the release: ``exp(-(x - mid)^2 / (2 * 0.01 * n^2))``, i.e. sigma = n / 10.
+
+    The release's normalising constant is dropped: it cancels when the weighted sum is divided by the weight sum.
+    """
+    x = torch.arange(n, dtype=torch.float64, device=device)
+    mid = (n - 1) / 2
+    return torch.exp(-((x - mid) ** 2) / (2 * 0.01 * n * n)).to(dtype)
+
+
+def gaussian_weights(h: int, w: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """Separable 2-D Gaussian weight ``[h, w]`` for one tile."""
+    return torch.outer(gaussian_ramp(h, torch.float64, device), gaussian_ramp(w, torch.float64, device)).to(dtype)
