@@ -22,3 +22,43 @@ def pytest_configure(config):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def world():
+    """Tiny diffusers + ComfyUI twins with the same random weights, and a release-layout PiSA checkpoint."""
+    import tiny_models
+
+    return tiny_models.tiny_world(seed=0)
+
+
+@pytest.fixture(scope="session")
+def pisa_files(world):
+    """The synthetic checkpoint as models/pisa_sr/tiny_pisa.pkl and its .safetensors conversion."""
+    from pisa_sr.checkpoint import parse_release_dict, save_safetensors
+
+    folder = host.BASE_DIR / "models" / "pisa_sr"
+    pkl = folder / "tiny_pisa.pkl"
+    torch.save(world.ckpt, pkl)
+    st = folder / "tiny_pisa.safetensors"
+    save_safetensors(parse_release_dict(world.ckpt), str(st))
+    return {"pkl": pkl.name, "safetensors": st.name}
+
+
+@pytest.fixture(scope="session")
+def ref(world):
+    from reference import ReleaseReference
+
+    return ReleaseReference(world.unet, world.vae, world.ckpt, world.context)
+
+
+@pytest.fixture(scope="session")
+def pisa_model(world, pisa_files):
+    """The node-side MODEL: world.model with the PiSA LoRAs applied by Load PiSA LoRAs."""
+    return run_node("PiSA_LoadLoRAs", model=world.model, lora_name=pisa_files["pkl"])[0]
+
+
+def run_node(node_id: str, **inputs):
+    """Call a registered node's execute() the way unit tests of V3 nodes do; returns its outputs tuple."""
+    out = host.node(node_id).execute(**inputs)
+    return out.result

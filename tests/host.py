@@ -29,13 +29,14 @@ if str(REPO) not in sys.path:
 import comfy.options  # noqa: E402  (argument parsing stays off)
 from comfy.cli_args import args  # noqa: E402
 
+BASE_DIR = Path(os.environ.get("PISA_TEST_BASE") or tempfile.mkdtemp(prefix="pisa-host-"))
 args.cpu = True
 args.disable_all_custom_nodes = False
+args.base_directory = str(BASE_DIR)  # models/, output/, input/ and custom_nodes/ of this throwaway host
 # nodes.py prepends ComfyUI/comfy to sys.path; import the top-level `utils` package first, as main.py does.
 import utils.extra_config  # noqa: E402,F401
 import utils.install_util  # noqa: E402,F401
 
-BASE_DIR = Path(os.environ.get("PISA_TEST_BASE") or tempfile.mkdtemp(prefix="pisa-host-"))
 for sub in ("custom_nodes", "models/checkpoints", "models/pisa_sr", "models/loras", "output", "input", "temp"):
     (BASE_DIR / sub).mkdir(parents=True, exist_ok=True)
 _link = BASE_DIR / "custom_nodes" / PACK_NAME
@@ -44,11 +45,8 @@ if not _link.exists():
 
 import folder_paths  # noqa: E402
 
-folder_paths.set_output_directory(str(BASE_DIR / "output"))
-folder_paths.set_input_directory(str(BASE_DIR / "input"))
+assert Path(folder_paths.models_dir) == BASE_DIR / "models", folder_paths.models_dir
 folder_paths.set_temp_directory(str(BASE_DIR / "temp"))
-folder_paths.add_model_folder_path("checkpoints", str(BASE_DIR / "models/checkpoints"), is_default=True)
-folder_paths.add_model_folder_path("loras", str(BASE_DIR / "models/loras"), is_default=True)
 
 import nodes as comfy_nodes  # noqa: E402  (ComfyUI's own nodes.py)
 
@@ -71,3 +69,12 @@ def node(node_id: str):
     """The registered class for ``node_id`` (a V3 io.ComfyNode subclass for our nodes)."""
     load_pack()
     return comfy_nodes.NODE_CLASS_MAPPINGS[node_id]
+
+
+def pack(submodule: str = ""):
+    """A module of the loaded pack (ComfyUI registers it under its folder path), e.g. ``pack("nodes.sample")``."""
+    import importlib
+
+    load_pack()
+    root = next(k for k in sys.modules if k.endswith(PACK_NAME) and "." not in k[len(str(BASE_DIR)):])
+    return importlib.import_module(f"{root}.{submodule}") if submodule else sys.modules[root]

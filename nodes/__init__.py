@@ -1,0 +1,20 @@
+"""The pack's ComfyUI V3 nodes (thin: each translates ComfyUI types into calls of the pisa_sr core)."""
+from __future__ import annotations
+
+from .compat import ComfyExtension, io, register_model_folder
+from .decode import PiSADecode
+from .encode_lq import PiSAEncodeLQ
+from .load_loras import PiSALoadLoRAs
+from .sample import PiSASample
+
+NODE_LIST: list[type[io.ComfyNode]] = [PiSALoadLoRAs, PiSAEncodeLQ, PiSASample, PiSADecode]
+
+
+class PiSAExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODE_LIST)
+
+
+async def comfy_entrypoint() -> ComfyExtension:
+    register_model_folder()
+    return PiSAExtension()

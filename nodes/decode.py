@@ -1,0 +1,73 @@
+"""Tiled VAE Decode: decode, colour-fix against the resized LQ, restore the release's output size."""
+from __future__ import annotations
+
+import torch
+
+from ..pisa_sr.color import COLOR_FIXES, apply_color_fix
+from ..pisa_sr.errors import PisaError
+from ..pisa_sr.resize import resize_output
+from . import compat
+from .compat import io
+from .lq_info import lq_info_of
+
+NODE = "PiSA Tiled VAE Decode"
+
+
+def decode_hq(latent: dict, vae, color_fix: str) -> torch.Tensor:
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        raise PisaError(f"{NODE}: 'latent' must be a LATENT from Dual-Guided One-Step Sample.")
+    z = latent["samples"]
+    if z.dim() != 4 or z.shape[1] != 4 or z.shape[0] == 0:
+        raise PisaError(f"{NODE}: expected an SD latent [B,4,h,w], got {tuple(z.shape)}.")
+    if not torch.isfinite(z).all():
+        raise PisaError(f"{NODE}: the latent contains NaN or infinite values.")
+    if color_fix not in COLOR_FIXES:
+        raise PisaError(f"{NODE}: color_fix must be one of {', '.join(COLOR_FIXES)}.")
+    info = lq_info_of(latent)
+    if info is None and color_fix != "none":
+        raise PisaError(f"{NODE}: this LATENT does not carry the resized LQ image needed for colour fix "
+                        f"'{color_fix}'. Connect the chain PiSA Encode LQ -> Sample -> this node without nodes in "
+                        "between that rebuild the latent, or set color_fix to none.")
+    img = compat.vae_decode(vae, z).to(torch.float32)  # [B,H,W,3] in [0,1]
+    out = img.movedim(-1, 1)
+    if info is not None:
+        src = info.lq_float_bchw()
+        if src.shape[0] != out.shape[0] and src.shape[0] != 1:
+            raise PisaError(f"{NODE}: the latent batch ({out.shape[0]}) does not match the LQ batch "
+                            f"({src.shape[0]}).")
+        if src.shape[-2:] != out.shape[-2:]:
+            raise PisaError(f"{NODE}: the latent decodes to {out.shape[-1]}x{out.shape[-2]} px but the LQ reference "
+                            f"is {src.shape[-1]}x{src.shape[-2]}; the latent was resized between nodes.")
+        if color_fix != "none":
+            # The release colour-fixes the 8-bit (truncated) decoder output; doing the same keeps us equal to it.
+            out = torch.floor(out.clamp(0, 1) * 255.0) / 255.0
+        out = apply_color_fix(out, src.expand(out.shape[0], -1, -1, -1), color_fix)
+    img = out.movedim(1, -1).clamp(0, 1)
+    if info is not None and info.plan.resize_back:
+        img = resize_output(img, info.plan.output)
+    return img.contiguous()
+
+
+class PiSADecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PiSA_Decode",
+            display_name=NODE,
+            category="image/upscaling/PiSA-SR",
+            description="Decodes the PiSA-SR latent, corrects colour against the resized input and restores the "
+                        "output size the release produces.",
+            inputs=[
+                io.Latent.Input("latent", tooltip="The LATENT from Dual-Guided One-Step Sample."),
+                io.Vae.Input("vae", tooltip="The same VAE that encoded the LQ image."),
+                io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
+                               tooltip="adain (release default): match each channel's mean and spread to the "
+                               "input. wavelet: keep the output's fine detail, take the input's low-frequency "
+                               "colour. none: raw decoder output."),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip="The upscaled image.")],
+        )
+
+    @classmethod
+    def execute(cls, latent, vae, color_fix="adain") -> io.NodeOutput:
+        return io.NodeOutput(decode_hq(latent, vae, color_fix))

@@ -1,0 +1,72 @@
+"""Run an eps function over a latent, tiled with Gaussian blending as in the release, several tiles per call.
+
+``eps_fn`` maps a batch of latent tiles ``[N,4,th,tw]`` to ``[N,C,th,tw]`` (C may differ from 4: a sweep returns
+eps_pix and eps_sem side by side). Blending is linear, so it commutes with any linear combination of eps.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .tiling import gaussian_weights, needs_tiling, plan_tiles
+
+__all__ = ["run_tiled", "count_steps"]
+
+EpsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def count_steps(batch: int, height: int, width: int, tile: int, overlap: int, tiles_per_call: int) -> int:
+    """Number of eps_fn calls ``run_tiled`` will make (for progress bars)."""
+    if not needs_tiling(height, width, tile):
+        return -(-batch // max(1, tiles_per_call))
+    n = batch * len(plan_tiles(height, width, tile, overlap))
+    return -(-n // max(1, tiles_per_call))
+
+
+def run_tiled(z: torch.Tensor, eps_fn: EpsFn, tile: int, overlap: int, tiles_per_call: int = 1,
+              progress: Callable[[int, int], None] | None = None,
+              check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+    """eps for the whole latent ``z`` [B,4,h,w]; fp32 result on ``z``'s device.
+
+    Untiled when ``h*w <= tile*tile`` (the release's trigger) or ``tile <= 0``.
+    """
+    b, _, h, w = z.shape
+    tiles_per_call = max(1, int(tiles_per_call))
+    total = count_steps(b, h, w, tile, overlap, tiles_per_call)
+    done = 0
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        if check_interrupt is not None:
+            check_interrupt()
+        y = eps_fn(x).to(torch.float32)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return y
+
+    if not needs_tiling(h, w, tile):
+        parts = [step(z[i:i + tiles_per_call]).to(z.device) for i in range(0, b, tiles_per_call)]
+        return torch.cat(parts, 0)
+
+    tiles = plan_tiles(h, w, tile, overlap)
+    th, tw = tiles[0].h, tiles[0].w
+    weight = gaussian_weights(th, tw, torch.float32, z.device)
+    jobs = [(i, t) for i in range(b) for t in tiles]
+    out: torch.Tensor | None = None
+    wsum = torch.zeros((1, 1, h, w), dtype=torch.float32, device=z.device)
+    for t in tiles:
+        ys, xs = t.slices
+        wsum[..., ys, xs] += weight
+    for start in range(0, len(jobs), tiles_per_call):
+        chunk = jobs[start:start + tiles_per_call]
+        x = torch.stack([z[i, :, t.slices[0], t.slices[1]] for i, t in chunk])
+        y = step(x).to(z.device)
+        if out is None:
+            out = torch.zeros((b, y.shape[1], h, w), dtype=torch.float32, device=z.device)
+        for (i, t), yi in zip(chunk, y):
+            ys, xs = t.slices
+            out[i, :, ys, xs] += yi * weight
+    assert out is not None
+    return out / wsum

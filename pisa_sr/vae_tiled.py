@@ -1,0 +1,486 @@
+"""GroupNorm-synchronised tiled encode/decode for LDM-layout VAEs (the SD 1.x/2.x autoencoder).
+
+Why not the usual tiled VAE: decoding tiles independently gives each tile its own GroupNorm statistics (colour and
+contrast shift per tile, visible seams), and the release's tiled VAE averages per-tile variances, which drops the
+spread between tile means. Here the tiles advance through the network together, one *step* at a time, where a
+step is everything between two GroupNorms (norm -> SiLU -> at most one 3x3 conv, plus residual/shortcut or
+resampling). After each step the tile cores are parked in a full-size map on ``offload_device`` (CPU by default)
+and per-channel count/mean/M2 are merged across tiles (Chan's parallel formula, fp64), so the next GroupNorm uses
+the statistics of the whole image. Before a step every tile reads its core plus a 2-px halo from the parked map;
+since a step holds at most one 3x3 conv, that halo covers the receptive field, and at the image border the tile
+sees the same zero padding as the untiled network. Result: tiled == untiled up to floating-point error, for any
+tile size and with no blending. The only attention in SD's VAE is in the mid block (1/8 of the image side); it
+runs on the whole map when that fits, else as exact attention over all positions, one query tile at a time,
+streaming keys and values in chunks with an online softmax.
+
+Device memory then scales with the tile, not the image (plus the whole-map mid block at 1/64 of the image area);
+the parked maps (host memory) scale with the image.
+
+Works on ComfyUI's modules but imports nothing from ComfyUI: submodules (convs, resamplers, whole mid blocks) are
+called through their own ``forward`` so ComfyUI's casting ops keep working; only GroupNorm is re-implemented, with
+its weight and bias cast to the activation's device here. Nothing is patched, so an interruption leaves no state.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["tiled_decode", "tiled_encode", "auto_tile_size", "HALO"]
+
+log = logging.getLogger(__name__)
+
+HALO = 2
+"""Context (px, at each step's input resolution) read around a tile core: a step holds at most one 3x3 conv (needs
+1 px), and a stride-2 downsample needs its window to start on an even pixel."""
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+_ATTN_SCORE_BUDGET = 1 << 24  # fp32 scores per query tile and key chunk (64 MiB) in the streamed attention
+
+Progress = Callable[[int, int], None]
+Interrupt = Callable[[], None]
+
+
+def _cuts(length: int, tile: int) -> list[int]:
+    """Boundaries of a balanced partition of ``range(length)`` into ``ceil(length / tile)`` pieces.
+
+    Cores must partition the image (each pixel counted once in the statistics), so the overlapping, edge-aligned
+    grid of ``tiling.axis_starts`` does not fit here; balanced pieces also avoid a sliver tile at the end.
+    """
+    n = max(1, math.ceil(length / max(1, tile)))
+    return [i * length // n for i in range(n + 1)]
+
+
+def _region(c0: int, length: int, size: int, halo: int) -> tuple[int, int]:
+    """Window of ``length`` px (clipped to ``size``) holding the core starting at ``c0`` plus ``halo`` px of context.
+
+    Near an image edge the window is shifted inwards rather than shortened, so it ends exactly at the edge and the
+    convolutions see the same zero padding there as the untiled network; ``length`` is the largest core plus two
+    halos, so every core keeps at least ``halo`` px of real context on its inner sides.
+    """
+    start = min(max(c0 - halo, 0), max(size - length, 0))
+    return start, min(size, start + length)
+
+
+class _Map:
+    """A full-size activation (parked) at ``scale`` x the base grid, with per-channel running statistics."""
+
+    def __init__(self, data: torch.Tensor, scale: int):
+        self.data = data
+        self.scale = scale
+        self.count = 0
+        self.mean: torch.Tensor | None = None  # [B, C] fp64
+        self.m2: torch.Tensor | None = None  # [B, C] fp64, sum of squared deviations
+
+    def add_stats(self, core: torch.Tensor, acc_device: torch.device) -> None:
+        """Merge the statistics of one tile core (each pixel of the map is added exactly once)."""
+        n = core.shape[-2] * core.shape[-1]
+        var, mean = torch.var_mean(core.float(), dim=(-2, -1), unbiased=False)
+        mean = mean.to(acc_device, torch.float64)
+        m2 = var.to(acc_device, torch.float64) * n
+        if self.count == 0:
+            self.mean, self.m2 = mean, m2
+        else:
+            total = self.count + n
+            delta = mean - self.mean
+            self.mean = self.mean + delta * (n / total)
+            self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
+        self.count += n
+
+
+class _Runner:
+    """Drives all tiles through the network step by step; owns progress, interruption and parking."""
+
+    def __init__(self, base_h: int, base_w: int, tile: int, device: torch.device, dtype: torch.dtype,
+                 park: torch.device, progress: Progress | None, check_interrupt: Interrupt | None):
+        ys, xs = _cuts(base_h, tile), _cuts(base_w, tile)
+        self.cores = [(ys[i], ys[i + 1], xs[j], xs[j + 1]) for i in range(len(ys) - 1) for j in range(len(xs) - 1)]
+        self.max_core = (max(b - a for a, b in zip(ys, ys[1:])), max(b - a for a, b in zip(xs, xs[1:])))
+        self.h, self.w = base_h, base_w
+        self.device, self.dtype, self.park = device, dtype, park
+        self.acc_device = device if device.type != "mps" else torch.device("cpu")  # mps has no fp64
+        self.progress, self.check_interrupt = progress, check_interrupt
+        self.done, self.total = 0, 0
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.cores)
+
+    def check(self) -> None:
+        if self.check_interrupt is not None:
+            self.check_interrupt()
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    def new_map(self, batch: int, channels: int, scale: int) -> _Map:
+        data = torch.empty(batch, channels, self.h * scale, self.w * scale, dtype=self.dtype, device=self.park)
+        return _Map(data, scale)
+
+    def park_whole(self, t: torch.Tensor, scale: int) -> _Map:
+        """Park a map computed in one piece, with its statistics."""
+        m = _Map(t.to(self.park), scale)
+        m.add_stats(t, self.acc_device)
+        return m
+
+    def norm(self, norm: torch.nn.GroupNorm, source: _Map, t: torch.Tensor) -> torch.Tensor:
+        """GroupNorm of a tile ``t`` of ``source`` with the whole map's statistics (fp32 math, like torch's)."""
+        b, c = source.mean.shape
+        g = norm.num_groups
+        mean = source.mean.view(b, g, c // g)
+        gmean = mean.mean(-1, keepdim=True)
+        # group M2 = sum of the channel M2s + the spread of the channel means around the group mean
+        gm2 = source.m2.view(b, g, c // g).sum(-1, keepdim=True) + source.count * (mean - gmean).square().sum(-1, keepdim=True)
+        inv = torch.rsqrt(gm2 / (source.count * (c // g)) + norm.eps)
+        scale = inv.expand(b, g, c // g).reshape(b, c)
+        shift = -gmean.expand(b, g, c // g).reshape(b, c) * scale
+        if norm.weight is not None:
+            w = norm.weight.detach().to(self.acc_device, torch.float64)
+            scale, shift = scale * w, shift * w
+        if norm.bias is not None:
+            shift = shift + norm.bias.detach().to(self.acc_device, torch.float64)
+        scale = scale.to(t.device, torch.float32)[:, :, None, None]
+        shift = shift.to(t.device, torch.float32)[:, :, None, None]
+        return torch.addcmul(shift, t.float(), scale).to(t.dtype)
+
+    def step(self, inputs: list[_Map], fn: Callable[..., torch.Tensor], out_channels: int, out_scale: int, *,
+             halo: int = HALO, stats: bool = True) -> _Map:
+        """Run ``fn`` on every tile (core + halo of each input, all at one scale) and park the output cores."""
+        s_in = inputs[0].scale
+        hi, wi = self.h * s_in, self.w * s_in
+        # one region shape for every tile (fewer kernel set-ups, batchable): the largest core plus both halos
+        ly, lx = self.max_core[0] * s_in + 2 * halo, self.max_core[1] * s_in + 2 * halo
+        out = self.new_map(inputs[0].data.shape[0], out_channels, out_scale)
+        for y0, y1, x0, x1 in self.cores:
+            self.check()
+            cy0, cx0 = y0 * s_in, x0 * s_in
+            ry0, ry1 = _region(cy0, ly, hi, halo)
+            rx0, rx1 = _region(cx0, lx, wi, halo)
+            tiles = [m.data[:, :, ry0:ry1, rx0:rx1].to(self.device, self.dtype) for m in inputs]
+            y = fn(*tiles)
+            del tiles
+            if y.shape[-2:] != ((ry1 - ry0) * out_scale // s_in, (rx1 - rx0) * out_scale // s_in):
+                raise RuntimeError(f"tiled VAE step returned {tuple(y.shape)} for a {ry1 - ry0}x{rx1 - rx0} tile")
+            oy, ox = (cy0 - ry0) * out_scale // s_in, (cx0 - rx0) * out_scale // s_in
+            ny, nx = (y1 - y0) * out_scale, (x1 - x0) * out_scale
+            core = y[:, :, oy:oy + ny, ox:ox + nx]
+            if stats:
+                out.add_stats(core, self.acc_device)
+            out.data[:, :, y0 * out_scale:y1 * out_scale, x0 * out_scale:x1 * out_scale].copy_(core)
+            del y, core
+            self.tick()
+        return out
+
+    # --- blocks -------------------------------------------------------------------------------------------------
+
+    def resnet(self, blk: torch.nn.Module, x: _Map) -> _Map:
+        """ResnetBlock (temb-free) as two steps: norm1-conv1, then norm2-conv2 + shortcut."""
+        def first(t: torch.Tensor) -> torch.Tensor:
+            return blk.conv1(F.silu(self.norm(blk.norm1, x, t), inplace=True))
+
+        h = self.step([x], first, blk.conv1.out_channels, x.scale)
+
+        def second(ht: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+            out = blk.conv2(blk.dropout(F.silu(self.norm(blk.norm2, h, ht), inplace=True)))
+            if blk.in_channels != blk.out_channels:
+                xt = blk.conv_shortcut(xt) if blk.use_conv_shortcut else blk.nin_shortcut(xt)
+            return xt + out
+
+        return self.step([h, x], second, blk.conv2.out_channels, x.scale)
+
+    def attention(self, attn: torch.nn.Module, x: _Map) -> _Map:
+        """AttnBlock, exact: global norm, then each query tile attends to every position (online softmax)."""
+        c = x.data.shape[1]
+
+        def qkv_fn(t: torch.Tensor) -> torch.Tensor:
+            n = self.norm(attn.norm, x, t)
+            return torch.cat([attn.q(n), attn.k(n), attn.v(n)], dim=1)
+
+        qkv = self.step([x], qkv_fn, 3 * c, x.scale, halo=0, stats=False)
+        keys = qkv.data[:, c:2 * c].flatten(2)  # [B, C, N] views of the parked map
+        values = qkv.data[:, 2 * c:].flatten(2)
+        if self.park != self.device:
+            try:  # keys and values on the device once (2 maps at this resolution); else stream them per tile
+                keys, values = keys.to(self.device), values.to(self.device)
+            except _OOM:
+                log.warning("tiled VAE: keys/values of the attention do not fit on %s; streaming them", self.device)
+        scale = c ** -0.5
+        out = self.new_map(x.data.shape[0], c, x.scale)
+        s = x.scale
+        for y0, y1, x0, x1 in self.cores:
+            self.check()
+            region = (slice(None), slice(None), slice(y0 * s, y1 * s), slice(x0 * s, x1 * s))
+            q = qkv.data[:, :c][region].to(self.device)
+            th, tw = q.shape[-2:]
+            q = q.flatten(2).transpose(1, 2).float() * scale  # [B, nq, C]
+            nq = q.shape[1]
+            chunk = max(64, min(4 * nq, _ATTN_SCORE_BUDGET // nq))  # bounded by the tile, not the image
+            m = torch.full((q.shape[0], nq, 1), -math.inf, device=self.device)
+            denom = torch.zeros((q.shape[0], nq, 1), device=self.device)
+            acc = torch.zeros_like(q)
+            for k0 in range(0, keys.shape[-1], chunk):
+                kc = keys[..., k0:k0 + chunk].to(self.device).float()  # [B, C, nk]
+                vc = values[..., k0:k0 + chunk].to(self.device).float()
+                sc = torch.bmm(q, kc)  # [B, nq, nk]
+                m_new = torch.maximum(m, sc.amax(-1, keepdim=True))
+                sc = torch.exp(sc - m_new)
+                corr = torch.exp(m - m_new)
+                denom = denom * corr + sc.sum(-1, keepdim=True)
+                acc = acc * corr + torch.bmm(sc, vc.transpose(1, 2))
+                m = m_new
+                del kc, vc, sc
+            o = (acc / denom).transpose(1, 2).reshape(q.shape[0], c, th, tw).to(self.dtype)
+            del q, acc, denom, m
+            res = x.data[region].to(self.device) + attn.proj_out(o)
+            out.add_stats(res, self.acc_device)
+            out.data[region].copy_(res)
+            del o, res
+            self.tick()
+        return out
+
+    def mid_tiled(self, mid: torch.nn.Module, x: _Map) -> _Map:
+        x = self.resnet(mid.block_1, x)
+        x = self.attention(mid.attn_1, x)
+        return self.resnet(mid.block_2, x)
+
+
+def _mid_whole(mid: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    h = mid.block_1(h, None)
+    h = mid.attn_1(h)
+    return mid.block_2(h, None)
+
+
+def _resnet_steps(n_blocks: int, n_attn: int) -> int:
+    return 2 * n_blocks + 2 * n_attn
+
+
+def _check_layout(net: torch.nn.Module, x: torch.Tensor, what: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"tiled {what} expects a 4-D [B, C, H, W] tensor, got shape {tuple(x.shape)}")
+    for name in ("conv_in", "mid", "norm_out", "conv_out"):
+        if not hasattr(net, name):
+            raise TypeError(f"tiled {what}: {type(net).__name__} is not an LDM-layout {what}r (no .{name})")
+    if getattr(net, "conv3d", False) or type(net.conv_in).__name__ == "VideoConv3d":
+        raise TypeError(f"tiled {what}: video (3-D) VAEs are not supported")
+
+
+@torch.no_grad()
+def tiled_decode(ae, z: torch.Tensor, tile: int, pad: int = 11, *, progress: Progress | None = None,
+                 check_interrupt: Interrupt | None = None, whole_mid: bool | None = None,
+                 offload_device: torch.device | str = "cpu") -> torch.Tensor:
+    """Decode raw latent ``z`` [B,4,h,w] with ComfyUI's ``AutoencoderKL`` ``ae`` in tiles of ``tile`` latent px.
+
+    Returns the unclamped decoder output [B,3,8h,8w] on ``z``'s device and dtype, equal to ``ae.decode(z)`` up to
+    float error. ``z`` must already be on the model's compute device and dtype. ``pad`` is accepted for the
+    release's call convention and has no effect: tiles exchange a ``HALO``-px border at every step instead, which
+    is exact. ``whole_mid``: None runs the mid block (attention) on the whole latent-size map and falls back to
+    the exact tiled attention on a device out-of-memory error; True/False force either. ``offload_device`` holds
+    the parked full-size maps between steps. ``progress(done, total)`` is called after every tile step,
+    ``check_interrupt()`` before each (it raises to stop).
+    """
+    if tile <= 0 or pad < 0:
+        raise ValueError(f"tile must be positive and pad non-negative, got tile={tile}, pad={pad}")
+    dec = ae.decoder
+    _check_layout(dec, z, "decode")
+    b, _, h, w = z.shape
+    if h <= tile and w <= tile:
+        if check_interrupt is not None:
+            check_interrupt()
+        out = ae.decode(z)
+        if progress is not None:
+            progress(1, 1)
+        return out
+    if getattr(ae, "bn", None) is not None:
+        raise TypeError("tiled decode: VAEs with a latent batch-norm are not supported")
+    if getattr(dec, "give_pre_end", False):
+        raise TypeError("tiled decode: decoders with give_pre_end are not supported")
+
+    run = _Runner(h, w, tile, z.device, z.dtype, torch.device(offload_device), progress, check_interrupt)
+    levels = list(reversed(range(dec.num_resolutions)))
+    per_tile = 1  # norm_out + conv_out
+    for i in levels:
+        up = dec.up[i]
+        per_tile += _resnet_steps(len(up.block), len(up.attn)) + (1 if i != 0 else 0)
+    mid_tiled_units = run.n_tiles * (1 + _resnet_steps(2, 1))
+    run.total = run.n_tiles * per_tile + (mid_tiled_units if whole_mid is False else 1)
+
+    x: _Map | None = None
+    if whole_mid is not False:
+        run.check()
+        try:
+            hmid = _mid_whole(dec.mid, dec.conv_in(ae.post_quant_conv(z)))
+            x = run.park_whole(hmid, 1)
+            del hmid
+            run.tick()
+        except _OOM:
+            if whole_mid:
+                raise
+            log.warning("tiled decode: the mid block does not fit on %s as a whole; running it tiled (exact)", z.device)
+            run.total += mid_tiled_units - 1
+    if x is None:
+        zmap = _Map(z, 1)
+        x = run.step([zmap], lambda t: dec.conv_in(ae.post_quant_conv(t)), dec.conv_in.out_channels, 1)
+        x = run.mid_tiled(dec.mid, x)
+
+    scale = 1
+    for i in levels:
+        up = dec.up[i]
+        for j, blk in enumerate(up.block):
+            x = run.resnet(blk, x)
+            if len(up.attn) > 0:
+                x = run.attention(up.attn[j], x)
+        if i != 0:
+            ch = x.data.shape[1]
+            x = run.step([x], up.upsample, ch, scale * 2)
+            scale *= 2
+
+    def final(t: torch.Tensor) -> torch.Tensor:
+        y = dec.conv_out(F.silu(run.norm(dec.norm_out, x, t), inplace=True))
+        return torch.tanh(y) if getattr(dec, "tanh_out", False) else y
+
+    out = run.step([x], final, dec.conv_out.out_channels, scale, stats=False)
+    return out.data.to(z.device)
+
+
+@torch.no_grad()
+def tiled_encode(ae, x: torch.Tensor, tile: int, pad: int = 32, *, progress: Progress | None = None,
+                 check_interrupt: Interrupt | None = None, whole_mid: bool | None = None,
+                 offload_device: torch.device | str = "cpu", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Encode ``x`` [B,3,H,W] in [-1,1] (H, W multiples of 8) in tiles of about ``tile`` image px.
+
+    Returns the raw latent [B,4,H/8,W/8] (the posterior mode: the mean half of ``quant_conv(encoder(x))``) on the
+    compute device, equal to ComfyUI's ``VAE.encode`` before latent scaling, up to float error. The compute device
+    and dtype default to ``x``'s (``x`` may also stay on the CPU with ``device``/``dtype`` naming the model's).
+    Tile cores are multiples of 8 px so every downsampling stays aligned. ``pad``, ``whole_mid``,
+    ``offload_device``, ``progress`` and ``check_interrupt`` are as in :func:`tiled_decode`.
+    """
+    if tile <= 0 or pad < 0:
+        raise ValueError(f"tile must be positive and pad non-negative, got tile={tile}, pad={pad}")
+    enc = ae.encoder
+    _check_layout(enc, x, "encode")
+    b, _, hh, ww = x.shape
+    if hh % 8 or ww % 8:
+        raise ValueError(f"tiled encode needs H and W divisible by 8, got {hh}x{ww}")
+    device = torch.device(device) if device is not None else x.device
+    dtype = dtype or x.dtype
+    factor = 2 ** (enc.num_resolutions - 1)
+    if factor != 8:
+        raise TypeError(f"tiled encode: expected an 8x encoder, this one downsamples {factor}x")
+    h, w = hh // 8, ww // 8
+    ltile = max(1, tile // 8)
+    if h <= ltile and w <= ltile:
+        if check_interrupt is not None:
+            check_interrupt()
+        out = ae.encode(x.to(device, dtype))
+        if progress is not None:
+            progress(1, 1)
+        return out
+    if getattr(ae, "bn", None) is not None:
+        raise TypeError("tiled encode: VAEs with a latent batch-norm are not supported")
+
+    run = _Runner(h, w, ltile, device, dtype, torch.device(offload_device), progress, check_interrupt)
+    per_tile = 2  # conv_in; norm_out + conv_out + quant_conv
+    for i in range(enc.num_resolutions):
+        down = enc.down[i]
+        per_tile += _resnet_steps(len(down.block), len(down.attn)) + (1 if i != enc.num_resolutions - 1 else 0)
+    mid_tiled_units = run.n_tiles * _resnet_steps(2, 1)
+    run.total = run.n_tiles * per_tile + (mid_tiled_units if whole_mid is False else 1)
+
+    scale = 8
+    h_map = run.step([_Map(x, scale)], enc.conv_in, enc.conv_in.out_channels, scale)
+    for i in range(enc.num_resolutions):
+        down = enc.down[i]
+        for j, blk in enumerate(down.block):
+            h_map = run.resnet(blk, h_map)
+            if len(down.attn) > 0:
+                h_map = run.attention(down.attn[j], h_map)
+        if i != enc.num_resolutions - 1:
+            h_map = run.step([h_map], down.downsample, h_map.data.shape[1], scale // 2)
+            scale //= 2
+
+    mid_out: _Map | None = None
+    if whole_mid is not False:
+        run.check()
+        try:
+            hmid = _mid_whole(enc.mid, h_map.data.to(device))
+            mid_out = run.park_whole(hmid, 1)
+            del hmid
+            run.tick()
+        except _OOM:
+            if whole_mid:
+                raise
+            log.warning("tiled encode: the mid block does not fit on %s as a whole; running it tiled (exact)", device)
+            run.total += mid_tiled_units - 1
+    if mid_out is None:
+        mid_out = run.mid_tiled(enc.mid, h_map)
+    h_map = mid_out
+
+    def final(t: torch.Tensor) -> torch.Tensor:
+        return ae.quant_conv(enc.conv_out(F.silu(run.norm(enc.norm_out, h_map, t), inplace=True)))
+
+    moments = run.step([h_map], final, ae.quant_conv.out_channels, 1, stats=False).data
+    if type(getattr(ae, "regularization", None)).__name__ == "DiagonalGaussianRegularizer":
+        moments = moments[:, : moments.shape[1] // 2]  # the posterior mode is its mean
+    return moments.to(device)
+
+
+# --- automatic tile size --------------------------------------------------------------------------------------
+
+# Untiled peaks per pixel, ComfyUI's own figures for the SD VAE (base 128 channels): decode 2178 * 64 per latent px,
+# encode 1767 per image px, times the dtype size.
+_PLAIN_DECODE = 2178 * 64
+_PLAIN_ENCODE = 1767
+# Tiled working set: per base-channel and pixel of the tile region at full resolution, the largest step holds
+# about this many activation copies (input region, normalised copy, conv output, output core, shortcut) plus the
+# fp32 copies used for the norm and the statistics (counted as 2 dtype units each for 2-byte dtypes).
+_TILE_COPIES = 12
+# Whole-map mid block at latent resolution with 4x the base channels: ~8 map copies (input, norm, q/k/v, the
+# attention output, residual), counted per latent px.
+_MID_COPIES = 8
+_SAFETY = 1.25
+
+
+def _tiled_peak(tile: int, width: int, height: int, *, is_decoder: bool, dtype_bytes: int, base_channels: int) -> float:
+    lat_w, lat_h = (width, height) if is_decoder else (max(1, width // 8), max(1, height // 8))
+    full_tile = (tile * 8 if is_decoder else tile) + 2 * HALO
+    tile_bytes = _TILE_COPIES * base_channels * full_tile * full_tile * dtype_bytes
+    mid_bytes = _MID_COPIES * 4 * base_channels * lat_w * lat_h * dtype_bytes
+    return _SAFETY * (tile_bytes + mid_bytes)
+
+
+def auto_tile_size(free_bytes: int, width: int, height: int, *, is_decoder: bool, dtype_bytes: int,
+                   base_channels: int = 128) -> int:
+    """Largest tile (latent px for decode, image px for encode) whose estimated device peak fits ``free_bytes``.
+
+    Returns ``max(width, height)`` (one tile: the plain path) when the untiled peak fits, using ComfyUI's own
+    per-pixel figures for the SD VAE scaled by ``base_channels / 128``. Otherwise the tiled estimate is
+    ``1.25 * (12 * C * T_full^2 + 8 * 4C * latent_area) * dtype_bytes``: the largest step's working set (about a
+    dozen C-channel copies of the full-resolution tile region ``T_full = 8T + 4`` px for decode) plus the whole-map
+    mid block (about eight 4C-channel copies of the latent-size map). Decode tiles are multiples of 8 latent px,
+    encode tiles multiples of 64 image px; the minimum (16 / 128) is returned even if it does not fit, and the
+    caller retries smaller on an out-of-memory error (the mid block then falls back to tiles by itself).
+    """
+    if width <= 0 or height <= 0 or dtype_bytes <= 0:
+        raise ValueError("width, height and dtype_bytes must be positive")
+    scale = base_channels / 128
+    if is_decoder:
+        plain = _PLAIN_DECODE * width * height * dtype_bytes * scale
+    else:
+        plain = _PLAIN_ENCODE * width * height * dtype_bytes * scale
+    whole = max(width, height)
+    if plain <= free_bytes:
+        return whole
+    step, smallest = (8, 16) if is_decoder else (64, 128)
+    tile = (whole // step) * step
+    while tile > smallest:
+        if _tiled_peak(tile, width, height, is_decoder=is_decoder, dtype_bytes=dtype_bytes,
+                       base_channels=base_channels) <= free_bytes:
+            return tile
+        tile -= step
+    return min(whole, smallest)

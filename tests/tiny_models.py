@@ -1,0 +1,174 @@
+"""Tiny SD2-shaped models with random, seeded weights: a diffusers UNet/VAE (the reference side) and the very same
+weights as ComfyUI objects (MODEL/VAE, the node side), plus synthetic PiSA-SR checkpoints in the release layout.
+
+Weights cannot be downloaded here, so correctness is shown on these: the math is the same at any size.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+import host  # noqa: F401  (ComfyUI booted)
+import comfy.model_base
+import comfy.model_patcher
+import comfy.sd
+import comfy.supported_models
+import comfy.utils
+
+CONTEXT_DIM = 1024  # SD2's text width; the base-model check requires it
+CHANNELS = (32, 64)
+HEADS = (2, 4)  # head width 16
+VAE_CH = 32
+RELEASE_PATTERNS = ["to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
+                    "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj"]
+
+
+def _init(module: torch.nn.Module, seed: int, affine_noise: float = 0.2) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif name.endswith("weight"):
+                p.copy_(1.0 + affine_noise * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(affine_noise * torch.randn(p.shape, generator=g))
+
+
+def diffusers_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=CHANNELS,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CONTEXT_DIM, attention_head_dim=HEADS, use_linear_projection=True, norm_num_groups=32,
+    )
+    _init(unet, seed)
+    return unet.eval()
+
+
+def comfy_unet_config() -> dict:
+    return {
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": CHANNELS[0],
+        "context_dim": CONTEXT_DIM, "use_linear_in_transformer": True, "num_res_blocks": [1, 1],
+        "channel_mult": [1, CHANNELS[1] // CHANNELS[0]], "transformer_depth": [1, 0],
+        "transformer_depth_output": [1, 1, 0, 0], "transformer_depth_middle": 1,
+        "use_temporal_resblock": False, "use_temporal_attention": False,
+    }
+
+
+def comfy_model_from_diffusers(unet, model_class=comfy.supported_models.SD20, model_type=None,
+                               unet_overrides: dict | None = None):
+    """A ComfyUI ModelPatcher holding exactly ``unet``'s weights (converted with ComfyUI's own key map)."""
+    cfg = comfy_unet_config()
+    cfg.update(unet_overrides or {})
+    mc = model_class(cfg)
+    mc.unet_config["num_head_channels"] = CHANNELS[0] // HEADS[0]
+    mc.set_inference_dtype(torch.float32, None)
+    if model_type is None:
+        base = mc.get_model({})
+    else:
+        base = comfy.model_base.BaseModel(mc, model_type=model_type)
+    if unet is not None:
+        mapping = comfy.utils.unet_to_diffusers(mc.unet_config)
+        sd = unet.state_dict()
+        new = {}
+        for dk, ck in mapping.items():
+            if dk in sd:
+                new[ck] = sd[dk]
+        missing, unexpected = base.diffusion_model.load_state_dict(new, strict=True), None
+        assert len(new) == len(sd), f"{len(sd) - len(new)} diffusers keys did not map"
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+
+
+def vae_ddconfig() -> dict:
+    return {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": VAE_CH,
+            "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+def diffusers_vae(seed: int = 1):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(VAE_CH,) * 4,
+                        layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=256)
+    _init(vae, seed, affine_noise=0.1)
+    return vae.eval()
+
+
+def comfy_vae_from_diffusers(vae):
+    sd = {k: v.clone() for k, v in vae.state_dict().items()}
+    cv = comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": 4, "ddconfig": vae_ddconfig()}})
+    return cv
+
+
+def release_module_lists(unet) -> dict[str, list[str]]:
+    """The release's module selection rule (initialize_unet in pisasr.py), applied to ``unet``."""
+    enc, dec, oth = [], [], []
+    for n, _ in unet.named_parameters():
+        if "bias" in n or "norm" in n:
+            continue
+        for pattern in RELEASE_PATTERNS:
+            if pattern in n and ("down_blocks" in n or "conv_in" in n):
+                enc.append(n.replace(".weight", ""))
+                break
+            elif pattern in n and ("up_blocks" in n or "conv_out" in n):
+                dec.append(n.replace(".weight", ""))
+                break
+            elif pattern in n:
+                oth.append(n.replace(".weight", ""))
+                break
+    return {"encoder": enc, "decoder": dec, "others": oth}
+
+
+def synthetic_checkpoint(unet, seed: int = 3, rank: int = 4, strength: float = 0.5) -> dict:
+    """A dict in the exact pisa_sr.pkl layout with random (non-zero) LoRA weights for ``unet``."""
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(unet.named_modules())
+    lists = release_module_lists(unet)
+    sd: dict = {"lora_rank_unet_pix": rank, "lora_rank_unet_sem": rank, "state_dict_unet": {}}
+    for kind in ("pix", "sem"):
+        for part, names in lists.items():
+            sd[f"unet_lora_{part}_modules_{kind}"] = list(names)
+            for name in names:
+                w = modules[name].weight
+                if w.dim() == 4:
+                    a = torch.randn(rank, w.shape[1], w.shape[2], w.shape[3], generator=g) / (w[0].numel() ** 0.5)
+                    b = torch.randn(w.shape[0], rank, 1, 1, generator=g) * strength / rank ** 0.5
+                else:
+                    a = torch.randn(rank, w.shape[1], generator=g) / (w.shape[1] ** 0.5)
+                    b = torch.randn(w.shape[0], rank, generator=g) * strength / rank ** 0.5
+                sd["state_dict_unet"][f"{name}.lora_A.default_{part}_{kind}.weight"] = a
+                sd["state_dict_unet"][f"{name}.lora_B.default_{part}_{kind}.weight"] = b
+    return sd
+
+
+@dataclass
+class TinyWorld:
+    unet: torch.nn.Module  # diffusers, no LoRA
+    vae: torch.nn.Module  # diffusers
+    model: object  # ComfyUI ModelPatcher with the same UNet weights
+    comfy_vae: object  # ComfyUI VAE with the same weights
+    ckpt: dict  # release-layout PiSA checkpoint
+    context: torch.Tensor  # [1,77,1024] stand-in for CLIPTextEncode("")
+
+    @property
+    def conditioning(self):
+        return [[self.context, {}]]
+
+
+def tiny_world(seed: int = 0) -> TinyWorld:
+    unet = diffusers_unet(seed)
+    vae = diffusers_vae(seed + 1)
+    ckpt = synthetic_checkpoint(unet, seed + 2)
+    g = torch.Generator().manual_seed(seed + 3)
+    ctx = torch.randn(1, 77, CONTEXT_DIM, generator=g)
+    return TinyWorld(unet, vae, comfy_model_from_diffusers(unet), comfy_vae_from_diffusers(vae), ckpt, ctx)
+
+
+def clone_unet(unet):
+    return copy.deepcopy(unet)
