@@ -6,8 +6,12 @@ from .decode import PiSADecode
 from .encode_lq import PiSAEncodeLQ
 from .load_loras import PiSALoadLoRAs
 from .sample import PiSASample
+from .score import PiSAQualityScore
+from .sweep import PiSALambdaSweep
+from .grid import PiSALabelledGrid
 
-NODE_LIST: list[type[io.ComfyNode]] = [PiSALoadLoRAs, PiSAEncodeLQ, PiSASample, PiSADecode]
+NODE_LIST: list[type[io.ComfyNode]] = [PiSALoadLoRAs, PiSAEncodeLQ, PiSASample, PiSADecode,
+                                       PiSALambdaSweep, PiSALabelledGrid, PiSAQualityScore]
 
 
 class PiSAExtension(ComfyExtension):

@@ -4,6 +4,7 @@ Node files import ComfyUI only through this module, so a host upgrade is fixed i
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any
@@ -14,6 +15,7 @@ import comfy.lora
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_sampling
+import comfy.patcher_extension
 import comfy.utils
 import folder_paths
 from comfy_api.v0_0_2 import ComfyExtension, io, ui  # noqa: F401  (the V3 API version this pack targets)
@@ -161,20 +163,100 @@ def sigma_t1(model: Any) -> torch.Tensor:
     return ms.sigma(torch.tensor([1.0])).float().reshape(1)
 
 
-def unet_eps_t1(model: Any, z: torch.Tensor, context: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """eps = unet(z, t=1, context) through ``apply_model`` (so wrappers, patches and casting are ComfyUI's).
+EPS_CAPTURE_KEY = "pisa_sr_eps"
 
-    apply_model scales its input by c_in = 1/sqrt(1+sigma^2) and returns ``x - sigma*eps``; feeding
-    ``x = z*sqrt(1+sigma^2)`` makes the UNet see exactly z, and eps is recovered in fp32.
+
+def unet_transformer_options(model: Any) -> dict:
+    """transformer_options as a sampler builds them: the MODEL's own plus its patcher wrappers (merged fresh)."""
+    topts = copy.copy(model.model_options.get("transformer_options", {}))
+    wrappers = comfy.patcher_extension.copy_nested_dicts(topts.get("wrappers", {}))
+    comfy.patcher_extension.merge_nested_dicts(wrappers, model.wrappers, copy_dict1=False)
+    topts["wrappers"] = wrappers
+    return topts
+
+
+def unet_eps_t1(model: Any, z: torch.Tensor, context: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """eps = unet(z, t=1, context) through ``apply_model`` (so wrappers, patches and casting are ComfyUI's); fp32.
+
+    apply_model scales its input by c_in = 1/sqrt(1+sigma^2); feeding ``x = z*sqrt(1+sigma^2)`` makes the UNet see
+    exactly z. The UNet's raw output (eps) is taken by an outermost DIFFUSION_MODEL wrapper: recovering it from
+    apply_model's ``x - sigma*eps`` would divide fp32 rounding by sigma (0.04), a 25x larger error. If a model runs
+    no such wrappers, that recovery is the fallback.
     """
     base = model.model
     dev = model.load_device
     s = sigma.to(dev, torch.float32).expand(z.shape[0])
     x = z.to(dev, torch.float32) * torch.sqrt(1.0 + s * s).reshape(-1, 1, 1, 1)
     ctx = context.to(dev)
-    topts = dict(model.model_options.get("transformer_options", {}))
+    topts = unet_transformer_options(model)
+    captured: list[torch.Tensor] = []
+
+    def capture(executor, *args, **kwargs):
+        y = executor(*args, **kwargs)
+        captured.append(y)
+        return y
+
+    kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    others = {k: v for k, v in topts["wrappers"].get(kind, {}).items() if k != EPS_CAPTURE_KEY}
+    topts["wrappers"][kind] = {EPS_CAPTURE_KEY: [capture], **others}  # first key = outermost wrapper
     out = base.apply_model(x, s, c_crossattn=ctx, transformer_options=topts)
+    if len(captured) == 1 and captured[0].shape == z.shape:
+        return captured[0].float()
     return (x - out.float()) / s.reshape(-1, 1, 1, 1)
+
+
+# ---------------------------------------------------------------- UNet precision
+DTYPE_CLONES_KEY = "pisa_sr_dtype_clones"
+
+
+class _DtypeClones:
+    """Per-MODEL cache of compute-dtype clones (an attachment, so its lifetime is the MODEL's).
+
+    Reusing one clone per dtype keeps ComfyUI's loaded-model entry stable between runs, so a queued prompt does not
+    re-apply every LoRA patch. A clone of the MODEL gets a fresh, empty cache (``on_model_patcher_clone``), so a
+    cached clone never stands in for a model with different patches.
+    """
+
+    def __init__(self) -> None:
+        self.by_dtype: dict[torch.dtype, Any] = {}
+
+    def on_model_patcher_clone(self) -> "_DtypeClones":
+        return _DtypeClones()
+
+
+def compute_dtype(model: Any) -> torch.dtype:
+    """The dtype the UNet computes in: a compute-dtype override, else ComfyUI's manual cast, else the weights'."""
+    base = model.model
+    if "manual_cast_dtype" in model.object_patches:
+        d = model.object_patches["manual_cast_dtype"]
+    else:
+        d = base.model_config.manual_cast_dtype  # not base.manual_cast_dtype: another clone may have patched it
+    return d if d is not None else base.get_dtype()
+
+
+def dtype_supported(model: Any, dtype: torch.dtype) -> bool:
+    dev = torch.device(model.load_device)
+    if dev.type == "cuda" and dtype == torch.bfloat16:
+        return bool(torch.cuda.is_bf16_supported())
+    return True
+
+
+def with_compute_dtype(model: Any, dtype: torch.dtype) -> Any:
+    """``model`` computing in ``dtype`` through ComfyUI's manual-cast ops (what the ModelComputeDtype node does).
+
+    Weights stay stored as loaded (LoRA patches are merged into them at load, as usual) and are cast layer by layer
+    to ``dtype``; activations and attention run in ``dtype``. The clone is cached on ``model``.
+    """
+    cache = model.get_attachment(DTYPE_CLONES_KEY)
+    if not isinstance(cache, _DtypeClones):
+        cache = _DtypeClones()
+        model.set_attachments(DTYPE_CLONES_KEY, cache)
+    clone = cache.by_dtype.get(dtype)
+    if clone is None:
+        clone = model.clone()
+        clone.set_model_compute_dtype(dtype)
+        cache.by_dtype[dtype] = clone
+    return clone
 
 
 def process_latent_in(model: Any, z: torch.Tensor) -> torch.Tensor:
@@ -186,12 +268,46 @@ def process_latent_out(model: Any, z: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- VAE
-def vae_encode(vae: Any, images_bhwc: torch.Tensor) -> torch.Tensor:
-    return vae.encode(images_bhwc[..., :3])
+def vae_load(vae: Any, shape: list[int], encode: bool) -> None:
+    """Claim memory for the VAE through ComfyUI (its own per-pixel estimate) before touching its submodules."""
+    dt = vae.vae_dtype
+    need = vae.memory_used_encode(shape, dt) if encode else vae.memory_used_decode(shape, dt)
+    mm.load_models_gpu([vae.patcher], memory_required=need, force_full_load=getattr(vae, "disable_offload", False))
 
 
-def vae_decode(vae: Any, z_raw: torch.Tensor) -> torch.Tensor:
-    return vae.decode(z_raw)
+def vae_module(vae: Any) -> torch.nn.Module:
+    """The LDM-layout autoencoder (encoder/decoder/quant_conv/post_quant_conv) of an SD VAE."""
+    return vae.first_stage_model
+
+
+def vae_device(vae: Any) -> torch.device:
+    return torch.device(vae.device)
+
+
+def vae_dtype(vae: Any) -> torch.dtype:
+    return vae.vae_dtype
+
+
+def vae_base_channels(vae: Any) -> int:
+    try:
+        return int(vae.first_stage_model.decoder.conv_out.weight.shape[1])
+    except AttributeError:
+        return 128
+
+
+def vae_free_memory(vae: Any) -> int:
+    dev = vae_device(vae)
+    getter = getattr(vae.patcher, "get_free_memory", None)  # newer ComfyUI: counts what it could free
+    if callable(getter):
+        try:
+            return int(getter(dev))
+        except Exception:
+            pass
+    return int(mm.get_free_memory(dev))
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 # ---------------------------------------------------------------- progress, interruption, OOM

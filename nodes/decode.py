@@ -6,14 +6,14 @@ import torch
 from ..pisa_sr.color import COLOR_FIXES, apply_color_fix
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.resize import resize_output
-from . import compat
+from . import vae_ops
 from .compat import io
 from .lq_info import lq_info_of
 
 NODE = "PiSA Tiled VAE Decode"
 
 
-def decode_hq(latent: dict, vae, color_fix: str) -> torch.Tensor:
+def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0) -> torch.Tensor:
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         raise PisaError(f"{NODE}: 'latent' must be a LATENT from Dual-Guided One-Step Sample.")
     z = latent["samples"]
@@ -28,8 +28,7 @@ def decode_hq(latent: dict, vae, color_fix: str) -> torch.Tensor:
         raise PisaError(f"{NODE}: this LATENT does not carry the resized LQ image needed for colour fix "
                         f"'{color_fix}'. Connect the chain PiSA Encode LQ -> Sample -> this node without nodes in "
                         "between that rebuild the latent, or set color_fix to none.")
-    img = compat.vae_decode(vae, z).to(torch.float32)  # [B,H,W,3] in [0,1]
-    out = img.movedim(-1, 1)
+    out = vae_ops.decode(vae, z, int(vae_tile_size), NODE)  # [B,3,H,W] in [0,1]
     if info is not None:
         src = info.lq_float_bchw()
         if src.shape[0] != out.shape[0] and src.shape[0] != 1:
@@ -64,10 +63,19 @@ class PiSADecode(io.ComfyNode):
                                tooltip="adain (release default): match each channel's mean and spread to the "
                                "input. wavelet: keep the output's fine detail, take the input's low-frequency "
                                "colour. none: raw decoder output."),
+                io.Int.Input("vae_tile_size", default=0, min=0, max=8192, step=64,
+                             tooltip="VAE decoder tile size in output px. 0 = automatic from free device memory "
+                             "(whole image when it fits). Tiles share GroupNorm statistics and attention stays "
+                             "global, so the result equals an untiled decode: no seams, no colour shift. On an "
+                             "out-of-memory error the node retries with smaller tiles and logs it."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="The upscaled image.")],
         )
 
     @classmethod
-    def execute(cls, latent, vae, color_fix="adain") -> io.NodeOutput:
-        return io.NodeOutput(decode_hq(latent, vae, color_fix))
+    def execute(cls, latent, vae, color_fix="adain", vae_tile_size=0) -> io.NodeOutput:
+        from . import preview
+
+        img = decode_hq(latent, vae, color_fix, vae_tile_size)
+        # UI only: the result and the resized LQ as small temp previews, for the before/after slider of web/.
+        return io.NodeOutput(img, ui=preview.comparison_ui(img, lq_info_of(latent)))

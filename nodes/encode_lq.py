@@ -5,7 +5,7 @@ import torch
 
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.resize import FILTERS, plan_resize, resize_batch
-from . import compat
+from . import vae_ops
 from .compat import io
 from .lq_info import LATENT_KEY, LQInfo
 
@@ -28,13 +28,13 @@ def check_image(image, node: str) -> torch.Tensor:
     return image[..., :3]
 
 
-def encode_lq(image: torch.Tensor, vae, upscale: int, resize_filter: str) -> dict:
+def encode_lq(image: torch.Tensor, vae, upscale: int, resize_filter: str, vae_tile_size: int = 0) -> dict:
     image = check_image(image, NODE)
     if not (1 <= int(upscale) <= 8):
         raise PisaError(f"{NODE}: upscale must be between 1 and 8, got {upscale}.")
     plan = plan_resize(image.shape[2], image.shape[1], int(upscale))
     lq = resize_batch(image, plan, resize_filter)
-    z = compat.vae_encode(vae, lq)
+    z = vae_ops.encode(vae, lq, int(vae_tile_size), NODE)
     lq_u8 = (lq * 255.0).round().to(torch.uint8)
     return {"samples": z, LATENT_KEY: LQInfo(lq_u8=lq_u8, plan=plan)}
 
@@ -59,11 +59,16 @@ class PiSAEncodeLQ(io.ComfyNode):
                 io.Combo.Input("resize_filter", options=list(FILTERS), default="bicubic",
                                tooltip="Filter for the x upscale resize. bicubic (Pillow, antialiased) is what the "
                                "release uses; the final rescale to a multiple of 8 px is always Lanczos."),
+                io.Int.Input("vae_tile_size", default=0, min=0, max=8192, step=64,
+                             tooltip="VAE encoder tile size in image px. 0 = automatic from free device memory "
+                             "(whole image when it fits). Tiles share GroupNorm statistics, so any tile size gives "
+                             "the same latent as no tiling; smaller only saves memory and costs time. On an "
+                             "out-of-memory error the node retries with smaller tiles and logs it."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The encoded LQ image; connect to Dual-Guided "
                                       "One-Step Sample.")],
         )
 
     @classmethod
-    def execute(cls, image, vae, upscale=4, resize_filter="bicubic") -> io.NodeOutput:
-        return io.NodeOutput(encode_lq(image, vae, upscale, resize_filter))
+    def execute(cls, image, vae, upscale=4, resize_filter="bicubic", vae_tile_size=0) -> io.NodeOutput:
+        return io.NodeOutput(encode_lq(image, vae, upscale, resize_filter, vae_tile_size))

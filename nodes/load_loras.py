@@ -23,7 +23,7 @@ def read_loras(path: str) -> PisaLoras:
         hit = _cache.get(key)
     if hit is not None:
         return hit
-    loras = load_checkpoint(path)
+    loras = load_checkpoint(path, NODE)
     with _cache_lock:
         _cache.clear()  # one checkpoint at a time is the norm; keep memory flat
         _cache[key] = loras

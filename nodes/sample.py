@@ -15,7 +15,9 @@ from .pisa_model import info_of, sem_removal_targets
 
 NODE = "Dual-Guided One-Step Sample"
 log = logging.getLogger("PiSA-SR")
-MAX_TILES_PER_CALL = 16
+MAX_TILES_PER_CALL = 8  # a 96x96 latent tile already fills a GPU; more tiles per call only add peak memory
+PRECISIONS: dict[str, torch.dtype | None] = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16,
+                                             "fp32": torch.float32}
 
 
 def conditioning_context(positive, node: str) -> torch.Tensor:
@@ -35,12 +37,18 @@ def conditioning_context(positive, node: str) -> torch.Tensor:
 
 def make_eps_fn(model, info, context: torch.Tensor, lambda_pix: float, lambda_sem: float, one_pass: bool,
                 outputs: str = "combined"):
-    """eps for a batch of latent tiles under the given lambdas (``outputs='both'`` returns [eps_pix, eps_sem])."""
+    """eps for a batch of latent tiles under the given lambdas (``outputs='both'`` returns [eps_pix, eps_sem]).
+
+    The MODEL has pix+sem merged (default mode). eps_sem is a plain forward; eps_pix is a forward with the sem LoRA
+    subtracted in the activations. Both together are one forward on ``[x, x]`` with the subtraction on the first
+    half only (``one_pass``), or two forwards (the low-memory fallback).
+    """
     sigma = compat.sigma_t1(model)
     plan = Pass.DUAL if outputs == "both" else plan_passes(lambda_pix, lambda_sem)
+    ctx = context.to(compat.device_of(model))
 
     def unet(x: torch.Tensor) -> torch.Tensor:
-        return compat.unet_eps_t1(model, x, context.expand(x.shape[0], -1, -1), sigma)
+        return compat.unet_eps_t1(model, x, ctx.expand(x.shape[0], -1, -1), sigma)
 
     def pix_only(x: torch.Tensor) -> torch.Tensor:
         with LowRankBypass(sem_removal_targets(model, info)):
@@ -61,7 +69,8 @@ def make_eps_fn(model, info, context: torch.Tensor, lambda_pix: float, lambda_se
         if plan is Pass.NONE:
             return torch.zeros_like(x, dtype=torch.float32)
         if plan is Pass.SEM:
-            return unet(x).float() * lambda_pix
+            e = unet(x).float()
+            return e if lambda_pix == 1.0 else e * lambda_pix
         if plan is Pass.PIX:
             return pix_only(x).float() * lambda_pix
         ep, es = pix_and_sem(x)
@@ -71,18 +80,36 @@ def make_eps_fn(model, info, context: torch.Tensor, lambda_pix: float, lambda_se
 
 
 def tiles_per_call_for(model, tile_shape: list[int], passes: int) -> int:
-    """As many tiles per UNet call as free memory allows (at least 1)."""
+    """As many tiles per UNet call as free memory allows (at least 1, at most MAX_TILES_PER_CALL)."""
     per_tile = compat.tile_memory(model, [passes] + tile_shape[1:])
-    free = compat.free_memory()
+    free = compat.free_memory(compat.device_of(model))
     n = int(0.8 * free // max(per_tile, 1))
     return max(1, min(MAX_TILES_PER_CALL, n))
 
 
+def model_for_precision(model, precision: str, node: str = NODE):
+    """``model`` itself for auto (or when it already computes in that dtype), else a cached compute-dtype clone."""
+    if precision not in PRECISIONS:
+        raise PisaError(f"{node}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    dtype = PRECISIONS[precision]
+    if dtype is None or dtype == compat.compute_dtype(model):
+        return model
+    if not compat.dtype_supported(model, dtype):
+        raise PisaError(f"{node}: this device does not support {precision}. Use auto, fp16 or fp32.")
+    return compat.with_compute_dtype(model, dtype)
+
+
 def sample_eps(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,
-               tile_overlap: int, node: str = NODE, outputs: str = "combined") -> tuple[torch.Tensor, torch.Tensor]:
-    """(z_lq scaled, eps [B,C,h,w] fp32); the shared body of the sampler and the sweep."""
+               tile_overlap: int, node: str = NODE, outputs: str = "combined",
+               precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_lq scaled, eps [B,C,h,w] fp32), both on the model's device; the shared body of the sampler and the sweep.
+
+    ``outputs='both'`` gives C = 8: eps_pix then eps_sem (lambdas are then only validated).
+    """
     info = info_of(model, node)
     check_lambdas(lambda_pix, lambda_sem, node)
+    if outputs not in ("combined", "both"):
+        raise PisaError(f"{node}: outputs must be 'combined' or 'both', got {outputs!r}.")
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         raise PisaError(f"{node}: 'latent' must be a LATENT (connect PiSA Encode LQ).")
     raw = latent["samples"]
@@ -93,7 +120,9 @@ def sample_eps(model, latent: dict, positive, lambda_pix: float, lambda_sem: flo
     if tile_size < 0 or tile_overlap < 0:
         raise PisaError(f"{node}: tile_size and tile_overlap must be >= 0.")
     context = conditioning_context(positive, node)
-    z = compat.process_latent_in(model, raw.to(torch.float32))
+    model = model_for_precision(model, precision, node)
+    dev = compat.device_of(model)
+    z = compat.process_latent_in(model, raw.to(dev, torch.float32))
     b, _, h, w = z.shape
     th, tw = (min(tile_size, h), min(tile_size, w)) if tile_size > 0 and h * w > tile_size ** 2 else (h, w)
     plan = Pass.DUAL if outputs == "both" else plan_passes(lambda_pix, lambda_sem)
@@ -115,6 +144,7 @@ def sample_eps(model, latent: dict, positive, lambda_pix: float, lambda_sem: flo
         except Exception as e:
             if not compat.is_oom(e):
                 raise
+            del e  # drop the traceback (it holds the failed call's activations) before retrying
             compat.soft_empty_cache()
             if tpc > 1:
                 tpc = max(1, tpc // 2)
@@ -154,6 +184,11 @@ class PiSASample(io.ComfyNode):
                              "overlap 32 and tiles only when the latent area exceeds tile_size^2. 0 = never tile."),
                 io.Int.Input("tile_overlap", default=32, min=0, max=512, step=8,
                              tooltip="Overlap between latent tiles, blended with Gaussian weights (sigma = tile/10)."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True,
+                               tooltip="UNet compute precision. auto = what ComfyUI chose when loading the model "
+                               "(fp16 on most GPUs, like the release). bf16/fp16/fp32 run the UNet in that dtype "
+                               "through ComfyUI's manual cast (weights keep their stored precision). Tile blending "
+                               "and the guidance mix are always fp32."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The high-quality latent; connect to PiSA "
                                       "Tiled VAE Decode.")],
@@ -161,9 +196,9 @@ class PiSASample(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent, lambda_pix=1.0, lambda_sem=1.0, tile_size=96,
-                tile_overlap=32) -> io.NodeOutput:
+                tile_overlap=32, precision="auto") -> io.NodeOutput:
         z, eps = sample_eps(model, latent, positive, float(lambda_pix), float(lambda_sem), int(tile_size),
-                            int(tile_overlap))
+                            int(tile_overlap), precision=str(precision))
         z_hq = z - eps.to(z.device)
         out = dict(latent)
         out["samples"] = compat.process_latent_out(model, z_hq).to(torch.float32).cpu()

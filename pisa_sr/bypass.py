@@ -18,7 +18,7 @@ __all__ = ["BypassTarget", "LowRankBypass", "lowrank_forward"]
 
 @dataclass
 class BypassTarget:
-    """Add ``sign * pair(x)`` to ``module``'s output on batch rows ``start:stop`` (None = to the end)."""
+    """Add ``sign * pair(x)`` to ``module``'s output (on the rows the bypass selects)."""
 
     module: torch.nn.Module
     pair: LoraPair
@@ -26,10 +26,15 @@ class BypassTarget:
 
 
 def lowrank_forward(pair: LoraPair, x: torch.Tensor, module: torch.nn.Module | None = None,
-                    down: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
-    """``scale * B(A(x))`` with the module's own stride/padding/dilation for convolutions."""
+                    down: torch.Tensor | None = None, up: torch.Tensor | None = None,
+                    scale: float | None = None) -> torch.Tensor:
+    """``scale * B(A(x))`` with the module's own stride/padding/dilation for convolutions.
+
+    ``scale`` defaults to ``pair.scale``; pass 1.0 with an ``up`` that already carries the scale.
+    """
     down = pair.down if down is None else down
     up = pair.up if up is None else up
+    scale = pair.scale if scale is None else scale
     if pair.is_conv:
         stride = getattr(module, "stride", 1)
         padding = getattr(module, "padding", 0)
@@ -38,11 +43,15 @@ def lowrank_forward(pair: LoraPair, x: torch.Tensor, module: torch.nn.Module | N
         y = F.conv2d(h, up)
     else:
         y = F.linear(F.linear(x, down), up)
-    return y * pair.scale
+    return y if scale == 1.0 else y * scale
 
 
 class LowRankBypass(AbstractContextManager):
-    """Context manager that hooks ``targets`` for the rows ``rows`` of every batch (``slice(None)`` = all)."""
+    """Context manager that hooks ``targets`` for the rows ``rows`` of every batch (``slice(None)`` = all).
+
+    The LoRA factors are cast once per (device, dtype) and ``sign * scale`` is folded into ``up``, so a hook costs
+    two small matmuls and one in-place add into the module's fresh output.
+    """
 
     def __init__(self, targets: list[BypassTarget], rows: slice = slice(None)):
         self.targets = targets
@@ -54,8 +63,9 @@ class LowRankBypass(AbstractContextManager):
         key = (i, like.device, like.dtype)
         w = self._cast.get(key)
         if w is None:
-            pair = self.targets[i].pair
-            w = (pair.down.to(like.device, like.dtype), pair.up.to(like.device, like.dtype))
+            t = self.targets[i]
+            up = t.pair.up.to(like.device, torch.float32) * (t.pair.scale * t.sign)
+            w = (t.pair.down.to(like.device, like.dtype), up.to(like.dtype))
             self._cast[key] = w
         return w
 
@@ -66,13 +76,22 @@ class LowRankBypass(AbstractContextManager):
             x = inputs[0]
             rows = self.rows
             down, up = self._weights(i, x)
-            delta = lowrank_forward(target.pair, x[rows], module, down, up)
-            if target.sign != 1.0:
-                delta = delta * target.sign
-            if rows == slice(None):
-                return output + delta.to(output.dtype)
-            output = output.clone()
-            output[rows] += delta.to(output.dtype)
+            xs = x if rows == slice(None) else x[rows]
+            if xs.shape[0] == 0:
+                return output
+            if not target.pair.is_conv and xs.is_contiguous() and output.is_contiguous():
+                # out_rows += (x_rows @ A^T) @ (s*B)^T, fused into one addmm on a view of the output.
+                h = F.linear(xs, down).reshape(-1, down.shape[0])
+                delta = None
+            else:
+                delta = lowrank_forward(target.pair, xs, module, down, up, scale=1.0).to(output.dtype)
+            if output.requires_grad and torch.is_grad_enabled():
+                output = output.clone()  # never modify a graph tensor in place
+            view = output if rows == slice(None) else output[rows]
+            if delta is None:
+                view.view(-1, up.shape[0]).addmm_(h.to(output.dtype), up.t().to(output.dtype))
+            else:
+                view.add_(delta)
             return output
 
         return hook

@@ -22,7 +22,10 @@ __all__ = [
     "format_pairs",
     "format_label",
     "combine",
+    "sweep_latents",
+    "sweep_labels",
     "choose_best",
+    "choose_best_per_image",
 ]
 
 LAMBDA_RANGE: tuple[float, float] = (-2.0, 4.0)
@@ -193,6 +196,35 @@ def combine(
     return out
 
 
+def sweep_latents(
+    z: torch.Tensor,
+    eps_pix: torch.Tensor,
+    eps_sem: torch.Tensor,
+    pairs: Sequence[tuple[float, float]],
+) -> torch.Tensor:
+    """Every setting's one-step result ``z - eps(lp, ls)`` for a latent batch ``z`` ``[B,C,h,w]``, in fp32.
+
+    Setting-major: row ``s * B + b`` is setting ``s`` applied to image ``b`` -> ``[S*B, C, h, w]``. This is the
+    sampler's ``z_hq = z_lq - eps`` for each pair, from one evaluation of ``eps_pix`` and ``eps_sem``.
+    """
+    if z.shape != eps_pix.shape:
+        raise PisaError(f"latent {tuple(z.shape)} and eps {tuple(eps_pix.shape)} differ in shape")
+    eps = combine(eps_pix, eps_sem, pairs, dtype=torch.float32)  # [S,B,C,h,w]
+    out = z.to(device=eps.device, dtype=torch.float32).unsqueeze(0) - eps
+    return out.reshape(-1, *z.shape[1:])
+
+
+def sweep_labels(pairs: Sequence[tuple[float, float]], batch: int = 1) -> list[str]:
+    """One label per row of ``sweep_latents``' output (setting-major); ``" / img k"`` is added when ``batch > 1``."""
+    if batch < 1:
+        raise PisaError(f"batch must be >= 1, got {batch}")
+    labels = []
+    for lp, ls in pairs:
+        for b in range(batch):
+            labels.append(format_label(lp, ls) + (f" / img {b + 1}" if batch > 1 else ""))
+    return labels
+
+
 def _valid(v: float) -> bool:
     """NaN marks a score that could not be computed; infinities (identical images' PSNR) are valid."""
     return not math.isnan(v)
@@ -248,3 +280,23 @@ def choose_best(
         else f"no setting reached the fidelity floor {floor:g}"
     )
     return best, f"{why}; returning the highest-fidelity setting {best + 1} of {len(q)} (fidelity {f[best]:.4g})"
+
+
+def choose_best_per_image(
+    quality: Sequence[Sequence[float]],
+    fidelity: Sequence[Sequence[float]],
+    floor: float,
+    higher_is_better: bool = True,
+) -> list[tuple[int, str]]:
+    """``choose_best`` for every image of a batch: ``quality[s][b]`` and ``fidelity[s][b]`` are setting ``s``'s
+    scores for image ``b``; returns one ``(setting index, why)`` per image (each image may prefer another setting)."""
+    q = [[float(v) for v in row] for row in quality]
+    f = [[float(v) for v in row] for row in fidelity]
+    if not q or len(q) != len(f):
+        raise PisaError(f"{len(q)} settings of quality scores but {len(f)} of fidelity scores")
+    batch = len(q[0])
+    if batch == 0 or any(len(row) != batch for row in q + f):
+        raise PisaError("every setting needs one quality and one fidelity score per image")
+    return [
+        choose_best([row[b] for row in q], [row[b] for row in f], floor, higher_is_better) for b in range(batch)
+    ]

@@ -14,7 +14,8 @@ runs on the whole map when that fits, else as exact attention over all positions
 streaming keys and values in chunks with an online softmax.
 
 Device memory then scales with the tile, not the image (plus the whole-map mid block at 1/64 of the image area);
-the parked maps (host memory) scale with the image.
+the parked maps (host memory) scale with the image: at most three C-channel full-resolution maps for decode, since
+a block whose shortcut is pointwise writes its output over its input (see ``parked_bytes``).
 
 Works on ComfyUI's modules but imports nothing from ComfyUI: submodules (convs, resamplers, whole mid blocks) are
 called through their own ``forward`` so ComfyUI's casting ops keep working; only GroupNorm is re-implemented, with
@@ -22,14 +23,15 @@ its weight and bias cast to the activation's device here. Nothing is patched, so
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["tiled_decode", "tiled_encode", "auto_tile_size", "HALO"]
+__all__ = ["HALO", "auto_tile_size", "parked_bytes", "tiled_decode", "tiled_encode"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ HALO = 2
 1 px), and a stride-2 downsample needs its window to start on an even pixel."""
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+_CHUNK = 32  # channels widened to fp32 at once for the norm/statistics of 16-bit tiles
 _ATTN_SCORE_BUDGET = 1 << 24  # fp32 scores per query tile and key chunk (64 MiB) in the streamed attention
 
 Progress = Callable[[int, int], None]
@@ -68,9 +71,10 @@ def _region(c0: int, length: int, size: int, halo: int) -> tuple[int, int]:
 class _Map:
     """A full-size activation (parked) at ``scale`` x the base grid, with per-channel running statistics."""
 
-    def __init__(self, data: torch.Tensor, scale: int):
+    def __init__(self, data: torch.Tensor, scale: int, owned: bool = True):
         self.data = data
         self.scale = scale
+        self.owned = owned  # allocated here (may be overwritten once consumed), not the caller's input
         self.count = 0
         self.mean: torch.Tensor | None = None  # [B, C] fp64
         self.m2: torch.Tensor | None = None  # [B, C] fp64, sum of squared deviations
@@ -78,7 +82,11 @@ class _Map:
     def add_stats(self, core: torch.Tensor, acc_device: torch.device) -> None:
         """Merge the statistics of one tile core (each pixel of the map is added exactly once)."""
         n = core.shape[-2] * core.shape[-1]
-        var, mean = torch.var_mean(core.float(), dim=(-2, -1), unbiased=False)
+        # fp32 statistics; 16-bit tiles are widened a few channels at a time to keep the working set small
+        step = _CHUNK if core.dtype != torch.float32 else core.shape[1]
+        parts = [torch.var_mean(core[:, c:c + step].float(), dim=(-2, -1), unbiased=False)
+                 for c in range(0, core.shape[1], step)]
+        var, mean = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
         mean = mean.to(acc_device, torch.float64)
         m2 = var.to(acc_device, torch.float64) * n
         if self.count == 0:
@@ -98,7 +106,7 @@ class _Runner:
                  park: torch.device, progress: Progress | None, check_interrupt: Interrupt | None):
         ys, xs = _cuts(base_h, tile), _cuts(base_w, tile)
         self.cores = [(ys[i], ys[i + 1], xs[j], xs[j + 1]) for i in range(len(ys) - 1) for j in range(len(xs) - 1)]
-        self.max_core = (max(b - a for a, b in zip(ys, ys[1:])), max(b - a for a, b in zip(xs, xs[1:])))
+        self.max_core = (max(b - a for a, b in itertools.pairwise(ys)), max(b - a for a, b in itertools.pairwise(xs)))
         self.h, self.w = base_h, base_w
         self.device, self.dtype, self.park = device, dtype, park
         self.acc_device = device if device.type != "mps" else torch.device("cpu")  # mps has no fp64
@@ -135,7 +143,8 @@ class _Runner:
         mean = source.mean.view(b, g, c // g)
         gmean = mean.mean(-1, keepdim=True)
         # group M2 = sum of the channel M2s + the spread of the channel means around the group mean
-        gm2 = source.m2.view(b, g, c // g).sum(-1, keepdim=True) + source.count * (mean - gmean).square().sum(-1, keepdim=True)
+        spread = (mean - gmean).square().sum(-1, keepdim=True)
+        gm2 = source.m2.view(b, g, c // g).sum(-1, keepdim=True) + source.count * spread
         inv = torch.rsqrt(gm2 / (source.count * (c // g)) + norm.eps)
         scale = inv.expand(b, g, c // g).reshape(b, c)
         shift = -gmean.expand(b, g, c // g).reshape(b, c) * scale
@@ -146,22 +155,36 @@ class _Runner:
             shift = shift + norm.bias.detach().to(self.acc_device, torch.float64)
         scale = scale.to(t.device, torch.float32)[:, :, None, None]
         shift = shift.to(t.device, torch.float32)[:, :, None, None]
-        return torch.addcmul(shift, t.float(), scale).to(t.dtype)
+        if t.dtype == torch.float32:
+            return torch.addcmul(shift, t, scale)
+        out = torch.empty_like(t)  # fp32 math (type promotion), rounded once, a few channels at a time
+        for c in range(0, t.shape[1], _CHUNK):
+            out[:, c:c + _CHUNK] = torch.addcmul(shift[:, c:c + _CHUNK], t[:, c:c + _CHUNK], scale[:, c:c + _CHUNK])
+        return out
 
     def step(self, inputs: list[_Map], fn: Callable[..., torch.Tensor], out_channels: int, out_scale: int, *,
-             halo: int = HALO, stats: bool = True) -> _Map:
-        """Run ``fn`` on every tile (core + halo of each input, all at one scale) and park the output cores."""
+             halo: int = HALO, stats: bool = True, into: _Map | None = None) -> _Map:
+        """Run ``fn`` on every tile (core + halo of each input, all at one scale) and park the output cores.
+
+        ``into``: write the output cores over (the first ``out_channels`` channels of) this map's buffer instead
+        of a new one. Only for an input that ``fn`` reads pointwise: each tile overwrites just its own core, after
+        reading it, so the cores still to come are intact, and the neighbours' halo values it reads are unused.
+        """
         s_in = inputs[0].scale
         hi, wi = self.h * s_in, self.w * s_in
         # one region shape for every tile (fewer kernel set-ups, batchable): the largest core plus both halos
         ly, lx = self.max_core[0] * s_in + 2 * halo, self.max_core[1] * s_in + 2 * halo
-        out = self.new_map(inputs[0].data.shape[0], out_channels, out_scale)
+        if into is not None:
+            out = _Map(into.data[:, :out_channels], out_scale)
+        else:
+            out = self.new_map(inputs[0].data.shape[0], out_channels, out_scale)
         for y0, y1, x0, x1 in self.cores:
             self.check()
             cy0, cx0 = y0 * s_in, x0 * s_in
             ry0, ry1 = _region(cy0, ly, hi, halo)
             rx0, rx1 = _region(cx0, lx, wi, halo)
-            tiles = [m.data[:, :, ry0:ry1, rx0:rx1].to(self.device, self.dtype) for m in inputs]
+            # contiguous device copies (the convs would make them anyway; also keeps CPU accounting honest)
+            tiles = [m.data[:, :, ry0:ry1, rx0:rx1].to(self.device, self.dtype).contiguous() for m in inputs]
             y = fn(*tiles)
             del tiles
             if y.shape[-2:] != ((ry1 - ry0) * out_scale // s_in, (rx1 - rx0) * out_scale // s_in):
@@ -191,7 +214,11 @@ class _Runner:
                 xt = blk.conv_shortcut(xt) if blk.use_conv_shortcut else blk.nin_shortcut(xt)
             return xt + out
 
-        return self.step([h, x], second, blk.conv2.out_channels, x.scale)
+        # an identity or 1x1 shortcut reads x pointwise: park the block output over x (one full-size map less;
+        # when the block narrows the channels, in x's first channels)
+        pointwise = blk.in_channels == blk.out_channels or not blk.use_conv_shortcut
+        reuse = x if x.owned and pointwise and blk.out_channels <= blk.in_channels else None
+        return self.step([h, x], second, blk.conv2.out_channels, x.scale, into=reuse)
 
     def attention(self, attn: torch.nn.Module, x: _Map) -> _Map:
         """AttnBlock, exact: global norm, then each query tile attends to every position (online softmax)."""
@@ -210,7 +237,8 @@ class _Runner:
             except _OOM:
                 log.warning("tiled VAE: keys/values of the attention do not fit on %s; streaming them", self.device)
         scale = c ** -0.5
-        out = self.new_map(x.data.shape[0], c, x.scale)
+        # the residual reads x pointwise, so the output can overwrite it (see ``step``)
+        out = _Map(x.data, x.scale) if x.owned else self.new_map(x.data.shape[0], c, x.scale)
         s = x.scale
         for y0, y1, x0, x1 in self.cores:
             self.check()
@@ -270,7 +298,7 @@ def _check_layout(net: torch.nn.Module, x: torch.Tensor, what: str) -> None:
 
 
 @torch.no_grad()
-def tiled_decode(ae, z: torch.Tensor, tile: int, pad: int = 11, *, progress: Progress | None = None,
+def tiled_decode(ae: torch.nn.Module, z: torch.Tensor, tile: int, pad: int = 11, *, progress: Progress | None = None,
                  check_interrupt: Interrupt | None = None, whole_mid: bool | None = None,
                  offload_device: torch.device | str = "cpu") -> torch.Tensor:
     """Decode raw latent ``z`` [B,4,h,w] with ComfyUI's ``AutoencoderKL`` ``ae`` in tiles of ``tile`` latent px.
@@ -287,7 +315,7 @@ def tiled_decode(ae, z: torch.Tensor, tile: int, pad: int = 11, *, progress: Pro
         raise ValueError(f"tile must be positive and pad non-negative, got tile={tile}, pad={pad}")
     dec = ae.decoder
     _check_layout(dec, z, "decode")
-    b, _, h, w = z.shape
+    h, w = z.shape[-2:]
     if h <= tile and w <= tile:
         if check_interrupt is not None:
             check_interrupt()
@@ -323,7 +351,7 @@ def tiled_decode(ae, z: torch.Tensor, tile: int, pad: int = 11, *, progress: Pro
             log.warning("tiled decode: the mid block does not fit on %s as a whole; running it tiled (exact)", z.device)
             run.total += mid_tiled_units - 1
     if x is None:
-        zmap = _Map(z, 1)
+        zmap = _Map(z, 1, owned=False)
         x = run.step([zmap], lambda t: dec.conv_in(ae.post_quant_conv(t)), dec.conv_in.out_channels, 1)
         x = run.mid_tiled(dec.mid, x)
 
@@ -348,7 +376,7 @@ def tiled_decode(ae, z: torch.Tensor, tile: int, pad: int = 11, *, progress: Pro
 
 
 @torch.no_grad()
-def tiled_encode(ae, x: torch.Tensor, tile: int, pad: int = 32, *, progress: Progress | None = None,
+def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, pad: int = 32, *, progress: Progress | None = None,
                  check_interrupt: Interrupt | None = None, whole_mid: bool | None = None,
                  offload_device: torch.device | str = "cpu", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -364,7 +392,7 @@ def tiled_encode(ae, x: torch.Tensor, tile: int, pad: int = 32, *, progress: Pro
         raise ValueError(f"tile must be positive and pad non-negative, got tile={tile}, pad={pad}")
     enc = ae.encoder
     _check_layout(enc, x, "encode")
-    b, _, hh, ww = x.shape
+    hh, ww = x.shape[-2:]
     if hh % 8 or ww % 8:
         raise ValueError(f"tiled encode needs H and W divisible by 8, got {hh}x{ww}")
     device = torch.device(device) if device is not None else x.device
@@ -393,7 +421,7 @@ def tiled_encode(ae, x: torch.Tensor, tile: int, pad: int = 32, *, progress: Pro
     run.total = run.n_tiles * per_tile + (mid_tiled_units if whole_mid is False else 1)
 
     scale = 8
-    h_map = run.step([_Map(x, scale)], enc.conv_in, enc.conv_in.out_channels, scale)
+    h_map = run.step([_Map(x, scale, owned=False)], enc.conv_in, enc.conv_in.out_channels, scale)
     for i in range(enc.num_resolutions):
         down = enc.down[i]
         for j, blk in enumerate(down.block):
@@ -427,44 +455,56 @@ def tiled_encode(ae, x: torch.Tensor, tile: int, pad: int = 32, *, progress: Pro
     moments = run.step([h_map], final, ae.quant_conv.out_channels, 1, stats=False).data
     if type(getattr(ae, "regularization", None)).__name__ == "DiagonalGaussianRegularizer":
         moments = moments[:, : moments.shape[1] // 2]  # the posterior mode is its mean
-    return moments.to(device)
+    return moments.to(device).contiguous()
 
 
 # --- automatic tile size --------------------------------------------------------------------------------------
 
-# Untiled peaks per pixel, ComfyUI's own figures for the SD VAE (base 128 channels): decode 2178 * 64 per latent px,
+# Untiled peaks, ComfyUI's own figures for the SD VAE (base 128 channels): decode 2178 * 64 bytes per latent px,
 # encode 1767 per image px, times the dtype size.
 _PLAIN_DECODE = 2178 * 64
 _PLAIN_ENCODE = 1767
-# Tiled working set: per base-channel and pixel of the tile region at full resolution, the largest step holds
-# about this many activation copies (input region, normalised copy, conv output, output core, shortcut) plus the
-# fp32 copies used for the norm and the statistics (counted as 2 dtype units each for 2-byte dtypes).
-_TILE_COPIES = 12
-# Whole-map mid block at latent resolution with 4x the base channels: ~8 map copies (input, norm, q/k/v, the
-# attention output, residual), counted per latent px.
-_MID_COPIES = 8
-_SAFETY = 1.25
+# Tiled working set, in copies of a tile's C-channel region at full resolution: measured on the CPU with live-tensor
+# accounting for the full-size SD VAE (tests/test_vae_tiled.py's _LiveBytes), 6.0 for decode (the step that
+# upsamples 2C channels into the top level) and 4.0 for encode, in fp32 and bf16 alike (16-bit tiles are widened
+# to fp32 only a few channels at a time); one copy of margin each.
+_TILE_COPIES = {True: 7, False: 5}
+# Whole-map mid block at latent resolution, 4x the base channels: input, norm output, q/k/v and their transposed
+# copies in ComfyUI's attention, attention output, residual.
+_MID_COPIES = 10
+# Device allocator rounding/fragmentation and convolution workspaces, which CPU accounting does not see.
+_SAFETY = 1.5
+
+
+def _tile_bytes(tile: int, *, is_decoder: bool, dtype_bytes: int, base_channels: int) -> float:
+    region = (tile * 8 if is_decoder else tile) + 2 * HALO
+    return _TILE_COPIES[is_decoder] * base_channels * region * region * dtype_bytes
+
+
+def _mid_bytes(width: int, height: int, *, is_decoder: bool, dtype_bytes: int, base_channels: int) -> float:
+    lat_w, lat_h = (width, height) if is_decoder else (max(1, width // 8), max(1, height // 8))
+    return _MID_COPIES * 4 * base_channels * lat_w * lat_h * dtype_bytes
 
 
 def _tiled_peak(tile: int, width: int, height: int, *, is_decoder: bool, dtype_bytes: int, base_channels: int) -> float:
-    lat_w, lat_h = (width, height) if is_decoder else (max(1, width // 8), max(1, height // 8))
-    full_tile = (tile * 8 if is_decoder else tile) + 2 * HALO
-    tile_bytes = _TILE_COPIES * base_channels * full_tile * full_tile * dtype_bytes
-    mid_bytes = _MID_COPIES * 4 * base_channels * lat_w * lat_h * dtype_bytes
-    return _SAFETY * (tile_bytes + mid_bytes)
+    kw = {"is_decoder": is_decoder, "dtype_bytes": dtype_bytes, "base_channels": base_channels}
+    return _SAFETY * (_tile_bytes(tile, **kw) + _mid_bytes(width, height, **kw))
 
 
 def auto_tile_size(free_bytes: int, width: int, height: int, *, is_decoder: bool, dtype_bytes: int,
                    base_channels: int = 128) -> int:
     """Largest tile (latent px for decode, image px for encode) whose estimated device peak fits ``free_bytes``.
 
-    Returns ``max(width, height)`` (one tile: the plain path) when the untiled peak fits, using ComfyUI's own
-    per-pixel figures for the SD VAE scaled by ``base_channels / 128``. Otherwise the tiled estimate is
-    ``1.25 * (12 * C * T_full^2 + 8 * 4C * latent_area) * dtype_bytes``: the largest step's working set (about a
-    dozen C-channel copies of the full-resolution tile region ``T_full = 8T + 4`` px for decode) plus the whole-map
-    mid block (about eight 4C-channel copies of the latent-size map). Decode tiles are multiples of 8 latent px,
-    encode tiles multiples of 64 image px; the minimum (16 / 128) is returned even if it does not fit, and the
-    caller retries smaller on an out-of-memory error (the mid block then falls back to tiles by itself).
+    ``width``/``height`` are in the same unit as the tile. Returns ``max(width, height)`` (one tile: the plain
+    path) when the untiled peak fits, using ComfyUI's own per-pixel figures for the SD VAE scaled by
+    ``base_channels / 128``. Otherwise the tiled estimate is
+    ``1.5 * (k * C * R^2 + 10 * 4C * latent_area) * dtype_bytes``: k = 7 (decode) or 5 (encode) copies of a tile's
+    C-channel region ``R = 8T + 4`` px (decode; ``T + 4`` for encode), measured at 6 and 4, plus the whole-map
+    mid block (ten 4C-channel latent-size maps); 1.5 covers the device allocator and conv workspaces. Decode tiles are
+    multiples of 8 latent px, encode tiles of 64 image px; the minimum (16 / 128) is returned even if it does not
+    fit, and the caller retries smaller on an out-of-memory error (the mid block then falls back to tiles by
+    itself). Device memory only: the parked maps live in host memory, about three C-channel full-resolution maps
+    (``3 * C * 64 * latent_area * dtype_bytes``, 13 GB for a 4096 px square in 16-bit).
     """
     if width <= 0 or height <= 0 or dtype_bytes <= 0:
         raise ValueError("width, height and dtype_bytes must be positive")
@@ -484,3 +524,16 @@ def auto_tile_size(free_bytes: int, width: int, height: int, *, is_decoder: bool
             return tile
         tile -= step
     return min(whole, smallest)
+
+
+def parked_bytes(width: int, height: int, *, is_decoder: bool, dtype_bytes: int, base_channels: int = 128) -> int:
+    """Peak size of the maps parked on ``offload_device`` between steps (``width``/``height`` as for the tile).
+
+    At most three C-channel full-resolution maps are alive at once for decode (the wider upsampled map plus a
+    block's hidden map; block outputs overwrite their input), two for encode, plus the input and output. If this
+    fits on the compute device next to the tiled peak, parking there (``offload_device=device``) avoids all
+    host transfers and still needs far less than an untiled decode.
+    """
+    px = width * height * (64 if is_decoder else 1)
+    maps = 3 if is_decoder else 2
+    return int((maps * base_channels + 3) * px * dtype_bytes)

@@ -9,16 +9,15 @@ from __future__ import annotations
 import math
 import weakref
 
+import comfy.sd
 import pytest
 import torch
 import torch.nn.functional as F
+from comfy.ldm.models.autoencoder import AutoencoderKL
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import comfy.sd
 import nodes as comfy_nodes
-from comfy.ldm.models.autoencoder import AutoencoderKL
-
 from pisa_sr import vae_tiled
 from pisa_sr.vae_tiled import auto_tile_size, tiled_decode, tiled_encode
 
@@ -28,7 +27,7 @@ FP32_REL = 1e-4
 
 def _ddconfig(attn_resolutions=()):
     return {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
-            "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": list(attn_resolutions), "dropout": 0.0}
+            "ch_mult": [1, 2, 2, 4], "num_res_blocks": 1, "attn_resolutions": list(attn_resolutions), "dropout": 0.0}
 
 
 def _tiny_vae(seed: int, attn_resolutions=()) -> comfy.sd.VAE:
@@ -67,6 +66,15 @@ def _psnr(a: torch.Tensor, b: torch.Tensor, peak: float) -> float:
 def _to_image(x: torch.Tensor) -> torch.Tensor:
     """Decoder output -> ComfyUI IMAGE ([B,H,W,3] in [0,1]), as VAE.decode's process_output does."""
     return ((x.float() + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on the shared 2-core host, 2 threads under load make every op wait for a time slice."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +149,8 @@ def _seam_ratio(img: torch.Tensor, cuts: list[int]) -> float:
 def test_no_seams(decoded):
     cuts = [64, 128, 192]  # 4 tiles of 8 latent px per axis -> boundaries every 64 output px
     seam = _seam_ratio(decoded["raw_ours"], cuts) / _seam_ratio(decoded["raw_ref"], cuts)
-    comfy = _seam_ratio(decoded["img_comfy"].movedim(-1, 1), cuts) / _seam_ratio(decoded["img_ref"].movedim(-1, 1), cuts)
+    comfy = _seam_ratio(decoded["img_comfy"].movedim(-1, 1), cuts)
+    comfy /= _seam_ratio(decoded["img_ref"].movedim(-1, 1), cuts)
     print(f"\n[seams] boundary/interior gradient ratio, tiled over untiled: ours {seam:.5f} "
           f"(ComfyUI tiled at the same lines, for reference: {comfy:.4f})")
     assert abs(seam - 1) <= 0.02
@@ -197,8 +206,10 @@ class _LiveBytes(TorchDispatchMode):
     allocation, and a weakref finalizer on the storage (torch keeps one Python object per storage) counts it
     free. A storage is a "full map" when it was created as a 4-D tensor spanning the whole image at some decoder
     resolution (h*s x w*s): on a GPU these are the maps parked in host memory between steps (and the output);
-    everything else is the working set the compute device holds. Weights and the input existed before and are
-    not counted.
+    everything else is the working set the compute device holds (tiles read from the parked maps are copies, as
+    they would be on a GPU). Weights and the input existed before and are not counted. With the whole-map mid
+    block its latent-size maps count as full maps too, so the assertions use the tiled mid block, where the split
+    is exact.
     """
 
     def __init__(self, h: int, w: int):
@@ -254,9 +265,9 @@ def test_peak_memory_scales_with_tile_not_image(vae):
     assert large["work"] <= 1.1 * small["work"]  # independent of the image size...
     assert bigger_tile["work"] >= 2.5 * large["work"]  # ...but grows with the tile (4x its area)
     assert large["full"] >= 3 * small["full"]  # the parked maps (host memory) do scale with the image
-    # the auto-size estimate's per-tile term covers the measured working set of this (base 32 channel) model
-    est = vae_tiled._tiled_peak(8, 32, 32, is_decoder=True, dtype_bytes=4, base_channels=32)
-    assert est >= large["work"]
+    # the auto-size estimate's per-tile term (before its device safety factor) covers the measured working set
+    for tile, measured in ((8, large["work"]), (16, bigger_tile["work"])):
+        assert vae_tiled._tile_bytes(tile, is_decoder=True, dtype_bytes=4, base_channels=32) >= measured
 
 
 def _module_state(ae):
@@ -271,9 +282,11 @@ def test_progress_counts_and_interruption(vae):
     ae = vae.first_stage_model
     z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(10))
     x = _smooth_image(1, 256, 256, seed=11)
-    for run, n_tiles in ((lambda **kw: tiled_decode(ae, z, 8, **kw), 16), (lambda **kw: tiled_encode(ae, x, 64, **kw), 16)):
+    runs = ((lambda **kw: tiled_decode(ae, z, 8, **kw), 16), (lambda **kw: tiled_encode(ae, x, 64, **kw), 16))
+    for run, n_tiles in runs:
         calls, checks = [], []
-        first = run(progress=lambda d, t: calls.append((d, t)), check_interrupt=lambda: checks.append(1))
+        first = run(progress=lambda d, t, calls=calls: calls.append((d, t)),
+                    check_interrupt=lambda checks=checks: checks.append(1))
         total = calls[-1][1]
         assert [d for d, _ in calls] == list(range(1, total + 1))  # once per tile step, in order
         assert all(t == total for _, t in calls)
@@ -330,3 +343,50 @@ def test_auto_tile_size():
     assert te % 64 == 0 and 128 <= te < 4096
     # fp32 needs smaller tiles than fp16
     assert auto_tile_size(6 * gib, 512, 512, is_decoder=True, dtype_bytes=4) <= t8
+
+
+def test_mid_block_out_of_memory_falls_back_to_exact_tiles(caplog):
+    """A device OOM in the whole-map mid block switches to the tiled attention: logged, exact, progress ends full."""
+    ae = _tiny_vae(13).first_stage_model  # private model: its attention is replaced by one that runs out of memory
+
+    def oom(q, k, v):
+        raise torch.OutOfMemoryError("simulated")
+
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(14))
+    x = _smooth_image(1, 128, 128, seed=15)
+    with torch.no_grad():
+        ref_d, ref_e = ae.decode(z), ae.encode(x)
+    ae.decoder.mid.attn_1.optimized_attention = oom
+    ae.encoder.mid.attn_1.optimized_attention = oom
+    runs = ((lambda **kw: tiled_decode(ae, z, 8, **kw), ref_d), (lambda **kw: tiled_encode(ae, x, 64, **kw), ref_e))
+    for run, ref in runs:
+        calls = []
+        with caplog.at_level("WARNING", logger="pisa_sr.vae_tiled"):
+            out = run(progress=lambda d, t, calls=calls: calls.append((d, t)))
+        assert "running it tiled" in caplog.text
+        caplog.clear()
+        assert [d for d, _ in calls] == list(range(1, len(calls) + 1)) and calls[-1][1] == len(calls)
+        assert (out - ref).abs().max().item() <= FP32_REL * (ref.max() - ref.min()).item()
+        with pytest.raises(torch.OutOfMemoryError):
+            run(whole_mid=True)
+
+
+def test_bf16_tiling_adds_no_error_beyond_the_dtype():
+    """In bf16 (ComfyUI's usual VAE dtype) tiled and untiled are equally close to the fp32 result."""
+    ae32 = _tiny_vae(16).first_stage_model
+    ae16 = _tiny_vae(16).first_stage_model.to(torch.bfloat16)
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(17))
+    x = _smooth_image(1, 128, 128, seed=18)
+    with torch.no_grad():
+        ref_d, ref_e = ae32.decode(z), ae32.encode(x)
+        plain_d, plain_e = ae16.decode(z.bfloat16()).float(), ae16.encode(x.bfloat16()).float()
+    tiled_d = tiled_decode(ae16, z.bfloat16(), 4).float()  # 4x4 tiles
+    tiled_e = tiled_encode(ae16, x.bfloat16(), 32).float()
+    for name, ref, plain, tiled in (("decode", ref_d, plain_d, tiled_d), ("encode", ref_e, plain_e, tiled_e)):
+        peak = (ref.max() - ref.min()).item()
+        p_plain, p_tiled = _psnr(plain, ref, peak), _psnr(tiled, ref, peak)
+        p_between = _psnr(tiled, plain, peak)
+        print(f"\n[bf16 {name}] vs fp32: untiled {p_plain:.1f} dB, tiled {p_tiled:.1f} dB; tiled vs untiled bf16 "
+              f"{p_between:.1f} dB")
+        assert p_tiled >= p_plain - 1.0
+        assert p_between >= 45  # the issue's GPU benchmark target for tiled vs untiled

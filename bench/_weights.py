@@ -1,0 +1,160 @@
+"""Seeded random weights shared by both sides of the benchmark: a diffusers UNet + VAE (the release side) whose exact
+tensors are also handed to ComfyUI (our side), a release-layout PiSA-SR LoRA dict, and a fixed text conditioning.
+
+``full`` is the SD 2.1-base architecture (UNet 865 M parameters: 320/640/1280/1280 channels, 5/10/20/20 heads,
+1024-wide context, linear projections; the standard SD VAE, 83.7 M). ``tiny`` is the architecture of
+tests/tiny_models.py (same seeds and init rule), so ``--cpu --tiny`` finishes in seconds. Real weights cannot be
+downloaded here, and speed does not depend on weight values; the random init is scaled so activations stay in range.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+RELEASE_PATTERNS = ["to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
+                    "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj"]
+SCALING = 0.18215
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    unet: dict  # diffusers UNet2DConditionModel kwargs
+    vae: dict  # diffusers AutoencoderKL kwargs
+    comfy_unet: dict  # the same UNet as a ComfyUI unet_config
+    comfy_vae: dict | None  # ComfyUI VAE config (None: let ComfyUI detect the standard SD VAE)
+    lora_rank: int = 4
+
+
+FULL = Arch(
+    "sd21-base",
+    unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+              block_out_channels=(320, 640, 1280, 1280),
+              down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+              up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+              cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+              norm_num_groups=32),
+    vae=dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+             latent_channels=4, norm_num_groups=32, sample_size=512),
+    comfy_unet={"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+                "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+                "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+                "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
+                "context_dim": 1024, "num_head_channels": 64,
+                "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                "use_temporal_attention": False, "use_temporal_resblock": False},
+    comfy_vae=None,
+)
+
+TINY = Arch(  # tests/tiny_models.py
+    "tiny",
+    unet=dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=1024,
+              attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32),
+    vae=dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32,) * 4, layers_per_block=1,
+             latent_channels=4, norm_num_groups=32, sample_size=256),
+    comfy_unet={"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+                "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+                "context_dim": 1024, "use_linear_in_transformer": True, "num_res_blocks": [1, 1],
+                "channel_mult": [1, 2], "transformer_depth": [1, 0], "transformer_depth_output": [1, 1, 0, 0],
+                "transformer_depth_middle": 1, "use_temporal_resblock": False, "use_temporal_attention": False,
+                "num_head_channels": 16},
+    comfy_vae={"params": {"embed_dim": 4, "ddconfig": {
+        "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+        "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}},
+)
+
+
+def init_(module: torch.nn.Module, seed: int, affine_noise: float = 0.2) -> None:
+    """tests/tiny_models.py's rule: fan-in scaled normal matrices, affine params near (1, 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif name.endswith("weight"):
+                p.copy_(1.0 + affine_noise * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(affine_noise * torch.randn(p.shape, generator=g))
+
+
+def release_module_lists(unet: torch.nn.Module) -> dict[str, list[str]]:
+    """The release's LoRA target rule (initialize_unet in pisasr.py) applied to ``unet``."""
+    enc, dec, oth = [], [], []
+    for n, _ in unet.named_parameters():
+        if "bias" in n or "norm" in n:
+            continue
+        for pattern in RELEASE_PATTERNS:
+            if pattern in n and ("down_blocks" in n or "conv_in" in n):
+                enc.append(n.replace(".weight", ""))
+                break
+            elif pattern in n and ("up_blocks" in n or "conv_out" in n):
+                dec.append(n.replace(".weight", ""))
+                break
+            elif pattern in n:
+                oth.append(n.replace(".weight", ""))
+                break
+    return {"encoder": enc, "decoder": dec, "others": oth}
+
+
+def synthetic_checkpoint(unet: torch.nn.Module, seed: int, rank: int = 4, strength: float = 0.5) -> dict:
+    """A dict in the exact pisa_sr.pkl layout with random, non-zero LoRA weights for ``unet``."""
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(unet.named_modules())
+    lists = release_module_lists(unet)
+    sd: dict = {"lora_rank_unet_pix": rank, "lora_rank_unet_sem": rank, "state_dict_unet": {}}
+    for kind in ("pix", "sem"):
+        for part, names in lists.items():
+            sd[f"unet_lora_{part}_modules_{kind}"] = list(names)
+            for name in names:
+                w = modules[name].weight
+                if w.dim() == 4:
+                    a = torch.randn(rank, w.shape[1], w.shape[2], w.shape[3], generator=g) / (w[0].numel() ** 0.5)
+                    b = torch.randn(w.shape[0], rank, 1, 1, generator=g) * strength / rank ** 0.5
+                else:
+                    a = torch.randn(rank, w.shape[1], generator=g) / (w.shape[1] ** 0.5)
+                    b = torch.randn(w.shape[0], rank, generator=g) * strength / rank ** 0.5
+                sd["state_dict_unet"][f"{name}.lora_A.default_{part}_{kind}.weight"] = a
+                sd["state_dict_unet"][f"{name}.lora_B.default_{part}_{kind}.weight"] = b
+    return sd
+
+
+@dataclass
+class Weights:
+    arch: Arch
+    unet: torch.nn.Module  # diffusers, fp32, CPU, no LoRA
+    vae: torch.nn.Module  # diffusers, fp32, CPU
+    ckpt: dict  # release-layout LoRA dict
+    context: torch.Tensor  # [1, 77, 1024] fixed stand-in for CLIPTextEncode("")
+
+
+def build(arch: Arch, seed: int = 0) -> Weights:
+    """Same seeds as tests/tiny_models.tiny_world (UNet seed, VAE seed+1, LoRA seed+2, context seed+3)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(**arch.unet)
+    init_(unet, seed)
+    vae = AutoencoderKL(**arch.vae)
+    init_(vae, seed + 1, affine_noise=0.1)
+    ckpt = synthetic_checkpoint(unet, seed + 2, arch.lora_rank)
+    g = torch.Generator().manual_seed(seed + 3)
+    context = torch.randn(1, 77, 1024, generator=g)
+    return Weights(arch, unet.eval().requires_grad_(False), vae.eval().requires_grad_(False), ckpt, context)
+
+
+def test_image(width: int, height: int, seed: int = 0):
+    """A structured RGB image (gradients, texture, noise) as PIL: something for colour fix and tiling to act on."""
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = 0.5 + 0.4 * np.sin(x / max(width, 1) * 6.28 * 1.5)
+    gch = 0.5 + 0.4 * np.cos(y / max(height, 1) * 6.28)
+    b = 0.5 + 0.3 * np.sin((x + y) / 7.0)
+    img = np.stack([r, gch, b], -1) + 0.05 * g.standard_normal((height, width, 3))
+    return Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8))

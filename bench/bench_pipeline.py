@@ -1,0 +1,372 @@
+"""Side-by-side benchmark: the PiSA-SR release's algorithm (diffusers + peft, re-implemented in bench/_release.py)
+against this pack's nodes run through ComfyUI's executor, on the same random weights, device and inputs.
+
+    # GPU, full SD 2.1-base architecture (UNet 865 M), fp16 like the release:
+    $PISA_HOST_PYTHON bench/bench_pipeline.py
+    # no GPU: tiny models (tests/tiny_models.py architecture), fp32, the 128->512 workload, < 2 min:
+    $PISA_HOST_PYTHON bench/bench_pipeline.py --cpu --tiny
+
+Run it with the host venv (`eval "$(bash scripts/setup_host.sh)"` sets PISA_HOST_PYTHON and PISA_COMFY_DIR), or
+point --comfy-dir at a ComfyUI 0.3.75 folder in a venv with diffusers and peft.
+
+Per workload and mode: median wall time of --runs runs after --warmup runs (end to end: image in, colour-fixed
+image out), peak memory (torch.cuda.max_memory_allocated on GPU; process RSS growth on CPU), PSNR of our 8-bit
+output against the release's, the ratios, the UNet step alone (median time, FLOPs counted once with torch's
+FlopCounterMode, achieved TFLOP/s and, on GPU, the fraction of a measured dense bf16 matmul peak).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(REPO / "tests"))  # reference.py: the peft merge used by the release side
+
+MODES = {"default": (1.0, 1.0), "adjustable": (0.8, 1.2)}
+GPU_WORKLOADS = "128:512,512:2048,1024:4096"
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+@dataclass
+class SideResult:
+    times: list[float] = field(default_factory=list)
+    unet_times: list[float] = field(default_factory=list)
+    peak_bytes: int = 0
+    unet_flops: float = 0.0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
+
+    @property
+    def unet_median(self) -> float:
+        return statistics.median(self.unet_times) if self.unet_times else float("nan")
+
+
+@dataclass
+class Row:
+    workload: str
+    mode: str
+    ref: SideResult
+    ours: SideResult
+    psnr_db: float = float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+class PeakMemory:
+    """Peak device memory on GPU; on CPU the growth of the process RSS over its value at start, sampled at 2 ms."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self._base = _rss()
+        self._max = self._base
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._max = max(self._max, _rss())
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(0, max(self._max, _rss()) - self._base)
+        return None
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_tflops(device) -> float:
+    """Dense bf16 matmul rate (8192^3, best of 3 x 20 calls): the device's practical peak."""
+    import torch
+
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    best = math.inf
+    for _ in range(3):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 * 20 / best / 1e12
+
+
+def psnr(a, b) -> float:
+    import torch
+
+    mse = torch.mean((a.float() - b.float()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def to_8bit(img):
+    """What SaveImage writes: floor(255 * x) of the clamped image."""
+    import torch
+
+    return torch.floor(img.clamp(0, 1) * 255) / 255
+
+
+# ------------------------------------------------------------------------------------------------ the two sides
+def run_release(args, weights, device, dtype, workloads, images, modes) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import _release
+
+    out: dict = {}
+    for mode in modes:
+        lp, ls = MODES[mode]
+        pipe = _release.ReleasePipeline(weights, device, dtype, default=(mode == "default"), lambda_pix=lp,
+                                        lambda_sem=ls)
+        real_step = pipe.unet_step
+        probe = {"times": [], "z": None}
+
+        def timed_step(z):
+            sync(device)
+            t0 = time.perf_counter()
+            e = real_step(z)
+            sync(device)
+            probe["times"].append(time.perf_counter() - t0)
+            probe["z"] = z
+            return e
+
+        pipe.unet_step = timed_step
+        res_by_w: dict = {}
+        for wl in workloads:
+            lq_u8 = images[wl]["lq_u8"]
+            res = SideResult()
+            for _ in range(args.warmup):
+                pipe.run(lq_u8)
+            probe["times"].clear()
+            for _ in range(args.runs):
+                with PeakMemory(device) as pm:
+                    sync(device)
+                    t0 = time.perf_counter()
+                    img = pipe.run(lq_u8)
+                    sync(device)
+                    res.times.append(time.perf_counter() - t0)
+                res.peak_bytes = max(res.peak_bytes, pm.peak)
+            res.unet_times = list(probe["times"])
+            with FlopCounterMode(display=False) as fc:
+                real_step(probe["z"])
+            res.unet_flops = float(fc.get_total_flops())
+            res_by_w[wl] = (res, img)
+            print(f"  release {mode:10s} {wl:>10s}: median {res.median * 1e3:9.1f} ms", flush=True)
+        out[mode] = res_by_w
+        del pipe, real_step, timed_step, probe
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def run_ours(args, weights, device, dtype, workloads, images, modes, base) -> dict:
+    import _comfy_side
+
+    pipe = _comfy_side.OurPipeline(weights, None if args.unet_dtype == "auto" else dtype, dtype, base)
+    probe = _comfy_side.UnetStepProbe()
+    out: dict = {}
+    for mode in modes:
+        lp, ls = MODES[mode]
+        res_by_w: dict = {}
+        for wl in workloads:
+            image = images[wl]["image"]
+            res = SideResult()
+            for _ in range(args.warmup):
+                pipe.run(image, lp, ls)
+            probe.times.clear()
+            for _ in range(args.runs):
+                with PeakMemory(device) as pm:
+                    sync(device)
+                    t0 = time.perf_counter()
+                    img = pipe.run(image, lp, ls)
+                    sync(device)
+                    res.times.append(time.perf_counter() - t0)
+                res.peak_bytes = max(res.peak_bytes, pm.peak)
+            res.unet_times = list(probe.times)
+            res.unet_flops = probe.count_flops()
+            res_by_w[wl] = (res, img[0].float().cpu())
+            print(f"  ours    {mode:10s} {wl:>10s}: median {res.median * 1e3:9.1f} ms", flush=True)
+        out[mode] = res_by_w
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def fmt_table(rows: list[Row], peak_tflops: float | None, gpu: bool) -> str:
+    mem = "peak alloc MiB" if gpu else "RSS growth MiB"
+    head = (f"| workload | mode | release ms | ours ms | speed-up | release {mem} | ours {mem} | memory ratio | "
+            "PSNR ours vs release dB | UNet step TFLOP | release UNet ms | ours UNet ms | ours UNet TFLOP/s |"
+            + (" ours % of bf16 peak |" if gpu else ""))
+    sep = "|" + "---|" * (head.count("|") - 1)
+    lines = [head, sep]
+    for r in rows:
+        tf = r.ours.unet_flops / 1e12
+        rate = tf / r.ours.unet_median if r.ours.unet_median > 0 else float("nan")
+        cells = [r.workload, r.mode, f"{r.ref.median * 1e3:.1f}", f"{r.ours.median * 1e3:.1f}",
+                 f"{r.ref.median / r.ours.median:.2f}x", f"{r.ref.peak_bytes / 2 ** 20:.0f}",
+                 f"{r.ours.peak_bytes / 2 ** 20:.0f}",
+                 f"{r.ours.peak_bytes / r.ref.peak_bytes:.2f}x" if r.ref.peak_bytes else "n/a",
+                 f"{r.psnr_db:.1f}", f"{tf:.4g}", f"{r.ref.unet_median * 1e3:.1f}",
+                 f"{r.ours.unet_median * 1e3:.1f}", f"{rate:.3g}"]
+        if gpu:
+            cells.append(f"{100 * rate / peak_tflops:.1f}%" if peak_tflops else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_workloads(text: str) -> list[str]:
+    out = []
+    for item in text.split(","):
+        lq, hq = (int(v) for v in item.strip().split(":"))
+        if hq % lq or hq // lq != 4:
+            raise SystemExit(f"workload {item}: only x4 (LQ:4*LQ) is benchmarked")
+        out.append(f"{lq}:{hq}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cpu", action="store_true", help="run on the CPU (no GPU needed)")
+    p.add_argument("--tiny", action="store_true", help="tiny random models (tests/tiny_models.py) instead of the "
+                   "full SD 2.1-base architecture")
+    p.add_argument("--workloads", default=None, help=f"comma list LQ:HQ px (default {GPU_WORKLOADS}; with --cpu "
+                   "--tiny only 128:512)")
+    p.add_argument("--modes", default="default,adjustable", help="default (1,1) and/or adjustable (0.8,1.2)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per workload (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--precision", choices=list(DTYPES), default=None,
+                   help="UNet and VAE dtype on both sides (default fp16 on GPU like the release, fp32 on CPU)")
+    p.add_argument("--unet-dtype", choices=["auto", "precision"], default="precision",
+                   help="our UNet weights: 'precision' stores them in --precision (like --fp16-unet), 'auto' lets "
+                   "ComfyUI choose")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--comfy-dir", default=os.environ.get("PISA_COMFY_DIR"))
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--markdown", default=None, help="also write the table here")
+    args = p.parse_args(argv)
+    if not args.comfy_dir:
+        raise SystemExit("set PISA_COMFY_DIR or --comfy-dir (a ComfyUI 0.3.75 folder); see the docstring")
+    t_start = time.perf_counter()
+
+    import _comfy_side
+
+    base = _comfy_side.boot(args.comfy_dir, cpu=args.cpu)  # before ComfyUI picks its device
+    _comfy_side.load_nodes(base)
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: use --cpu (with --tiny for a quick run)")
+    device = torch.device("cpu" if args.cpu else "cuda")
+    precision = args.precision or ("fp32" if args.cpu else "fp16")
+    dtype = getattr(torch, DTYPES[precision])
+    workloads = parse_workloads(args.workloads or ("128:512" if args.cpu and args.tiny else GPU_WORKLOADS))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"unknown mode {m}; use {', '.join(MODES)}")
+    torch.manual_seed(args.seed)
+
+    import _weights
+    import numpy as np
+    from reference import ReleaseReference
+
+    t0 = time.perf_counter()
+    weights = _weights.build(_weights.TINY if args.tiny else _weights.FULL, args.seed)
+    print(f"weights ({weights.arch.name}): UNet {sum(p.numel() for p in weights.unet.parameters()) / 1e6:.1f} M, "
+          f"VAE {sum(p.numel() for p in weights.vae.parameters()) / 1e6:.1f} M params, "
+          f"built in {time.perf_counter() - t0:.1f} s", flush=True)
+    images = {}
+    for wl in workloads:
+        lq = int(wl.split(":")[0])
+        pil = _weights.test_image(lq, lq, seed=args.seed + lq)
+        resized, flag, _ = ReleaseReference.prepare(pil, 4)
+        assert not flag, "workloads are chosen so the release does not pre-resize"
+        images[wl] = {"image": torch.from_numpy(np.asarray(pil).astype(np.float32) / 255.0)[None],
+                      "lq_u8": np.asarray(resized).copy()}
+
+    print(f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()}), "
+          f"precision {precision}, workloads {workloads}, modes {modes}, {args.runs} runs after {args.warmup} "
+          "warm-up", flush=True)
+    peak = matmul_peak_tflops(device) if device.type == "cuda" else None
+    with torch.no_grad():
+        print("release-equivalent (diffusers + peft):", flush=True)
+        ref = run_release(args, weights, device, dtype, workloads, images, modes)
+    print("ours (ComfyUI executor):", flush=True)
+    ours = run_ours(args, weights, device, dtype, workloads, images, modes, base)
+
+    rows = []
+    for mode in modes:
+        for wl in workloads:
+            (r_res, r_img), (o_res, o_img) = ref[mode][wl], ours[mode][wl]
+            if tuple(r_img.shape) != tuple(o_img.shape):
+                raise RuntimeError(f"{wl} {mode}: output shapes differ {tuple(r_img.shape)} vs {tuple(o_img.shape)}")
+            rows.append(Row(wl.replace(":", "->"), mode, r_res, o_res, psnr(to_8bit(o_img), r_img)))
+    table = fmt_table(rows, peak, device.type == "cuda")
+    total = time.perf_counter() - t_start
+    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "device": str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else
+                                     f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+                                     "threads)"),
+            "torch": torch.__version__, "precision": precision, "arch": weights.arch.name,
+            "command": "python bench/bench_pipeline.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "bf16_matmul_peak_tflops": peak, "total_s": round(total, 1)}
+    print()
+    print(" | ".join(f"{k}: {v}" for k, v in info.items()))
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"info": info, "rows": [
+            {"workload": r.workload, "mode": r.mode, "psnr_db": r.psnr_db,
+             "release": asdict(r.ref), "ours": asdict(r.ours)} for r in rows]}, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Before/after previews for PiSA Tiled VAE Decode: the result and the resized LQ, saved as small temp images.
+
+The decode node returns them as its UI output: ``images`` (the result: any front end shows it as the node's
+preview) and ``pisa_lq`` (the resized LQ, at the same preview size). The pack's web extension (web/pisa_sr.js)
+draws the two with a before/after slider. Previews never change the IMAGE output and never fail the node.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .compat import ui
+from .lq_info import LQInfo
+
+log = logging.getLogger("PiSA-SR")
+
+PREVIEW_MAX_SIDE = 1024  # larger results are downscaled for the preview only (cheap to save and to send)
+LQ_KEY = "pisa_lq"
+
+
+def preview_size(h: int, w: int, max_side: int = PREVIEW_MAX_SIDE) -> tuple[int, int]:
+    s = min(1.0, max_side / max(h, w))
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def resize_bhwc(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B,H,W,C] float in [0,1] to ``size`` (h, w); area-averaged when shrinking, bilinear when enlarging."""
+    if tuple(img.shape[1:3]) == tuple(size):
+        return img
+    x = img.movedim(-1, 1).to(torch.float32)
+    if size[0] <= x.shape[-2] and size[1] <= x.shape[-1]:
+        x = F.interpolate(x, size=size, mode="area")
+    else:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return x.clamp(0, 1).movedim(1, -1)
+
+
+def comparison_images(result: torch.Tensor, info: LQInfo | None,
+                      max_side: int = PREVIEW_MAX_SIDE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(result preview, LQ preview or None), both [B,h,w,3] float at the same preview size."""
+    size = preview_size(result.shape[1], result.shape[2], max_side)
+    res = resize_bhwc(result.detach().cpu().to(torch.float32), size)
+    if info is None:
+        return res, None
+    lq = info.lq_u8.detach().cpu().to(torch.float32).div(255.0)
+    if lq.shape[0] != res.shape[0]:
+        lq = lq[:1].expand(res.shape[0], -1, -1, -1)
+    return res, resize_bhwc(lq, size)
+
+
+def comparison_ui(result: torch.Tensor, info: LQInfo | None) -> dict | None:
+    """The decode node's UI output, or None if the previews could not be written (logged, never raised)."""
+    try:
+        res, lq = comparison_images(result, info)
+        out = {"images": ui.PreviewImage(res).values}
+        if lq is not None:
+            out[LQ_KEY] = ui.PreviewImage(lq).values
+        return out
+    except Exception as e:  # a preview must never cost the user their result
+        log.warning("PiSA-SR: could not write the before/after preview: %s", e)
+        return None

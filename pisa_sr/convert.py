@@ -1,0 +1,148 @@
+"""Convert the release ``pisa_sr.pkl`` to a ``.safetensors`` file once, so ComfyUI never has to open a pickle.
+
+Run from the pack folder::
+
+    python -m pisa_sr.convert pisa_sr.pkl pisa_sr.safetensors     # convert, verify, print a summary
+    python -m pisa_sr.convert --check pisa_sr.safetensors          # validate only
+
+The input goes through the same checked loader as the node (no code from the file runs). The output is written
+next to its destination under a temporary name, re-read with that loader, compared bit for bit with the input and
+only then moved into place, so a failed conversion never leaves a half-written file under the final name.
+
+Exit codes: 0 success, 1 the input was refused, 2 bad command line, 3 the output could not be written or did not
+verify.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence, TextIO
+
+import torch
+
+from .checkpoint import PARTS, CheckpointError, PisaLoras, load_checkpoint, save_safetensors
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_WRITE = 0, 1, 2, 3
+
+
+class VerifyError(Exception):
+    """The re-read conversion differs from the input."""
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's raw bits, so -0.0 vs 0.0 (and any NaN payload) count as differences."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def verify_identical(a: PisaLoras, b: PisaLoras) -> None:
+    """Raise VerifyError unless ``b`` has the same ranks, module lists (order included), dtypes and bits as ``a``."""
+    for sa, sb in zip(a.sets(), b.sets()):
+        if sa.kind != sb.kind or sa.rank != sb.rank:
+            raise VerifyError(f"{sa.kind}: rank {sa.rank} became {sb.rank}")
+        if list(sa.parts.items()) != list(sb.parts.items()):
+            raise VerifyError(f"{sa.kind}: module lists differ")
+        for m, pa in sa.pairs.items():
+            pb = sb.pairs[m]
+            if pa.scale != pb.scale:
+                raise VerifyError(f"{sa.kind} {m}: scale {pa.scale} became {pb.scale}")
+            for name, x, y in (("lora_A", pa.down, pb.down), ("lora_B", pa.up, pb.up)):
+                if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(_bits(x), _bits(y)):
+                    raise VerifyError(f"{sa.kind} {m} {name} differs after conversion")
+    if a.alpha != b.alpha:
+        raise VerifyError(f"alpha {a.alpha} became {b.alpha}")
+
+
+def summary(loras: PisaLoras) -> str:
+    """Modules per part, rank, dtypes and bytes of each LoRA set."""
+    lines = []
+    total = 0
+    for s in loras.sets():
+        per_part = {p: sum(1 for v in s.parts.values() if v == p) for p in PARTS}
+        nbytes = sum(t.numel() * t.element_size() for pr in s.pairs.values() for t in (pr.down, pr.up))
+        dtypes = sorted({str(t.dtype).replace("torch.", "") for pr in s.pairs.values() for t in (pr.down, pr.up)})
+        convs = sum(1 for pr in s.pairs.values() if pr.is_conv)
+        total += nbytes
+        lines.append(f"  {s.kind}: rank {s.rank}, {len(s)} modules ("
+                     + ", ".join(f"{p} {n}" for p, n in per_part.items())
+                     + f"; {convs} conv, {len(s) - convs} linear), {2 * len(s)} tensors, {', '.join(dtypes)}, "
+                     f"{nbytes:,} bytes")
+    lines.append(f"  alpha {loras.alpha:g} (scale alpha/rank), {total:,} tensor bytes in all")
+    return "\n".join(lines)
+
+
+def convert(src: str, dst: str, force: bool = False, out: TextIO = sys.stdout) -> int:
+    """Convert ``src`` to ``dst`` and verify it; returns an exit code and prints what happened."""
+    if not dst.lower().endswith(".safetensors"):
+        print(f"error: the output must end in .safetensors, got '{dst}'.", file=out)
+        return EXIT_USAGE
+    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
+        print("error: the output would overwrite the input.", file=out)
+        return EXIT_USAGE
+    if os.path.exists(dst) and not force:
+        print(f"error: '{dst}' exists; pass --force to replace it.", file=out)
+        return EXIT_USAGE
+    try:
+        loras = load_checkpoint(src)
+    except CheckpointError as e:
+        print(f"refused: {e}", file=out)
+        return EXIT_REFUSED
+    folder = os.path.dirname(os.path.abspath(dst))
+    tmp = os.path.join(folder, f".{os.path.basename(dst)}.{os.getpid()}.partial.safetensors")
+    try:
+        save_safetensors(loras, tmp)
+        again = load_checkpoint(tmp)
+        verify_identical(loras, again)
+        os.replace(tmp, dst)
+    except (OSError, CheckpointError, VerifyError) as e:
+        print(f"error: the conversion could not be written or did not verify: {e}", file=out)
+        return EXIT_WRITE
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"converted '{src}' -> '{dst}' ({os.path.getsize(dst):,} bytes); re-read and verified bit-identical.",
+          file=out)
+    print(summary(again), file=out)
+    return EXIT_OK
+
+
+def check(path: str, out: TextIO = sys.stdout) -> int:
+    try:
+        loras = load_checkpoint(path)
+    except CheckpointError as e:
+        print(f"refused: {e}", file=out)
+        return EXIT_REFUSED
+    print(f"ok: '{path}' is a valid PiSA-SR checkpoint ({os.path.getsize(path):,} bytes).", file=out)
+    print(summary(loras), file=out)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pisa_sr.convert",
+        description="Convert the PiSA-SR release checkpoint (pisa_sr.pkl) to .safetensors, or check a checkpoint. "
+                    "No code from the input file is run.",
+        epilog="exit codes: 0 ok, 1 input refused, 2 bad command line, 3 output not written or not verified")
+    parser.add_argument("input", nargs="?", help="pisa_sr.pkl (or .pt/.pth/.safetensors)")
+    parser.add_argument("output", nargs="?", help="where to write the .safetensors conversion")
+    parser.add_argument("--check", metavar="FILE", help="only validate FILE and print its summary")
+    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed the usage
+        return int(e.code or 0) and EXIT_USAGE
+    if args.check is not None:
+        if args.input is not None:
+            parser.print_usage(out)
+            print("error: --check takes a single file and no other arguments.", file=out)
+            return EXIT_USAGE
+        return check(args.check, out)
+    if args.input is None or args.output is None:
+        parser.print_usage(out)
+        print("error: give an input and an output file, or --check FILE.", file=out)
+        return EXIT_USAGE
+    return convert(args.input, args.output, args.force, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

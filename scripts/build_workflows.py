@@ -1,0 +1,192 @@
+"""Generate the example workflows, in ComfyUI's UI format (example_workflows/*.json, drag-and-drop) and API format
+(example_workflows/api/*.json, what /prompt takes), from one description so the two can never disagree.
+
+    python scripts/build_workflows.py            # rewrite the files
+    python scripts/build_workflows.py --check    # exit 1 if any file is out of date (run by the tests)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT_UI = os.path.join(REPO, "example_workflows")
+OUT_API = os.path.join(OUT_UI, "api")
+EXAMPLE_IMAGE = "pisa_sr_example.png"
+SD21_CKPT = "v2-1_512-ema-pruned.safetensors"
+PISA_LORA = "pisa_sr.pkl"
+
+# Input/output signatures of the node classes the examples use: (link inputs, widget inputs in order, outputs).
+SIGS: dict[str, tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]] = {
+    "CheckpointLoaderSimple": ([], ["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "CLIPTextEncode": ([("clip", "CLIP")], ["text"], [("CONDITIONING", "CONDITIONING")]),
+    "LoadImage": ([], ["image", "upload"], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "SaveImage": ([("images", "IMAGE")], ["filename_prefix"], []),
+    "PreviewImage": ([("images", "IMAGE")], [], []),
+    "PiSA_LoadLoRAs": ([("model", "MODEL")], ["lora_name"], [("MODEL", "MODEL")]),
+    "PiSA_EncodeLQ": ([("image", "IMAGE"), ("vae", "VAE")], ["upscale", "resize_filter", "vae_tile_size"],
+                      [("LATENT", "LATENT")]),
+    "PiSA_Sample": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT")],
+                    ["lambda_pix", "lambda_sem", "tile_size", "tile_overlap"], [("LATENT", "LATENT")]),
+    "PiSA_Decode": ([("latent", "LATENT"), ("vae", "VAE")], ["color_fix", "vae_tile_size"], [("IMAGE", "IMAGE")]),
+}
+UI_ONLY_WIDGETS = {"upload"}  # front-end widgets that are not prompt inputs
+UI_ONLY_NODES = {"MarkdownNote": ([], ["text"], [])}  # front-end nodes (notes): UI format only, not in the API twin
+# UI sizes where the default would clip a widget: the sampler carries the fidelity/perception pad of web/, the
+# decoder grows its before/after preview after a run, the loaders show their preview.
+SIZES = {"PiSA_Sample": [340, 420], "PiSA_Decode": [340, 130], "SaveImage": [360, 400], "LoadImage": [320, 320],
+         "MarkdownNote": [360, 250]}
+NOTE_COLORS = {"color": "#432", "bgcolor": "#653"}
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple[int, int]
+    widgets: dict = field(default_factory=dict)
+    links: dict = field(default_factory=dict)  # input name -> (source node id, source output slot)
+    title: str | None = None
+
+
+WEIGHTS_NOTE = ("**Weights**: `v2-1_512-ema-pruned.safetensors` (SD 2.1-base) in `models/checkpoints`, `pisa_sr.pkl` "
+                "(PiSA-SR release) in `models/pisa_sr`. Keep the prompt empty (the release's setting).")
+
+
+def basic_graph(lambda_pix=1.0, lambda_sem=1.0, tile_size=96, tile_overlap=32, upscale=4, color_fix="adain",
+                vae_tile_size=0,
+                prefix="PiSA-SR", note: str | None = None, sampler_title: str | None = None) -> list[Node]:
+    nodes = [
+        Node(1, "CheckpointLoaderSimple", (20, 80), {"ckpt_name": SD21_CKPT}, title="Load Checkpoint (SD 2.1-base)"),
+        Node(2, "CLIPTextEncode", (400, 330), {"text": ""}, {"clip": (1, 1)}, title="Empty prompt (release setting)"),
+        Node(3, "LoadImage", (20, 420), {"image": EXAMPLE_IMAGE, "upload": "image"}, title="Low-quality image"),
+        Node(4, "PiSA_LoadLoRAs", (400, 80), {"lora_name": PISA_LORA}, {"model": (1, 0)}),
+        Node(5, "PiSA_EncodeLQ", (400, 560), {"upscale": upscale, "resize_filter": "bicubic",
+                                               "vae_tile_size": vae_tile_size},
+             {"image": (3, 0), "vae": (1, 2)}),
+        Node(6, "PiSA_Sample", (780, 80), {"lambda_pix": lambda_pix, "lambda_sem": lambda_sem,
+                                          "tile_size": tile_size, "tile_overlap": tile_overlap},
+             {"model": (4, 0), "positive": (2, 0), "latent": (5, 0)}, title=sampler_title),
+        Node(7, "PiSA_Decode", (1160, 80), {"color_fix": color_fix, "vae_tile_size": vae_tile_size},
+             {"latent": (6, 0), "vae": (1, 2)}),
+        Node(8, "SaveImage", (1540, 80), {"filename_prefix": prefix}, {"images": (7, 0)}),
+    ]
+    if note:
+        nodes.append(Node(9, "MarkdownNote", (780, 580), {"text": note + "\n\n" + WEIGHTS_NOTE}, title="Read me"))
+    return nodes
+
+
+WORKFLOWS = {
+    "pisa_sr_basic": basic_graph(),
+    # Adjustable mode: less pixel-level cleanup, more semantic detail than the release default (1, 1).
+    "pisa_sr_adjustable": basic_graph(
+        lambda_pix=0.8, lambda_sem=1.5, prefix="PiSA-SR_adjustable", sampler_title="Sample (adjustable: pix 0.8, sem 1.5)",
+        note="## Adjustable mode\n"
+             "Two dials, one UNet call: **lambda_pix** (pixel level: fidelity, noise and artefact removal) and "
+             "**lambda_sem** (semantic level: generated detail and texture). Drag the dot on the sampler's "
+             "*fidelity / perception* pad (right = more detail, up = stronger cleanup) or type the numbers.\n\n"
+             "- (1, 1): the release default (dashed ring)\n"
+             "- lambda_sem 0: most faithful, pixel-only\n"
+             "- lambda_pix 0.8, lambda_sem 1.5 (this file): keeps more of the input, adds detail\n\n"
+             "After a run, drag the slider on *PiSA Tiled VAE Decode* to compare the resized input with the result."),
+    # Large images: the sampler works on overlapping latent tiles (blended with Gaussian weights), so memory stays
+    # flat. 64 latent px = 512 image px tiles (SD 2.1-base's native size) suit GPUs with less memory.
+    "pisa_sr_large_tiled": basic_graph(
+        tile_size=64, tile_overlap=24, prefix="PiSA-SR_large", sampler_title="Sample (large image: 64 px latent tiles)",
+        note="## Large images: tiling\n"
+             "The sampler splits the latent (1/8 of the image size) into overlapping **tile_size** tiles once its "
+             "area exceeds tile_size^2, and blends them with Gaussian weights, so there are no seams and memory stays "
+             "flat.\n\n"
+             "- tile_size 64 / tile_overlap 24 (this file): 512 px tiles, for GPUs with less memory\n"
+             "- 96 / 32: the release's setting (768 px tiles)\n"
+             "- tile_size 0: never tile (fastest if it fits)\n\n"
+             "Lower tile_size if you run out of memory; keep the overlap at about a third of the tile. The VAE "
+             "tiles on its own: **vae_tile_size** on Encode LQ and Decode is 0 = automatic from free memory; a "
+             "fixed size (e.g. 1024) caps memory and gives the same image."),
+}
+
+
+def to_api(nodes: list[Node]) -> dict:
+    api = {}
+    for n in nodes:
+        if n.type in UI_ONLY_NODES:
+            continue
+        inputs = {k: v for k, v in n.widgets.items() if k not in UI_ONLY_WIDGETS}
+        inputs.update({k: [str(src), slot] for k, (src, slot) in n.links.items()})
+        api[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title or n.type}}
+    return api
+
+
+def to_ui(nodes: list[Node]) -> dict:
+    by_id = {n.id: n for n in nodes}
+    links = []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    in_link: dict[tuple[int, str], int] = {}
+    sigs = {**SIGS, **UI_ONLY_NODES}
+    for n in nodes:
+        link_inputs = sigs[n.type][0]
+        for slot, (name, typ) in enumerate(link_inputs):
+            if name not in n.links:
+                continue
+            src, src_slot = n.links[name]
+            lid = len(links) + 1
+            links.append([lid, src, src_slot, n.id, slot, typ])
+            out_links.setdefault((src, src_slot), []).append(lid)
+            in_link[(n.id, name)] = lid
+    ui_nodes = []
+    for order, n in enumerate(nodes):
+        link_inputs, widget_names, outputs = sigs[n.type]
+        missing = set(widget_names) - set(n.widgets) - UI_ONLY_WIDGETS
+        assert not missing, (n.type, missing)
+        node = {
+            "id": n.id, "type": n.type, "pos": list(n.pos),
+            "size": SIZES.get(n.type, [320, 60 + 26 * (len(widget_names) + 1)]),
+            "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": name, "type": typ, "link": in_link.get((n.id, name))} for name, typ in link_inputs],
+            "outputs": [{"name": name, "type": typ, "links": out_links.get((n.id, i), []), "slot_index": i}
+                        for i, (name, typ) in enumerate(outputs)],
+            "properties": {} if n.type in UI_ONLY_NODES else {"Node name for S&R": n.type},
+            "widgets_values": [n.widgets[w] for w in widget_names if w in n.widgets],
+        }
+        if n.title:
+            node["title"] = n.title
+        if n.type in UI_ONLY_NODES:
+            node.update(NOTE_COLORS)
+        ui_nodes.append(node)
+    assert all(src in by_id for _, src, *_ in links)
+    return {"last_node_id": max(by_id), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}  # no saved view: the front end fits the graph
+
+
+def render() -> dict[str, str]:
+    files = {}
+    for name, nodes in WORKFLOWS.items():
+        files[os.path.join(OUT_UI, name + ".json")] = json.dumps(to_ui(nodes), indent=2) + "\n"
+        files[os.path.join(OUT_API, name + ".json")] = json.dumps(to_api(nodes), indent=2) + "\n"
+    return files
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true")
+    a = ap.parse_args()
+    stale = []
+    for path, text in render().items():
+        old = open(path).read() if os.path.exists(path) else None
+        if old != text:
+            stale.append(path)
+            if not a.check:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(text)
+    if a.check and stale:
+        print("out of date (run python scripts/build_workflows.py):", *stale, sep="\n  ")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
