@@ -24,8 +24,12 @@ _REGISTRY: dict[str, Any] = {}
 _OUTPUTS: dict[str, Any] = {}
 
 
-def boot(comfy_dir: str, cpu: bool, base_dir: str | None = None) -> Path:
-    """Import ComfyUI in main.py's order, with our pack symlinked into a throwaway base directory."""
+def boot(comfy_dir: str, cpu: bool, pytorch_attention: bool = False, base_dir: str | None = None) -> Path:
+    """Import ComfyUI in main.py's order, with our pack symlinked into a throwaway base directory.
+
+    ``pytorch_attention`` is ComfyUI's --use-pytorch-cross-attention: its default on CUDA, not on the CPU (where it
+    picks sub-quadratic attention); the release side uses PyTorch's SDPA everywhere.
+    """
     if comfy_dir not in sys.path:
         sys.path.insert(0, comfy_dir)
     import comfy.options  # noqa: F401
@@ -33,6 +37,8 @@ def boot(comfy_dir: str, cpu: bool, base_dir: str | None = None) -> Path:
 
     base = Path(base_dir or tempfile.mkdtemp(prefix="pisa-bench-"))
     args.cpu = cpu
+    if pytorch_attention:
+        args.use_pytorch_cross_attention = True
     args.disable_all_custom_nodes = False
     args.base_directory = str(base)
     import utils.extra_config  # noqa: F401  (before nodes.py shadows `utils`)

@@ -285,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet-dtype", choices=["auto", "precision"], default="precision",
                    help="our UNet weights: 'precision' stores them in --precision (like --fp16-unet), 'auto' lets "
                    "ComfyUI choose")
+    p.add_argument("--comfy-cpu-attention", action="store_true",
+                   help="keep ComfyUI's CPU default (sub-quadratic attention); by default the bench sets "
+                   "--use-pytorch-cross-attention, which is ComfyUI's default on CUDA and what the release side uses")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--comfy-dir", default=os.environ.get("PISA_COMFY_DIR"))
     p.add_argument("--json", default=None, help="also write the results here")
@@ -296,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import _comfy_side
 
-    base = _comfy_side.boot(args.comfy_dir, cpu=args.cpu)  # before ComfyUI picks its device
+    base = _comfy_side.boot(args.comfy_dir, cpu=args.cpu, pytorch_attention=not args.comfy_cpu_attention)
     _comfy_side.load_nodes(base)
     import torch
 

@@ -40,11 +40,25 @@ def lat1(world):
     return lat
 
 
+def _crop(lat, windows):
+    """A batch of latent windows ``(y, x)`` of 32x40 with their matching 256x320 LQ references: a valid PiSA LATENT
+    (the decoder colour-fixes it) at a quarter of the cost of the full 64x71 latent."""
+    info = lat["pisa_sr"]
+    LQInfo, ResizePlan = host.pack("nodes.lq_info").LQInfo, host.pack("pisa_sr.resize").ResizePlan
+    z = torch.cat([lat["samples"][:, :, y:y + 32, x:x + 40] for y, x in windows]).contiguous()
+    lq = torch.cat([info.lq_u8[:, 8 * y:8 * y + 256, 8 * x:8 * x + 320] for y, x in windows]).contiguous()
+    return {"samples": z, "pisa_sr": LQInfo(lq_u8=lq, plan=ResizePlan((320, 256), None, (320, 256), (320, 256),
+                                                                       (320, 256)))}
+
+
 @pytest.fixture(scope="module")
-def lat2(world):
-    img = torch.cat([pil_to_image(make_image(40, 36, seed=1)), pil_to_image(make_image(40, 36, seed=7))])
-    (lat,) = run_node("PiSA_EncodeLQ", image=img, vae=world.comfy_vae, upscale=4, resize_filter="bicubic")
-    return lat
+def small(lat1):
+    return _crop(lat1, [(0, 0)])
+
+
+@pytest.fixture(scope="module")
+def small2(lat1):
+    return _crop(lat1, [(0, 0), (32, 31)])
 
 
 def _sweep(model, cond, lat, pairs, tile, overlap, **kw):
@@ -56,13 +70,6 @@ def _sample(model, cond, lat, lp, ls, tile, overlap):
     (hq,) = run_node("PiSA_Sample", model=model, positive=cond, latent=lat, lambda_pix=lp, lambda_sem=ls,
                      tile_size=tile, tile_overlap=overlap)
     return hq["samples"]
-
-
-@pytest.fixture(scope="module")
-def small(lat1):
-    """A 32x40 crop of the encoded latent (no LQ reference: these tests do not decode). Cheaper UNet calls; the
-    arithmetic under test does not depend on the size."""
-    return {"samples": lat1["samples"][..., :32, :40].contiguous()}
 
 
 # tile 96: untiled; tile 24 / overlap 8: 2x2 tiles, all in one UNet call (and 8 in one call for the latent twice).
@@ -77,7 +84,7 @@ def test_sweep_equals_per_setting_sampling(world, pisa_model, small, tile, overl
     assert torch.equal(best["samples"], z[:1])  # choose_best off: the first setting
     assert "choose_best: off" in report
 
-    twice = {"samples": torch.cat([small["samples"]] * 2)}
+    twice = {"samples": torch.cat([small["samples"]] * 2)}  # no LQ: not decoded
     worst = 0.0
     for s, (lp, ls) in enumerate(PAIRS):
         alone = _sample(pisa_model, cond, small, lp, ls, tile, overlap)
@@ -105,54 +112,57 @@ def test_sweep_equals_per_setting_sampling(world, pisa_model, small, tile, overl
           f"{worst:.2e}")
 
 
-def test_sweep_batch_is_setting_major_and_keeps_lq_reference(world, pisa_model, lat2):
+def test_sweep_batch_is_setting_major_and_keeps_lq_reference(world, pisa_model, small2):
     """B=2: row s*B+b is setting s of image b; the LQ reference is repeated so the decoder colour-fixes each row
     against its own image, exactly as decoding the per-setting sample does."""
     pairs = [(0.5, 1.5), (1.3, 0.7)]  # both DUAL: the sampler makes the same UNet call
-    latents, labels, lps, lss, _, _ = _sweep(pisa_model, world.conditioning, lat2, pairs, 96, 32)
+    latents, labels, lps, lss, _, _ = _sweep(pisa_model, world.conditioning, small2, pairs, 96, 32)
     z, b = latents["samples"], 2
     assert z.shape[0] == len(pairs) * b
     assert labels.splitlines() == sweep_labels(pairs, b) == [
         "pix 0.50 / sem 1.50 / img 1", "pix 0.50 / sem 1.50 / img 2",
         "pix 1.30 / sem 0.70 / img 1", "pix 1.30 / sem 0.70 / img 2"]
-    lq = lat2["pisa_sr"].lq_u8
+    lq = small2["pisa_sr"].lq_u8
     rep = latents["pisa_sr"].lq_u8
-    assert rep.shape[0] == z.shape[0] and latents["pisa_sr"].plan == lat2["pisa_sr"].plan
+    assert rep.shape[0] == z.shape[0] and latents["pisa_sr"].plan == small2["pisa_sr"].plan
     for s in range(len(pairs)):
         for i in range(b):
             assert torch.equal(rep[s * b + i], lq[i])
     (imgs,) = run_node("PiSA_Decode", latent=latents, vae=world.comfy_vae, color_fix="adain")
     for s, (lp, ls) in enumerate(pairs):
-        (hq,) = run_node("PiSA_Sample", model=pisa_model, positive=world.conditioning, latent=lat2, lambda_pix=lp,
+        (hq,) = run_node("PiSA_Sample", model=pisa_model, positive=world.conditioning, latent=small2, lambda_pix=lp,
                          lambda_sem=ls)
         assert (z[s * b:(s + 1) * b] - hq["samples"]).abs().max().item() <= TOL
         (want,) = run_node("PiSA_Decode", latent=hq, vae=world.comfy_vae, color_fix="adain")
         diff = (imgs[s * b:(s + 1) * b] - want).abs().max().item()
         print(f"decoded sweep vs decoded sample ({lp},{ls}): {diff * 255:.3f}/255")
         assert diff <= 1 / 255  # a latent ulp may flip one truncation to 8 bits before the colour fix
-    assert lat2["samples"].shape[0] == 2 and lat2["pisa_sr"].lq_u8.shape[0] == 2  # input left untouched
+    assert small2["samples"].shape[0] == 2 and small2["pisa_sr"].lq_u8.shape[0] == 2  # input left untouched
 
 
-def test_choose_best_picks_argmax_under_the_floor_end_to_end(world, pisa_model, lat1):
+def test_choose_best_picks_argmax_under_the_floor_end_to_end(world, pisa_model, small):
     """Decode and score every setting independently, place the floor so the unconstrained sharpest setting fails
     it, and check the node returns the sharpest setting among those that pass."""
-    pairs = [(0.0, 1.0), (0.5, 1.5), (1.0, 1.0), (1.3, 0.7), (1.0, 0.5)]
+    pairs = [(0.0, 1.0), (0.5, 1.5), (1.0, 1.0), (1.3, 0.7), (1.0, 0.5), (0.5, 2.0), (1.0, 2.0)]
     cond, vae = world.conditioning, world.comfy_vae
-    (swept, *_) = _sweep(pisa_model, cond, lat1, pairs, 96, 32)
+    (swept, *_) = _sweep(pisa_model, cond, small, pairs, 96, 32)
     (imgs,) = run_node("PiSA_Decode", latent=swept, vae=vae, color_fix="adain")
-    ref_lat = dict(lat1, samples=_sample(pisa_model, cond, lat1, 1.0, 0.0, 96, 32))
+    ref_lat = dict(small, samples=_sample(pisa_model, cond, small, 1.0, 0.0, 96, 32))
     (ref,) = run_node("PiSA_Decode", latent=ref_lat, vae=vae, color_fix="adain")
     q = sharpness(imgs).tolist()
     f = psnr_y(imgs, ref, crop_border=0).tolist()
     top = max(range(len(q)), key=q.__getitem__)
-    closer = sorted(v for v in f if v > f[top])
-    assert closer, f"constructed case needs a setting closer to pix-only than the sharpest one: {q} {f}"
-    floor = (f[top] + closer[0]) / 2
-    passing = [i for i in range(len(q)) if f[i] >= floor]
-    want = max(passing, key=q.__getitem__)
-    assert want != top
+    floor = want = None
+    cuts = sorted(set(f))
+    for lo, hi in zip(cuts, cuts[1:]):  # the lowest floor (midway between two fidelities) that excludes the top
+        passing = [i for i in range(len(q)) if f[i] >= (lo + hi) / 2]
+        if top not in passing:
+            floor, want = (lo + hi) / 2, max(passing, key=q.__getitem__)
+            break
+    assert floor is not None, f"constructed case needs a sharper setting below some floor: {q} {f}"
+    assert want != top and q[want] < q[top] and f[want] >= floor > f[top]
 
-    latents, labels, _, _, best, report = _sweep(pisa_model, cond, lat1, pairs, 96, 32, choose_best="sharpness",
+    latents, labels, _, _, best, report = _sweep(pisa_model, cond, small, pairs, 96, 32, choose_best="sharpness",
                                                  fidelity_floor_db=floor, color_fix="adain", vae=vae)
     print(report)
     assert torch.equal(best["samples"], latents["samples"][want:want + 1])
@@ -160,7 +170,7 @@ def test_choose_best_picks_argmax_under_the_floor_end_to_end(world, pisa_model, 
     marked = [i for i, line in enumerate(labels.splitlines()) if line.endswith("[best]")]
     assert marked == [want]
     assert f"chosen: {format_label(*pairs[want])}" in report and f"{floor:g} dB" in report
-    assert best["pisa_sr"] is lat1["pisa_sr"]
+    assert best["pisa_sr"] is small["pisa_sr"]
 
 
 def test_choose_best_per_image_constructed_cases():
@@ -183,9 +193,9 @@ def test_choose_best_per_image_constructed_cases():
         choose_best_per_image([[1.0, 2.0]], [[1.0]], 0.0)
 
 
-def test_sweep_refusals_come_before_any_work(world, lat1, monkeypatch):
+def test_sweep_refusals_come_before_any_work(world, small, monkeypatch):
     sweep = host.node("PiSA_LambdaSweep")
-    kw = dict(model=None, positive=world.conditioning, latent=lat1)  # model=None: nothing may reach the UNet
+    kw = dict(model=None, positive=world.conditioning, latent=small)  # model=None: nothing may reach the UNet
     with pytest.raises(ValueError, match=r"PiSA Lambda Sweep: settings: .*'abc'"):
         sweep.execute(settings="1,1; abc", **kw)
     with pytest.raises(ValueError, match="PiSA Lambda Sweep.*connect the VAE"):

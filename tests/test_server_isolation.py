@@ -1,0 +1,98 @@
+"""Isolation through a real server: after PiSA graphs ran (one completed, one interrupted with /interrupt), a plain
+KSampler graph on the same base checkpoint gives bit-identical pixels to a server that never ran PiSA."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import host
+
+sys.path.insert(0, str(host.REPO / "scripts"))
+import make_tiny_weights  # noqa: E402
+from comfy_server import ComfyServer, PromptFailed  # noqa: E402
+from run_example import example_image  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def ksampler_graph(ckpt: str) -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                  "latent_image": ["4", 0], "seed": 7, "steps": 2, "cfg": 3.0,
+                                                  "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "plain"}},
+    }
+
+
+def pisa_graph(ckpt: str, lora: str, image: str, **sample) -> dict:
+    prompt = json.loads((host.REPO / "example_workflows" / "api" / "pisa_sr_basic.json").read_text())
+    for node in prompt.values():
+        ins = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            ins["ckpt_name"] = ckpt
+        elif node["class_type"] == "PiSA_LoadLoRAs":
+            ins["lora_name"] = lora
+        elif node["class_type"] == "LoadImage":
+            ins["image"] = image
+        elif node["class_type"] == "PiSA_Sample":
+            ins.update(sample)
+    return prompt
+
+
+def pixels(srv: ComfyServer, entry: dict) -> np.ndarray:
+    (path,) = srv.output_images(entry)
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def weights():
+    ckpt, lora = make_tiny_weights.make(make_tiny_weights.cache_dir())
+    return ckpt, lora
+
+
+def test_plain_graph_unchanged_after_pisa_and_interrupt(weights):
+    ckpt, lora = weights
+    cn, ln = os.path.basename(ckpt), os.path.basename(lora)
+    with ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [lora]}) as fresh:
+        want = pixels(fresh, fresh.run(ksampler_graph(cn)))
+    fresh.cleanup()
+
+    srv = ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [lora]})
+    with srv:
+        img = os.path.basename(example_image(str(srv.base / "input" / "lq.png"), 64, 64))
+        # 1. a completed adjustable-mode run (bypass hooks on the shared UNet modules during the call)
+        srv.run(pisa_graph(cn, ln, img, lambda_pix=0.7, lambda_sem=1.4))
+        # 2. an interrupted run: many small latent tiles so it is mid-loop when /interrupt arrives
+        pid = srv.queue(pisa_graph(cn, ln, img, lambda_pix=1.2, lambda_sem=0.6, tile_size=16, tile_overlap=8))
+        deadline = time.time() + 600
+        while time.time() < deadline and not srv.get("/queue")["queue_running"]:
+            time.sleep(0.2)
+        time.sleep(2.0)
+        t0 = time.time()
+        srv.interrupt()
+        with pytest.raises(PromptFailed) as exc:
+            srv.wait(pid, timeout=600)
+        stopped_after = time.time() - t0
+        msgs = json.dumps(exc.value.entry["status"]["messages"])
+        assert "execution_interrupted" in msgs, msgs
+        print(f"interrupted run stopped {stopped_after:.1f}s after /interrupt")
+        # 3. the plain graph on the same checkpoint, same server
+        got = pixels(srv, srv.run(ksampler_graph(cn)))
+        # 4. and PiSA still works after the interruption
+        again = srv.run(pisa_graph(cn, ln, img))
+        assert srv.output_images(again)
+    srv.cleanup()
+    assert got.shape == want.shape
+    assert np.array_equal(got, want), f"max pixel difference {np.abs(got.astype(int) - want.astype(int)).max()}"
