@@ -351,3 +351,24 @@ def _adain(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     sm, ss = ms(s)
     tm, ts = ms(t)
     return (t - tm) / ts * ss + sm
+
+
+@torch.no_grad()
+def self_check(vae, tol: float = 1e-4) -> float:
+    """The tiler on one tile must equal the plain encoder/decoder (fp32, CPU): proof that its task lists are the
+    network. Several tiles must run and keep the shape (their result is the release's approximation)."""
+    g = torch.Generator().manual_seed(0)
+    vae = vae.float().cpu()
+    x = torch.rand(1, 3, 96, 80, generator=g) * 2 - 1
+    z = torch.randn(1, 4, 12, 10, generator=g)
+    worst = 0.0
+    for net, inp, dec in ((vae.encoder, x, False), (vae.decoder, z, True)):
+        plain = net(inp)
+        one = tiled_vae_forward(net, inp, 1024 if not dec else 224, 32 if not dec else 11, dec)
+        worst = max(worst, (one - plain).abs().max().item())
+        many = tiled_vae_forward(net, inp, 16 if not dec else 4, 8 if not dec else 2, dec)
+        if many.shape != plain.shape or not torch.isfinite(many).all():
+            raise RuntimeError("release-equivalent tiled VAE: multi-tile run failed")
+    if worst > tol:
+        raise RuntimeError(f"release-equivalent tiled VAE differs from the plain VAE on one tile by {worst:.2e}")
+    return worst

@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--comfy-cpu-attention", action="store_true",
                    help="keep ComfyUI's CPU default (sub-quadratic attention); by default the bench sets "
                    "--use-pytorch-cross-attention, which is ComfyUI's default on CUDA and what the release side uses")
+    p.add_argument("--self-check", action="store_true",
+                   help="first check the release-equivalent tiled VAE against the plain VAE (fp32, CPU, one tile)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--comfy-dir", default=os.environ.get("PISA_COMFY_DIR"))
     p.add_argument("--json", default=None, help="also write the results here")
@@ -324,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"weights ({weights.arch.name}): UNet {sum(p.numel() for p in weights.unet.parameters()) / 1e6:.1f} M, "
           f"VAE {sum(p.numel() for p in weights.vae.parameters()) / 1e6:.1f} M params, "
           f"built in {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.self_check:
+        import _release
+
+        print(f"tiled VAE self-check: ok (one tile vs plain VAE, max abs diff "
+              f"{_release.self_check(weights.vae):.1e})", flush=True)
     images = {}
     for wl in workloads:
         lq = int(wl.split(":")[0])

@@ -18,9 +18,11 @@ def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0) -> torc
         raise PisaError(f"{NODE}: 'latent' must be a LATENT from Dual-Guided One-Step Sample.")
     z = latent["samples"]
     if z.dim() != 4 or z.shape[1] != 4 or z.shape[0] == 0:
-        raise PisaError(f"{NODE}: expected an SD latent [B,4,h,w], got {tuple(z.shape)}.")
+        raise PisaError(f"{NODE}: expected an SD latent [B,4,h,w], got {tuple(z.shape)}. Connect the LATENT of "
+                        "Dual-Guided One-Step Sample.")
     if not torch.isfinite(z).all():
-        raise PisaError(f"{NODE}: the latent contains NaN or infinite values.")
+        raise PisaError(f"{NODE}: the latent contains NaN or infinite values; the node that produced it is broken. "
+                        "Connect the LATENT of Dual-Guided One-Step Sample.")
     if color_fix not in COLOR_FIXES:
         raise PisaError(f"{NODE}: color_fix must be one of {', '.join(COLOR_FIXES)}.")
     info = lq_info_of(latent)
@@ -33,7 +35,7 @@ def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0) -> torc
         src = info.lq_float_bchw()
         if src.shape[0] != out.shape[0] and src.shape[0] != 1:
             raise PisaError(f"{NODE}: the latent batch ({out.shape[0]}) does not match the LQ batch "
-                            f"({src.shape[0]}).")
+                            f"({src.shape[0]}). Decode the LATENT that came from the same PiSA Encode LQ.")
         if src.shape[-2:] != out.shape[-2:]:
             raise PisaError(f"{NODE}: the latent decodes to {out.shape[-1]}x{out.shape[-2]} px but the LQ reference "
                             f"is {src.shape[-1]}x{src.shape[-2]}; the latent was resized between nodes.")

@@ -23,8 +23,9 @@ import re
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -41,23 +42,25 @@ PEFT_DEFAULT_ALPHA = 8.0  # the release stores no alpha: peft's LoraConfig defau
 SAFETENSORS_FORMAT = "pisa_sr_lora"
 SAFETENSORS_VERSION = "1"
 
-# Bounds. The release is rank 4 over ~700 SD2 modules per kind (~32 MB); every bound leaves wide headroom for a
-# higher-rank retrain of SD2 while keeping what a hostile file can make us allocate finite and checkable up front.
+# Bounds. The release is rank 4 over SD2's 258 targeted modules per kind (32.4 MB in fp32; its data.pkl is ~0.2 MB).
+# Every bound leaves wide headroom for a higher-rank retrain of SD2 while keeping what a hostile file can make us
+# allocate finite and checkable before anything is allocated.
 MAX_RANK = 256
-MAX_FILE_BYTES = 2 * 1024**3  # a rank-256 pix+sem pair for SD2 is ~1.8 GB in fp32
+MAX_FILE_BYTES = 2 * 1024**3  # a rank-256 pix+sem pair for SD2 is 2.08 GB in fp32, just inside
 MAX_TENSOR_BYTES = MAX_FILE_BYTES  # sum of all LoRA tensors' bytes, also for in-memory dicts
-MAX_MODULES = 4096  # per LoRA kind, all parts together (SD2's UNet has ~700 targetable modules)
+MAX_MODULES = 4096  # per LoRA kind, all parts together (the release targets 258)
 MAX_TENSORS = 2 * len(KINDS) * MAX_MODULES
 MAX_DIM = 20480  # in/out features: SD2's widest LoRA target (GEGLU ff.net.0.proj) has 10240 outputs
 MAX_KERNEL = 7  # SD2's convolutions are 3x3 and 1x1
 MAX_NAME_LEN = 256
-MAX_PICKLE_BYTES = 8 * 1024**2  # the release's data.pkl is ~0.5 MB; the scan's memory is linear in this
+MAX_PICKLE_BYTES = 8 * 1024**2  # the release's data.pkl is ~0.2 MB
+MAX_PICKLE_OPS = 1_000_000  # the release's pickle runs ~34k opcodes; each can build at most one ~64-byte object
 MAX_HEADER_BYTES = 8 * 1024**2  # safetensors JSON header
 MAX_MISC_RECORD_BYTES = 1024**2  # zip entries other than the pickle and the storages (version, byteorder, ...)
 ALLOWED_DTYPES = {torch.float16, torch.bfloat16, torch.float32}
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 _COMPONENT = r"(?:[A-Za-z][A-Za-z0-9_]{0,63}|[0-9]{1,4})"
-_MODULE_RE = re.compile(rf"^[A-Za-z][A-Za-z0-9_]{{0,63}}(?:\.{_COMPONENT}){{0,15}}$")
+_MODULE_RE = re.compile(rf"[A-Za-z][A-Za-z0-9_]{{0,63}}(?:\.{_COMPONENT}){{0,15}}")  # use fullmatch
 _TOP_KEYS = {f"unet_lora_{p}_modules_{k}" for p in PARTS for k in KINDS} | {
     "lora_rank_unet_pix", "lora_rank_unet_sem", "state_dict_unet"}
 _INT_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
@@ -177,7 +180,7 @@ def _check_module_list(path: str, name: str, value: Any) -> list[str]:
         raise _fail(path, f"'{name}' lists {len(value)} modules; an SD2 UNet has far fewer. Not a PiSA-SR file.")
     out = []
     for m in value:
-        if not isinstance(m, str) or len(m) > MAX_NAME_LEN or not _MODULE_RE.match(m) or ".lora_" in m:
+        if not isinstance(m, str) or len(m) > MAX_NAME_LEN or not _MODULE_RE.fullmatch(m) or ".lora_" in m:
             raise _fail(path, f"'{name}' contains an invalid module name {_describe(m)} (expected a diffusers UNet "
                               "module path such as 'down_blocks.0.resnets.0.conv1').")
         out.append(m)
@@ -489,6 +492,7 @@ class _ScanUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # CPytho
     def __init__(self, file: Any, scan: _PickleScan):
         super().__init__(file)
         self._scan = scan
+        self._ops = 0
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and name in _STORAGE_DTYPES:
@@ -525,6 +529,19 @@ class _ScanUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # CPytho
     for _op in (pickle.EMPTY_SET, pickle.ADDITEMS, pickle.FROZENSET):
         dispatch[_op[0]] = _no_sets
     del _op
+
+
+def _counted(fn: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An opcode handler that first checks the opcode budget, which bounds the objects a pickle can build."""
+    def op(self: _ScanUnpickler) -> None:
+        self._ops += 1
+        if self._ops > MAX_PICKLE_OPS:
+            raise _Refused(f"its pickle runs more than {MAX_PICKLE_OPS:,} steps (the release's runs ~34,000)")
+        fn(self)
+    return op
+
+
+_ScanUnpickler.dispatch = {k: _counted(f) for k, f in _ScanUnpickler.dispatch.items()}
 
 
 def _read_local_data_offset(f: Any, info: zipfile.ZipInfo, size: int) -> int:
@@ -595,7 +612,7 @@ def _inspect_zip(path: str, size: int) -> tuple[bytes, dict[str, int]]:
         if pkl_info is None:
             raise _Refused("it has no data.pkl: not a torch.save file")
         if pkl_info.file_size > MAX_PICKLE_BYTES:
-            raise _Refused(f"its pickle is {pkl_info.file_size} bytes; the release's is about 0.5 MB")
+            raise _Refused(f"its pickle is {pkl_info.file_size} bytes; the release's is about 0.2 MB")
         f.seek(_read_local_data_offset(f, pkl_info, size))
         data = f.read(pkl_info.file_size)
     return data, records
@@ -616,7 +633,7 @@ def _load_zip_pickle(path: str, size: int) -> Any:
         raise _fail(path, f"is not a valid torch checkpoint: {e}.") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError,
             KeyError, IndexError, AttributeError, struct.error, UnicodeError, OverflowError, NotImplementedError,
-            RecursionError, MemoryError) as e:
+            RecursionError, MemoryError, OSError) as e:  # OSError here: seeks to offsets a corrupt zip names
         raise _fail(path, f"is truncated or corrupted and cannot be read ({type(e).__name__}: {_first_line(e)}).") \
             from None
     try:

@@ -70,29 +70,44 @@ def shots(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
-        ctx = browser.new_context(viewport={"width": 1600, "height": 900})
-        pg = ctx.new_page()
-        pg.console_lines = []
-        pg.on("console", lambda m: pg.console_lines.append(f"{m.type}: {m.text}"))
-        pg.on("pageerror", lambda e: pg.console_lines.append(f"pageerror: {e}"))
-        pg.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
-        pg.goto(server.url, timeout=300_000)
-        pg.wait_for_function("() => window.app && window.app.graph && window.app.canvas && window.LiteGraph",
-                             timeout=300_000)
-        # Test hooks through the public API: what loadGraphData reports missing, and the execution events.
-        pg.evaluate("""async () => {
-            const { api } = await import('/scripts/api.js');
-            window.__t = { missing: null, events: [] };
-            app.registerExtension({ name: 'pisa-sr.test-probe',
-                afterConfigureGraph(missing) { window.__t.missing = (missing || []).map(m => m.type ?? m); } });
-            for (const ev of ['executed', 'execution_error', 'execution_success', 'execution_interrupted'])
-                api.addEventListener(ev, (e) => window.__t.events.push({ type: ev, detail: e.detail }));
-        }""")
-        yield pg
-        browser.close()
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+def open_front_end(browser, server, block_extension: bool = False):
+    """A fresh browser context on the server's front end, with test probes installed through the public API."""
+    ctx = browser.new_context(viewport={"width": 1600, "height": 900})
+    pg = ctx.new_page()
+    pg.console_lines, pg.blocked = [], []
+    pg.on("console", lambda m: pg.console_lines.append(f"{m.type}: {m.text}"))
+    pg.on("pageerror", lambda e: pg.console_lines.append(f"pageerror: {e}"))
+    if block_extension:
+        pg.route("**/extensions/ComfyUI-PiSA-SR/pisa_sr.js",
+                 lambda route: (pg.blocked.append(route.request.url), route.abort()))
+    pg.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+    pg.goto(server.url, timeout=300_000)
+    pg.wait_for_function("() => window.app && window.app.graph && window.app.canvas && window.LiteGraph",
+                         timeout=300_000)
+    # what loadGraphData reports missing, and the execution events
+    pg.evaluate("""async () => {
+        const { api } = await import('/scripts/api.js');
+        window.__t = { missing: null, events: [] };
+        app.registerExtension({ name: 'pisa-sr.test-probe',
+            afterConfigureGraph(missing) { window.__t.missing = (missing || []).map(m => m.type ?? m); } });
+        for (const ev of ['executed', 'execution_error', 'execution_success', 'execution_interrupted'])
+            api.addEventListener(ev, (e) => window.__t.events.push({ type: ev, detail: e.detail }));
+    }""")
+    return pg
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    pg = open_front_end(browser, server)
+    yield pg
+    pg.context.close()
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -449,28 +464,13 @@ def test_queue_from_browser_and_compare_slider(server, page, shots, name):
     assert not pisa_console_problems(page), pisa_console_problems(page)
 
 
-def test_graph_works_without_the_extension(server, shots):
+def test_graph_works_without_the_extension(server, browser, shots):
     """With pisa_sr.js blocked the workflows still load and run, and the decoder shows the front end's own preview.
-    Runs the workflow queued last (all of its nodes are cached by now, so this costs no model time)."""
+    Runs the workflow queued last with another color_fix: only the decoder (and the save) run again."""
     name = WORKFLOWS[-1]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
-        pg = browser.new_page(viewport={"width": 1600, "height": 900})
-        blocked = []
-        pg.route("**/extensions/ComfyUI-PiSA-SR/pisa_sr.js", lambda route: (blocked.append(route.request.url),
-                                                                           route.abort()))
-        pg.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
-        pg.goto(server.url, timeout=300_000)
-        pg.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=300_000)
-        pg.evaluate("""async () => {
-            const { api } = await import('/scripts/api.js');
-            window.__t = { missing: null, events: [] };
-            app.registerExtension({ name: 'pisa-sr.test-probe',
-                afterConfigureGraph(missing) { window.__t.missing = (missing || []).map(m => m.type ?? m); } });
-            for (const ev of ['executed', 'execution_error', 'execution_success', 'execution_interrupted'])
-                api.addEventListener(ev, (e) => window.__t.events.push({ type: ev, detail: e.detail }));
-        }""")
-        assert blocked, "the extension was not requested"
+    pg = open_front_end(browser, server, block_extension=True)
+    try:
+        assert pg.blocked, "the extension was not requested"
         assert EXT_NAME not in pg.evaluate("() => app.extensions.map(e => e.name)")
         load_workflow(pg, workflow_for_server(server, name), name)
         assert pg.evaluate("() => window.__t.missing") == []
@@ -482,10 +482,13 @@ def test_graph_works_without_the_extension(server, shots):
             for k, v in node["inputs"].items():
                 assert prompt[nid]["inputs"].get(k) == v
         fit_all(pg)
+        pg.evaluate("""(id) => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === 'color_fix');
+            w.value = 'none'; }""", did)
         pg.evaluate("() => { app.queuePrompt(0); }")
         outputs = wait_for_prompt(pg, PROMPT_TIMEOUT_S)
         assert outputs[str(did)]["images"]
         # the front end's ordinary preview shows the result on the decoder
         pg.wait_for_function("(id) => (app.graph.getNodeById(id).imgs ?? []).length === 1", arg=did, timeout=60_000)
         screenshot(pg, shots / "without_extension.png")
-        browser.close()
+    finally:
+        pg.context.close()

@@ -20,8 +20,8 @@ import torch
 import host
 from pisa_sr import checkpoint as ckpt
 from pisa_sr import convert as conv
-from pisa_sr.checkpoint import (CONVERT_HINT, CheckpointError, PisaLoras, load_checkpoint, parse_release_dict,
-                                save_safetensors, to_release_dict)
+from pisa_sr.checkpoint import (CheckpointError, PisaLoras, load_checkpoint, parse_release_dict, save_safetensors,
+                                to_release_dict)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -223,6 +223,22 @@ def test_torch_save_and_hand_built_zip_both_load(tmp_path, dtype):
     assert a.pix.pairs["down_blocks.0.resnets.0.conv1"].down.dtype == dtype
 
 
+def test_module_state_dict_with_metadata_and_parameters_loads(tmp_path):
+    """What torch.save writes for ``unet.state_dict()`` (an OrderedDict with ``_metadata``) or for Parameters."""
+    import collections
+
+    sd = small_release_dict()
+    od = collections.OrderedDict(sd["state_dict_unet"])
+    od._metadata = collections.OrderedDict({"": {"version": 1}, "down_blocks.0": {"version": 1}})
+    sd["state_dict_unet"] = od
+    a = load_checkpoint(write(tmp_path, "od.pkl", torch_save_bytes(sd)))
+    sd2 = small_release_dict()
+    sd2["state_dict_unet"] = {k: torch.nn.Parameter(v) for k, v in sd2["state_dict_unet"].items()}
+    b = load_checkpoint(write(tmp_path, "param.pkl", torch_save_bytes(sd2)))
+    conv.verify_identical(a, b)
+    assert type(b.pix.pairs["down_blocks.0.resnets.0.conv1"].down) is torch.Tensor
+
+
 def test_pkl_and_safetensors_fixture_files_are_identical(pisa_files):
     folder = host.BASE_DIR / "models" / "pisa_sr"
     conv.verify_identical(load_checkpoint(str(folder / pisa_files["pkl"])),
@@ -241,8 +257,9 @@ def test_checkpoint_is_not_held_open_or_mapped(tmp_path):
 def test_storage_declared_larger_than_its_record_is_refused_before_torch_load(tmp_path, no_torch_load):
     # torch.load(mmap=True) slices the memory map by the *declared* size: this must never reach it.
     def lie(name, numel, size, stride, offset, record):
-        return (numel * 1000, size, stride, offset, record) if name.endswith("conv1.lora_A.default_encoder_pix.weight") \
-            else (numel, size, stride, offset, record)
+        if name.endswith("conv1.lora_A.default_encoder_pix.weight"):
+            numel *= 1000
+        return numel, size, stride, offset, record
     refused(write(tmp_path, "lie.pkl", hand_torch_zip(small_release_dict(), lie)), "declares")
 
 
@@ -452,3 +469,18 @@ def test_converted_file_gives_bit_identical_node_output(world, pisa_files, pisa_
         assert not torch.equal(outs["pkl"]["samples"], lat["samples"])  # the LoRAs did something
     images = [run_node("PiSA_Decode", latent=outs[n], vae=world.comfy_vae, color_fix="none")[0] for n in outs]
     assert torch.equal(images[0], images[1]) and float(images[0].std()) > 0.01
+    cli_out.unlink()
+
+
+@pytest.mark.parametrize("name", ["conv_in\n", "", "a..b", "__class__", "_private", "a.__dict__", "../x", "a" * 300,
+                                  "down_blocks.0.résnets.0.conv1", "x.lora_A.default_encoder_pix", "con v", "a." * 20])
+def test_invalid_module_names_are_refused_even_when_consistent(name):
+    """Names are checked for syntax on their own, not only through a missing tensor key."""
+    sd = small_release_dict()
+    old = sd["unet_lora_encoder_modules_pix"][0]
+    sd["unet_lora_encoder_modules_pix"] = [name]
+    state = sd["state_dict_unet"]
+    for ab in "AB":
+        state[f"{name}.lora_{ab}.default_encoder_pix.weight"] = state.pop(f"{old}.lora_{ab}.default_encoder_pix.weight")
+    with pytest.raises(CheckpointError, match="invalid module name"):
+        parse_release_dict(sd, "names.pkl")

@@ -44,6 +44,7 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
                     derandomize=os.environ.get("PISA_FUZZ_RANDOM") != "1",
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much])
+pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")  # reprs of 1 MB inputs
 COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 CANARY: list = []
 WORK = tempfile.mkdtemp(prefix="pisa-fuzz-")
@@ -61,7 +62,7 @@ class Hang(Exception):
 
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
+        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.MULTILINE).group(1))
 
 
 def _reset_peak() -> bool:
@@ -119,7 +120,7 @@ def check_invariants(loras: PisaLoras) -> None:
         assert 1 <= s.rank <= ckpt.MAX_RANK and 0 < len(s) <= ckpt.MAX_MODULES
         assert set(s.pairs) == set(s.parts)
         for m, p in s.pairs.items():
-            assert ckpt._MODULE_RE.match(m)
+            assert ckpt._MODULE_RE.fullmatch(m)
             assert p.down.dtype in ckpt.ALLOWED_DTYPES and p.down.dtype == p.up.dtype
             assert p.down.shape[0] == s.rank and p.up.shape[1] == s.rank and p.down.dim() == p.up.dim()
             assert bool(torch.isfinite(p.down).all()) and bool(torch.isfinite(p.up).all())
@@ -260,9 +261,19 @@ def _same_rank(v) -> bool:
 
 
 def _valid_replacement(key: str, t) -> bool:
+    """Whether tensor ``t`` in slot ``key`` still forms a valid file (in-features are only checked against a model)."""
     ref = BASE["state_dict_unet"][key]
-    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided and t.device.type == "cpu"
-            and t.dtype == ref.dtype and tuple(t.shape) == tuple(ref.shape) and bool(torch.isfinite(t).all()))
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided or t.device.type != "cpu":
+        return False
+    if t.dtype != ref.dtype or t.dim() != ref.dim() or t.is_neg() or t.is_conj():
+        return False
+    if not ckpt._is_dense(tuple(t.shape), tuple(t.stride())) or any(s <= 0 or s > ckpt.MAX_DIM for s in t.shape):
+        return False
+    if ".lora_A." in key:
+        shape_ok = t.shape[0] == BASE_RANK and (t.dim() == 2 or max(t.shape[2:]) <= ckpt.MAX_KERNEL)
+    else:
+        shape_ok = t.shape[1] == BASE_RANK and (t.dim() == 2 or tuple(t.shape[2:]) == (1, 1))
+    return shape_ok and bool(torch.isfinite(t).all())
 
 
 # ------------------------------------------------------------------------------------------------ dict properties
@@ -603,6 +614,12 @@ def test_pickle_with_huge_memo_index_does_not_allocate():
     load_bytes("fixed_adversaries", evil, ".pkl", True)
 
 
+def test_pickle_that_builds_millions_of_objects_is_stopped_early():
+    # 4M one-byte EMPTY_LIST opcodes would build ~250 MB of lists in any unpickler; the scan stops at its budget.
+    flood = Op.PROTO + Op.LIST * (4 * ckpt.MAX_PICKLE_OPS) + Op.STOP
+    load_bytes("fixed_adversaries", make_zip({"archive/data.pkl": flood, "archive/version": b"3\n"}), ".pkl", True)
+
+
 def test_pickle_with_deep_nesting_and_dag_bombs():
     deep = Op.PROTO + Op.LIST * 200_000 + Op.STOP  # 200k empty lists on the stack
     nest = Op.PROTO + (Op.LIST + Op.MARK) * 50_000 + Op.APPENDS * 50_000 + Op.STOP
@@ -627,7 +644,7 @@ def test_dag_bombs_in_dicts_are_refused_quickly():
         yield sd
         yield _dag_bomb(60)
     for sd in places():
-        outcome("fixed_adversaries", "dag.pkl", lambda: parse_release_dict(sd, "dag.pkl"), True)
+        outcome("fixed_adversaries", "dag.pkl", lambda sd=sd: parse_release_dict(sd, "dag.pkl"), True)
 
 
 def test_pickle_with_a_dag_tuple_as_dict_key_is_refused_before_hashing():

@@ -132,7 +132,9 @@ def test_copy_installs_and_registers_every_node(installed):
         assert inputs, nid
         for name, spec in inputs.items():
             assert isinstance(spec, list) and len(spec) > 1 and spec[1].get("tooltip"), f"{nid}.{name} has no tooltip"
-    assert installed.tiny[1] in info["PiSA_LoadLoRAs"]["input"]["required"]["lora_name"][0]
+    lora = info["PiSA_LoadLoRAs"]["input"]["required"]["lora_name"]
+    choices = lora[0] if isinstance(lora[0], list) else lora[1].get("options", [])  # old or "COMBO" form
+    assert installed.tiny[1] in choices, lora
 
 
 @pytest.mark.slow
