@@ -18,7 +18,10 @@ import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.utils
 import folder_paths
-from comfy_api.v0_0_2 import ComfyExtension, io, ui  # noqa: F401  (the V3 API version this pack targets)
+try:  # the V3 API version this pack targets; newer releases still ship it, `latest` is the fallback
+    from comfy_api.v0_0_2 import ComfyExtension, io, ui  # noqa: F401
+except ImportError:  # pragma: no cover
+    from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401
 
 from ..pisa_sr.errors import PisaError
 
@@ -95,6 +98,15 @@ def check_sd2_eps(model: Any, node: str) -> None:
             or not isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete):
         raise PisaError(f"{node}: the model's sampling was changed to {type(ms).__name__} (e.g. by a "
                         f"ModelSampling node). Connect the model straight from Load Checkpoint. {expected}")
+    # Same class but other sigmas (ModelSamplingDiscrete with zsnr, a changed schedule): t=1 would mean another sigma.
+    try:
+        stock = comfy.model_sampling.ModelSamplingDiscrete(base.model_config)
+        same = torch.allclose(ms.sigmas.float().cpu(), stock.sigmas.float().cpu(), rtol=1e-4, atol=1e-6)
+    except Exception:
+        same = True  # cannot build a reference schedule on this ComfyUI version: keep the class checks only
+    if not same:
+        raise PisaError(f"{node}: the model's noise schedule was changed (e.g. a ModelSamplingDiscrete node with "
+                        f"zsnr). Connect the model straight from Load Checkpoint. {expected}")
 
 
 # ---------------------------------------------------------------- LoRA application
@@ -320,6 +332,12 @@ def throw_if_interrupted() -> None:
 
 
 def is_oom(exc: BaseException) -> bool:
+    check = getattr(mm, "is_oom", None)  # newer ComfyUI also recognises accelerator OOM errors
+    if callable(check):
+        try:
+            return bool(check(exc))
+        except Exception:
+            pass
     return isinstance(exc, mm.OOM_EXCEPTION)
 
 

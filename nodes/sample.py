@@ -131,6 +131,16 @@ def sample_eps(model, latent: dict, positive, lambda_pix: float, lambda_sem: flo
     passes = 2 if plan is Pass.DUAL else 1
     compat.load_model(model, [passes, 4, th, tw])
     tpc = tiles_per_call_for(model, [1, 4, th, tw], passes)
+    with torch.no_grad():  # ComfyUI runs nodes in inference mode; direct callers must not build autograd graphs
+        return _run_with_fallback(model, info, context, z, lambda_pix, lambda_sem, tile_size, tile_overlap, tpc,
+                                  plan, outputs, node)
+
+
+def _run_with_fallback(model, info, context: torch.Tensor, z: torch.Tensor, lambda_pix: float, lambda_sem: float,
+                       tile_size: int, tile_overlap: int, tpc: int, plan: Pass, outputs: str,
+                       node: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """run_tiled, retried on out-of-memory with half the tiles per call, then (adjustable) two passes per tile."""
+    b, _, h, w = z.shape
     one_pass = True
     while True:
         eps_fn, _ = make_eps_fn(model, info, context, lambda_pix, lambda_sem, one_pass, outputs)

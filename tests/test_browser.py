@@ -167,7 +167,7 @@ def fit_all(page) -> None:
             x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
         }
         const r = app.canvas.canvas.getBoundingClientRect(), ds = app.canvas.ds;
-        const ux = 70, uy = 90, uw = r.width - ux - 20, uh = r.height - uy - 20;
+        const ux = 70, uy = 130, uw = r.width - ux - 20, uh = r.height - uy - 20;
         const s = Math.min(uw / (x1 - x0), uh / (y1 - y0), 1.2);
         ds.scale = s;
         ds.offset[0] = (ux + (uw - s * (x1 - x0)) / 2) / s - x0;

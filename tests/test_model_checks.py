@@ -1,0 +1,25 @@
+"""The base-model check also catches a changed noise schedule that keeps the EPS class (e.g. zsnr)."""
+from __future__ import annotations
+
+import pytest
+
+import comfy.model_sampling as cms
+import host
+import tiny_models
+
+
+class _EpsDiscrete(cms.ModelSamplingDiscrete, cms.EPS):  # what ComfyUI's ModelSamplingDiscrete node builds
+    pass
+
+
+def test_zsnr_schedule_refused_plain_eps_accepted():
+    compat = host.pack("nodes.compat")
+    errors = host.pack("pisa_sr.errors")
+    model = tiny_models.comfy_model_from_diffusers(None)
+    plain = model.clone()
+    plain.add_object_patch("model_sampling", _EpsDiscrete(model.model.model_config))
+    compat.check_sd2_eps(plain, "Load PiSA LoRAs")  # identical schedule: accepted
+    zsnr = model.clone()
+    zsnr.add_object_patch("model_sampling", _EpsDiscrete(model.model.model_config, zsnr=True))
+    with pytest.raises(errors.PisaError, match="Load PiSA LoRAs: .*noise schedule was changed"):
+        compat.check_sd2_eps(zsnr, "Load PiSA LoRAs")
