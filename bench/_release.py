@@ -16,6 +16,7 @@ The decode input is cast to the VAE dtype (the mixed fp32/fp16 sum ``z_lq - eps`
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable
 
@@ -252,7 +253,7 @@ class ReleasePipeline:
                 else:
                     d = F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3)
                 self.deltas[mod + ".weight"] = (d * scale).to(device, dtype)
-        self.vae = weights.vae.to(device, dtype)
+        self.vae = copy.deepcopy(weights.vae).to(device, dtype)  # .to() is in place: keep the shared copy intact
         self.context = weights.context.to(device, dtype)
         self.t1 = torch.tensor([1], device=device).long()
         self.lambda_pix = torch.tensor([lambda_pix], device=device)
@@ -358,7 +359,7 @@ def self_check(vae, tol: float = 1e-4) -> float:
     """The tiler on one tile must equal the plain encoder/decoder (fp32, CPU): proof that its task lists are the
     network. Several tiles must run and keep the shape (their result is the release's approximation)."""
     g = torch.Generator().manual_seed(0)
-    vae = vae.float().cpu()
+    vae = copy.deepcopy(vae).float().cpu()
     x = torch.rand(1, 3, 96, 80, generator=g) * 2 - 1
     z = torch.randn(1, 4, 12, 10, generator=g)
     worst = 0.0

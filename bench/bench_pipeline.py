@@ -153,6 +153,24 @@ def to_8bit(img):
 
 
 # ------------------------------------------------------------------------------------------------ the two sides
+class StepProbe:
+    """Stands in for ReleasePipeline.unet_step: times each call and keeps the last input (to count FLOPs once)."""
+
+    def __init__(self, real, device):
+        self.real, self.device = real, device
+        self.times: list[float] = []
+        self.z = None
+
+    def __call__(self, z):
+        sync(self.device)
+        t0 = time.perf_counter()
+        e = self.real(z)
+        sync(self.device)
+        self.times.append(time.perf_counter() - t0)
+        self.z = z
+        return e
+
+
 def run_release(args, weights, device, dtype, workloads, images, modes) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -164,26 +182,15 @@ def run_release(args, weights, device, dtype, workloads, images, modes) -> dict:
         lp, ls = MODES[mode]
         pipe = _release.ReleasePipeline(weights, device, dtype, default=(mode == "default"), lambda_pix=lp,
                                         lambda_sem=ls)
-        real_step = pipe.unet_step
-        probe = {"times": [], "z": None}
-
-        def timed_step(z):
-            sync(device)
-            t0 = time.perf_counter()
-            e = real_step(z)
-            sync(device)
-            probe["times"].append(time.perf_counter() - t0)
-            probe["z"] = z
-            return e
-
-        pipe.unet_step = timed_step
+        probe = StepProbe(pipe.unet_step, device)
+        pipe.unet_step = probe
         res_by_w: dict = {}
         for wl in workloads:
             lq_u8 = images[wl]["lq_u8"]
             res = SideResult()
             for _ in range(args.warmup):
                 pipe.run(lq_u8)
-            probe["times"].clear()
+            probe.times.clear()
             for _ in range(args.runs):
                 with PeakMemory(device) as pm:
                     sync(device)
@@ -192,14 +199,14 @@ def run_release(args, weights, device, dtype, workloads, images, modes) -> dict:
                     sync(device)
                     res.times.append(time.perf_counter() - t0)
                 res.peak_bytes = max(res.peak_bytes, pm.peak)
-            res.unet_times = list(probe["times"])
+            res.unet_times = list(probe.times)
             with FlopCounterMode(display=False) as fc:
-                real_step(probe["z"])
+                probe.real(probe.z)
             res.unet_flops = float(fc.get_total_flops())
             res_by_w[wl] = (res, img)
             print(f"  release {mode:10s} {wl:>10s}: median {res.median * 1e3:9.1f} ms", flush=True)
         out[mode] = res_by_w
-        del pipe, real_step, timed_step, probe
+        del pipe, probe
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -238,17 +245,26 @@ def run_ours(args, weights, device, dtype, workloads, images, modes, base) -> di
 
 
 # ------------------------------------------------------------------------------------------------ report
+def _ms(times: list[float]) -> str:
+    """Median, with the min-max range when there are several runs (shared machines are noisy)."""
+    med = statistics.median(times) * 1e3
+    if len(times) < 2:
+        return f"{med:.1f}"
+    return f"{med:.1f} ({min(times) * 1e3:.0f}-{max(times) * 1e3:.0f})"
+
+
 def fmt_table(rows: list[Row], peak_tflops: float | None, gpu: bool) -> str:
     mem = "peak alloc MiB" if gpu else "RSS growth MiB"
-    head = (f"| workload | mode | release ms | ours ms | speed-up | release {mem} | ours {mem} | memory ratio | "
-            "PSNR ours vs release dB | UNet step TFLOP | release UNet ms | ours UNet ms | ours UNet TFLOP/s |"
+    head = (f"| workload | mode | release ms (min-max) | ours ms (min-max) | speed-up | release {mem} | ours {mem} | "
+            "memory ratio | PSNR ours vs release dB | UNet step TFLOP | release UNet ms | ours UNet ms | "
+            "ours UNet TFLOP/s |"
             + (" ours % of bf16 peak |" if gpu else ""))
     sep = "|" + "---|" * (head.count("|") - 1)
     lines = [head, sep]
     for r in rows:
         tf = r.ours.unet_flops / 1e12
         rate = tf / r.ours.unet_median if r.ours.unet_median > 0 else float("nan")
-        cells = [r.workload, r.mode, f"{r.ref.median * 1e3:.1f}", f"{r.ours.median * 1e3:.1f}",
+        cells = [r.workload, r.mode, _ms(r.ref.times), _ms(r.ours.times),
                  f"{r.ref.median / r.ours.median:.2f}x", f"{r.ref.peak_bytes / 2 ** 20:.0f}",
                  f"{r.ours.peak_bytes / 2 ** 20:.0f}",
                  f"{r.ours.peak_bytes / r.ref.peak_bytes:.2f}x" if r.ref.peak_bytes else "n/a",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
@@ -36,7 +37,7 @@ def conditioning_context(positive, node: str) -> torch.Tensor:
 
 
 def make_eps_fn(model, info, context: torch.Tensor, lambda_pix: float, lambda_sem: float, one_pass: bool,
-                outputs: str = "combined"):
+                outputs: str = "combined") -> tuple[Callable[[torch.Tensor], torch.Tensor], Pass]:
     """eps for a batch of latent tiles under the given lambdas (``outputs='both'`` returns [eps_pix, eps_sem]).
 
     The MODEL has pix+sem merged (default mode). eps_sem is a plain forward; eps_pix is a forward with the sem LoRA
@@ -50,14 +51,18 @@ def make_eps_fn(model, info, context: torch.Tensor, lambda_pix: float, lambda_se
     def unet(x: torch.Tensor) -> torch.Tensor:
         return compat.unet_eps_t1(model, x, ctx.expand(x.shape[0], -1, -1), sigma)
 
+    bypass = LowRankBypass(sem_removal_targets(model, info)) if plan in (Pass.PIX, Pass.DUAL) else None
+
     def pix_only(x: torch.Tensor) -> torch.Tensor:
-        with LowRankBypass(sem_removal_targets(model, info)):
+        bypass.rows = slice(None)
+        with bypass:
             return unet(x)
 
     def pix_and_sem(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
         if one_pass:
-            with LowRankBypass(sem_removal_targets(model, info), rows=slice(0, n)):
+            bypass.rows = slice(0, n)
+            with bypass:
                 e = unet(torch.cat([x, x], 0))
             return e[:n], e[n:]
         return pix_only(x), unet(x)

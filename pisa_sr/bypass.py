@@ -50,7 +50,8 @@ class LowRankBypass(AbstractContextManager):
     """Context manager that hooks ``targets`` for the rows ``rows`` of every batch (``slice(None)`` = all).
 
     The LoRA factors are cast once per (device, dtype) and ``sign * scale`` is folded into ``up``, so a hook costs
-    two small matmuls and one in-place add into the module's fresh output.
+    two small matmuls and one in-place add into the module's fresh output. The object can be entered again (with
+    another ``rows``): the cast factors are kept until ``remove()``, so a tiled run copies them to the device once.
     """
 
     def __init__(self, targets: list[BypassTarget], rows: slice = slice(None)):
@@ -101,16 +102,20 @@ class LowRankBypass(AbstractContextManager):
             for i, t in enumerate(self.targets):
                 self._handles.append(t.module.register_forward_hook(self._make_hook(i)))
         except BaseException:
-            self.remove()
+            self._unhook()
             raise
         return self
 
-    def remove(self) -> None:
+    def _unhook(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def remove(self) -> None:
+        """Remove the hooks and drop the cast factors."""
+        self._unhook()
         self._cast.clear()
 
     def __exit__(self, *exc) -> None:
-        self.remove()
+        self._unhook()
         return None

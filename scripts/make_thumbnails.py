@@ -18,7 +18,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from build_workflows import OUT_API, OUT_UI, WORKFLOWS  # noqa: E402
+from build_workflows import OUT_API, OUT_UI  # noqa: E402
 from comfy_server import ComfyServer  # noqa: E402
 from run_example import example_image  # noqa: E402
 
@@ -28,7 +28,9 @@ CAPTIONS = {
     "pisa_sr_basic": ("x4, release default", "lambda_pix 1.0 / lambda_sem 1.0", (128, 128)),
     "pisa_sr_adjustable": ("x4, adjustable mode", "lambda_pix 0.8 / lambda_sem 1.5", (128, 128)),
     "pisa_sr_large_tiled": ("x4, large image, tiled", "64 px latent tiles, overlap 24", (160, 128)),
+    "pisa_sr_lambda_sweep": ("x4, lambda sweep", "3x3 grid of (lambda_pix, lambda_sem) settings", (128, 128)),
 }
+DEFAULT_CAPTION = ("x4", "", (128, 128))
 THUMB_H = 256  # height of each half
 TINY_NOTE = "tiny RANDOM test weights: not a real result"
 
@@ -82,12 +84,12 @@ def main() -> int:
         ckpt, pisa = make_tiny_weights.make(make_tiny_weights.cache_dir())
     else:
         ckpt, pisa = os.path.abspath(a.ckpt), os.path.abspath(a.pisa)
-    names = a.only or list(WORKFLOWS)
+    names = a.only or sorted(f[:-5] for f in os.listdir(OUT_API) if f.endswith(".json"))
     srv = ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [pisa]}, inputs=[a.image] if a.image else None)
     try:
         with srv:
             for name in names:
-                title, subtitle, (w, h) = CAPTIONS[name]
+                title, subtitle, (w, h) = CAPTIONS.get(name, DEFAULT_CAPTION)
                 if a.image:
                     image = str(srv.base / "input" / os.path.basename(a.image))
                 else:
@@ -103,9 +105,13 @@ def main() -> int:
                         ins["image"] = os.path.basename(image)
                 t0 = time.time()
                 outs = srv.output_images(srv.run(prompt, timeout=a.timeout))
-                if len(outs) != 1:
-                    raise RuntimeError(f"{name}: expected one output image, got {outs}")
-                thumb = compose(image, str(outs[0]), title, subtitle, tiny)
+                if not outs:
+                    raise RuntimeError(f"{name}: the workflow saved no image")
+                # several saved images (e.g. a sweep's grid and its best pick): show the largest, the overview
+                from PIL import Image
+
+                out = max(outs, key=lambda p: Image.open(p).width * Image.open(p).height)
+                thumb = compose(image, str(out), title, subtitle, tiny)
                 dst = os.path.join(a.out_dir, name + ".jpg")
                 thumb.save(dst, quality=88)
                 print(f"{dst} ({thumb.width}x{thumb.height}) from a {time.time() - t0:.0f}s run", flush=True)

@@ -33,6 +33,9 @@ BASE_DIR = Path(os.environ.get("PISA_TEST_BASE") or tempfile.mkdtemp(prefix="pis
 args.cpu = True
 args.disable_all_custom_nodes = False
 args.base_directory = str(BASE_DIR)  # models/, output/, input/ and custom_nodes/ of this throwaway host
+# ComfyUI's CPU default (sub-quadratic attention) sizes its chunks from *free memory*, so its rounding changes with
+# machine load; PyTorch SDPA (ComfyUI's CUDA default) does not, which keeps the equivalence bounds reproducible.
+args.use_pytorch_cross_attention = True
 # nodes.py prepends ComfyUI/comfy to sys.path; import the top-level `utils` package first, as main.py does.
 import utils.extra_config  # noqa: E402,F401
 import utils.install_util  # noqa: E402,F401

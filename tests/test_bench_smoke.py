@@ -20,7 +20,7 @@ def test_bench_cpu_tiny_runs(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| workload | mode | release ms | ours ms |" in proc.stdout
+    assert "| workload | mode | release ms (min-max) | ours ms (min-max) |" in proc.stdout
     assert "| 128->512 | adjustable |" in proc.stdout
     assert "tiled VAE self-check: ok" in proc.stdout
     result = json.loads(out.read_text())

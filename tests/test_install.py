@@ -2,11 +2,12 @@
 
 The pack folder is COPIED (not linked) into custom_nodes, its requirements.txt is installed line by line with the host
 python the way ComfyUI-Manager does, then a real server starts: every node of the pack is registered with tooltips and
-its category, the web extension and the example workflows (with thumbnails) are served, and the new example workflows'
-API twins run on the tiny model (pisa_sr_basic's twin runs in test_server.py).
+its category, the web extension and the example workflows (with thumbnails) are served, and the adjustable and
+large-image examples' API twins run on the tiny model (pisa_sr_basic's twin runs in test_server.py).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from run_example import example_image  # noqa: E402
 
 CATEGORY = "image/upscaling/PiSA-SR"
 CORE_NODES = ["PiSA_LoadLoRAs", "PiSA_EncodeLQ", "PiSA_Sample", "PiSA_Decode"]
-WORKFLOWS = ["pisa_sr_basic", "pisa_sr_adjustable", "pisa_sr_large_tiled"]
+WORKFLOWS = sorted(p.stem for p in (host.REPO / "example_workflows").glob("*.json"))
 # ComfyUI-Manager never installs these from a pack's requirements.txt (they come with ComfyUI's own install).
 MANAGER_SKIPS = {"torch", "torchvision", "torchaudio", "torchsde"}
 NOT_SHIPPED = {".git", "tests", "out", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache"}
@@ -145,10 +146,12 @@ def test_web_extension_and_example_workflows_are_served(installed):
     templates = installed.get("/workflow_templates")
     assert sorted(templates.get(PACK_NAME, [])) == sorted(WORKFLOWS)  # not the api/ twins
     for name in WORKFLOWS:
-        wf = json.loads(installed.get_bytes(f"/api/workflow_templates/{PACK_NAME}/{name}.json"))
-        assert {n["type"] for n in wf["nodes"]} >= set(CORE_NODES)
+        wf = installed.get_bytes(f"/api/workflow_templates/{PACK_NAME}/{name}.json")
+        assert wf == (host.REPO / "example_workflows" / f"{name}.json").read_bytes()
+        # the template browser shows <name>.jpg beside each workflow
         thumb = installed.get_bytes(f"/api/workflow_templates/{PACK_NAME}/{name}.jpg")
         assert thumb[:3] == b"\xff\xd8\xff", f"{name}.jpg is not a JPEG"
+        assert min(Image.open(io.BytesIO(thumb)).size) >= 200
 
 
 @pytest.mark.slow

@@ -167,7 +167,7 @@ def test_unet_calls_per_tile(monkeypatch, tiles_per_call, world, pisa_model, lp,
 
 def test_tile_batching_gives_same_result(monkeypatch, tiles_per_call, world, pisa_model):
     lat = _latent(28, 40, seed=3)  # tile 16, overlap 4: 2 x 3 = 6 tiles
-    for lp, ls in [(1.0, 1.0), (0.8, 1.2)]:
+    for lp, ls in [(0.8, 1.2)]:  # adjustable: batching of tiles and of [z, z] together
         results = {}
         for n in (1, 4, 6):
             tiles_per_call(n)
@@ -182,7 +182,7 @@ def test_tile_batching_gives_same_result(monkeypatch, tiles_per_call, world, pis
 
 
 # ---------------------------------------------------------------------------------------------- thin latents
-@pytest.mark.parametrize("h,w,lp,ls", [(8, 200, 0.8, 1.2), (200, 8, 0.8, 1.2), (100, 90, 1.0, 1.0)])
+@pytest.mark.parametrize("h,w,lp,ls", [(8, 200, 0.8, 1.2), (200, 8, 0.8, 0.0), (100, 90, 1.0, 1.0)])
 def test_thin_latents_untiled_match_reference(world, pisa_model, ref, h, w, lp, ls):
     """Under the release's area rule (h*w <= 96^2) these run whole; compared with the reference."""
     z, eps = _eps(pisa_model, world.conditioning, _latent(h, w), lp, ls, 96, 32)
