@@ -127,7 +127,10 @@ def sample_eps(model, latent: dict, positive, lambda_pix: float, lambda_sem: flo
     context = conditioning_context(positive, node)
     model = model_for_precision(model, precision, node)
     dev = compat.device_of(model)
-    z = compat.process_latent_in(model, raw.to(dev, torch.float32))
+    # Contiguous NCHW whatever the LATENT's layout: a channels_last latent (ComfyUI's CPU VAEEncode gives one) makes
+    # the whole UNet run channels_last, whose GroupNorm sums in another order; on random-weight test models that
+    # alone moved eps by 2e-4. One layout keeps tiled, untiled and batched calls on the same numerics.
+    z = compat.process_latent_in(model, raw.to(dev, torch.float32)).contiguous()
     b, _, h, w = z.shape
     th, tw = (min(tile_size, h), min(tile_size, w)) if tile_size > 0 and h * w > tile_size ** 2 else (h, w)
     plan = Pass.DUAL if outputs == "both" else plan_passes(lambda_pix, lambda_sem)

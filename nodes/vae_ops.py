@@ -68,11 +68,13 @@ def encode(vae, lq_bhwc: torch.Tensor, tile_px: int, node: str) -> torch.Tensor:
     def fn(tile, offload, progress):
         out = []
         for i in range(b):
-            x = lq_bhwc[i:i + 1].movedim(-1, 1).to(torch.float32) * 2.0 - 1.0
+            # contiguous NCHW like the release's ToTensor: a channels_last view would make every conv and
+            # GroupNorm run in that layout, which rounds differently (see sample_eps)
+            x = lq_bhwc[i:i + 1].movedim(-1, 1).contiguous().to(torch.float32) * 2.0 - 1.0
             z = tiled_encode(ae, x.to(dev, dt), tile, progress=progress, check_interrupt=compat.throw_if_interrupted,
                              offload_device=offload)
             out.append(z.to("cpu", torch.float32))
-        return torch.cat(out, 0)
+        return torch.cat(out, 0).contiguous()
 
     return _run("encode", node, vae, fn, (w, h), tile_px, 64, 128)
 

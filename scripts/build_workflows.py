@@ -32,13 +32,22 @@ SIGS: dict[str, tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]] 
     "PiSA_Sample": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT")],
                     ["lambda_pix", "lambda_sem", "tile_size", "tile_overlap"], [("LATENT", "LATENT")]),
     "PiSA_Decode": ([("latent", "LATENT"), ("vae", "VAE")], ["color_fix", "vae_tile_size"], [("IMAGE", "IMAGE")]),
+    "PiSA_LambdaSweep": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT"), ("vae", "VAE")],
+                         ["settings", "tile_size", "tile_overlap", "choose_best", "fidelity_floor_db", "color_fix"],
+                         [("latents", "LATENT"), ("labels", "STRING"), ("lambda_pix", "FLOAT"), ("lambda_sem", "FLOAT"),
+                          ("best", "LATENT"), ("report", "STRING")]),
+    "PiSA_QualityScore": ([("images", "IMAGE"), ("reference", "IMAGE")], ["metric", "crop_border"],
+                          [("scores_text", "STRING"), ("scores", "FLOAT")]),
+    "PiSA_LabelledGrid": ([("images", "IMAGE"), ("labels", "STRING"), ("scores", "STRING")], ["columns", "font_size"],
+                          [("IMAGE", "IMAGE")]),
+    "PreviewAny": ([("source", "*")], [], []),
 }
 UI_ONLY_WIDGETS = {"upload"}  # front-end widgets that are not prompt inputs
 UI_ONLY_NODES = {"MarkdownNote": ([], ["text"], [])}  # front-end nodes (notes): UI format only, not in the API twin
 # UI sizes where the default would clip a widget: the sampler carries the fidelity/perception pad of web/, the
 # decoder grows its before/after preview after a run, the loaders show their preview.
 SIZES = {"PiSA_Sample": [340, 420], "PiSA_Decode": [340, 130], "SaveImage": [360, 400], "LoadImage": [320, 320],
-         "MarkdownNote": [360, 250]}
+         "MarkdownNote": [360, 250], "PiSA_LambdaSweep": [360, 330], "PreviewAny": [360, 220]}
 NOTE_COLORS = {"color": "#432", "bgcolor": "#653"}
 
 
@@ -79,6 +88,44 @@ def basic_graph(lambda_pix=1.0, lambda_sem=1.0, tile_size=96, tile_overlap=32, u
     return nodes
 
 
+SWEEP_NOTE = (
+    "## Lambda sweep: the whole fidelity / perception range at once\n"
+    "**PiSA Lambda Sweep** computes eps_pix and eps_sem once and forms every (lambda_pix, lambda_sem) setting from "
+    "them: 9 settings cost about one adjustable sample plus the decodes. `settings` takes a list (`0.5,1; 1,1; 1,1.5`) "
+    "or a grid (`pix=0.5:1.5:0.5 sem=0.5:1.5:0.5`, this file).\n\n"
+    "- **latents** -> Decode -> **PiSA Labelled Grid**: one contact sheet, each tile labelled with its lambdas and its "
+    "score from **PiSA Quality Score**\n"
+    "- **best**: choose_best picks the setting with the best score whose PSNR against the pixel-only output (1, 0) "
+    "stays above fidelity_floor_db; **report** says which and why\n\n"
+    "sharpness / noise are heuristics; musiq, clipiqa and maniqa need pyiqa and its weights already installed "
+    "(nothing is downloaded).")
+
+
+def sweep_graph(settings="pix=0.5:1.5:0.5 sem=0.5:1.5:0.5", choose_best="sharpness", floor_db=28.0) -> list[Node]:
+    """Sweep -> decode all -> score -> labelled grid, and the chosen setting decoded on its own."""
+    nodes = [n for n in basic_graph() if n.id <= 5]
+    nodes += [
+        Node(6, "PiSA_LambdaSweep", (780, 80), {"settings": settings, "tile_size": 96, "tile_overlap": 32,
+                                               "choose_best": choose_best, "fidelity_floor_db": floor_db,
+                                               "color_fix": "adain"},
+             {"model": (4, 0), "positive": (2, 0), "latent": (5, 0), "vae": (1, 2)}),
+        Node(7, "PiSA_Decode", (1160, 80), {"color_fix": "adain", "vae_tile_size": 0},
+             {"latent": (6, 0), "vae": (1, 2)}, title="Decode all settings"),
+        Node(8, "PiSA_QualityScore", (1160, 260), {"metric": choose_best, "crop_border": 4}, {"images": (7, 0)}),
+        Node(9, "PiSA_LabelledGrid", (1540, 80), {"columns": 3, "font_size": 0},
+             {"images": (7, 0), "labels": (6, 1), "scores": (8, 0)}),
+        Node(10, "SaveImage", (1920, 80), {"filename_prefix": "PiSA-SR_sweep_grid"}, {"images": (9, 0)},
+             title="Save grid"),
+        Node(11, "PiSA_Decode", (1160, 480), {"color_fix": "adain", "vae_tile_size": 0},
+             {"latent": (6, 4), "vae": (1, 2)}, title="Decode best setting"),
+        Node(12, "SaveImage", (1540, 480), {"filename_prefix": "PiSA-SR_sweep_best"}, {"images": (11, 0)},
+             title="Save best"),
+        Node(13, "PreviewAny", (780, 640), {}, {"source": (6, 5)}, title="Sweep report"),
+        Node(14, "MarkdownNote", (400, 760), {"text": SWEEP_NOTE + "\n\n" + WEIGHTS_NOTE}, title="Read me"),
+    ]
+    return nodes
+
+
 WORKFLOWS = {
     "pisa_sr_basic": basic_graph(),
     # Adjustable mode: less pixel-level cleanup, more semantic detail than the release default (1, 1).
@@ -106,6 +153,8 @@ WORKFLOWS = {
              "Lower tile_size if you run out of memory; keep the overlap at about a third of the tile. The VAE "
              "tiles on its own: **vae_tile_size** on Encode LQ and Decode is 0 = automatic from free memory; a "
              "fixed size (e.g. 1024) caps memory and gives the same image."),
+    # Lambda sweep: every setting from one adjustable pass, a labelled contact sheet, and the quality-guided choice.
+    "pisa_sr_lambda_sweep": sweep_graph(),
 }
 
 

@@ -1,14 +1,13 @@
 """The nodes equal an independent diffusers + peft re-implementation of the release (fp32, CPU, random weights).
 
-The strict eps bound is checked on the batch-1 path, which is what the release runs (one tile, one configuration
-per UNet call). Our shipping path batches ([z, z] for the two LoRA configurations, several tiles per call); on CPU,
-the same UNet gives results that differ with the batch size by fp32 rounding, amplified by the random weights (up
-to ~2e-4 on these latents with no LoRA involved at all). The batched path is therefore bounded by that measured
-floor, and its equality with the unbatched path is also tested in test_sampler.py.
+Tolerances (from the issue, not loosened): eps max abs difference <= 1e-4 on every path (release-style batch 1,
+the shipping one-pass [z, z] batch with several tiles per call, tiled and untiled); final 8-bit image max abs
+difference <= 2/255. The image bound covers the release's two 8-bit truncations (ToPILImage before and after colour
+fix), which our float pipeline does not do; everything else differs only by fp32 rounding.
 
-Tolerances (from the issue, not loosened): eps max abs difference <= 1e-4; final 8-bit image max abs difference
-<= 2/255. The image bound covers the release's two 8-bit truncations (ToPILImage before and after colour fix),
-which our float pipeline does not do; everything else differs only by fp32 rounding.
+Memory layout matters at this precision: on the CPU the same UNet run on a channels_last tensor instead of a
+contiguous one moves eps by 2e-4 on these random weights (GroupNorm sums in another order), ten times more than
+batching does. Both sides therefore feed contiguous NCHW, and a test pins that the sampler is layout-independent.
 """
 from __future__ import annotations
 
@@ -19,10 +18,6 @@ import torch
 from helpers import pil_to_image, pipeline, run_node, make_image
 
 EPS_TOL = 1e-4
-# OPEN REGRESSION: the tiled comparison measured 5.8e-6 earlier and 1.3e-4 (|eps| up to 8.5, relative 1.6e-5) after
-# the sampler's batching/precision refactor, with one tile and one configuration per call forced; the cause is not
-# found yet. Until it is, the tiled path is held to this bound; the untiled paths keep the 1e-4 contract.
-EPS_TILED_TOL = 2e-4
 IMG_TOL = 2 / 255
 PAIRS = [(1.0, 1.0), (0.5, 1.5), (1.0, 0.0), (0.0, 1.0), (1.3, 0.7)]
 
@@ -36,13 +31,6 @@ def batch1(monkeypatch):
     orig = sample.make_eps_fn
     monkeypatch.setattr(sample, "make_eps_fn", lambda *a, **k: orig(*a[:5], False, *a[6:], **k))
     monkeypatch.setattr(sample, "tiles_per_call_for", lambda *a, **k: 1)
-
-
-def _batch_floor(ref, z) -> float:
-    """How much the same (merged, LoRA-free path) UNet output changes between batch 1 and batch 2 here."""
-    one = ref._unet(ref.unet_sem, z)
-    two = ref._unet(ref.unet_sem, torch.cat([z, z], 0))[:1]
-    return (one - two).abs().max().item()
 
 
 def _our_eps(model, cond, latent, lp, ls, tile=96, overlap=32):
@@ -71,17 +59,29 @@ def test_eps_matches_reference(world, pisa_model, ref, lq_small, default, batch1
         assert want.abs().max() > 0.1  # the comparison is not vacuous
 
 
-def test_batched_one_pass_within_batch_floor(world, pisa_model, ref, lq_small):
-    """The shipping one-call [z, z] path: within 3x the UNet's own batch-1 vs batch-2 difference (or 1e-4)."""
+def test_batched_one_pass_matches_reference(world, pisa_model, ref, lq_small):
+    """The shipping path: one UNet call on [z, z] with both LoRA configurations, against the release's two calls."""
     (lat,) = run_node("PiSA_EncodeLQ", image=pil_to_image(lq_small), vae=world.comfy_vae, upscale=4,
                       resize_filter="bicubic")
     for lp, ls in PAIRS[1:]:
         z, eps = _our_eps(pisa_model, world.conditioning, lat, lp, ls)
         want = ref.eps(z.cpu(), default=False, lambda_pix=lp, lambda_sem=ls)
-        floor = _batch_floor(ref, z.cpu())
         diff = (eps.cpu() - want).abs().max().item()
-        print(f"one-pass eps ({lp},{ls}): max abs diff {diff:.2e}; batch-size floor of the UNet {floor:.2e}")
-        assert diff <= max(EPS_TOL, 3 * floor)
+        print(f"one-pass eps ({lp},{ls}): max abs diff {diff:.2e}")
+        assert diff <= EPS_TOL
+
+
+def test_sampler_is_layout_independent(world, pisa_model, lq_small):
+    """A channels_last LATENT (ComfyUI's CPU VAEEncode makes one) gives bit-identical eps to a contiguous one."""
+    (lat,) = run_node("PiSA_EncodeLQ", image=pil_to_image(lq_small), vae=world.comfy_vae, upscale=4,
+                      resize_filter="bicubic")
+    assert lat["samples"].is_contiguous()
+    cl = dict(lat, samples=lat["samples"].contiguous(memory_format=torch.channels_last))
+    assert not cl["samples"].is_contiguous()
+    for tile in (0, 48):
+        _, a = _our_eps(pisa_model, world.conditioning, lat, 0.5, 1.5, tile, 16)
+        _, b = _our_eps(pisa_model, world.conditioning, cl, 0.5, 1.5, tile, 16)
+        assert torch.equal(a, b)
 
 
 def test_lambda_one_one_equals_default(world, pisa_model, ref, lq_small):
@@ -114,4 +114,4 @@ def test_tiled_matches_reference_tiled_path(world, pisa_model, ref, batch1):
         want = ref.eps_tiled(z.cpu(), default, lp, ls, 96, 32)
         diff = (eps.cpu() - want).abs().max().item()
         print(f"tiled eps ({lp},{ls}): max abs diff vs reference tiled path {diff:.2e}")
-        assert diff <= EPS_TILED_TOL
+        assert diff <= EPS_TOL

@@ -49,9 +49,7 @@ def test_nodes_registered_with_tooltips(server):
     assert server.tiny[1] in options
 
 
-def test_example_workflow_runs_on_real_server(server):
-    prompt = json.loads((host.REPO / "example_workflows" / "api" / "pisa_sr_basic.json").read_text())
-    image = example_image(str(server.base / "input" / "pisa_sr_example.png"), 96, 80)
+def _tiny(prompt: dict, server, image: str) -> dict:
     for node in prompt.values():
         if node["class_type"] == "CheckpointLoaderSimple":
             node["inputs"]["ckpt_name"] = server.tiny[0]
@@ -59,7 +57,29 @@ def test_example_workflow_runs_on_real_server(server):
             node["inputs"]["lora_name"] = server.tiny[1]
         elif node["class_type"] == "LoadImage":
             node["inputs"]["image"] = os.path.basename(image)
-    entry = server.run(prompt, timeout=900)
+    return prompt
+
+
+def test_sweep_workflow_runs_on_real_server(server):
+    """The sweep example: 9 settings -> labelled 3x3 grid, the chosen setting decoded alone, and the report."""
+    prompt = json.loads((host.REPO / "example_workflows" / "api" / "pisa_sr_lambda_sweep.json").read_text())
+    image = example_image(str(server.base / "input" / "pisa_sr_example.png"), 96, 80)
+    entry = server.run(_tiny(prompt, server, image), timeout=900)
+    by_node = {nid: server.output_images({"outputs": {nid: out}}) for nid, out in entry["outputs"].items()}
+    ids = {node["_meta"]["title"]: nid for nid, node in prompt.items()}
+    (grid,) = by_node[ids["Save grid"]]
+    (best,) = by_node[ids["Save best"]]
+    assert Image.open(best).size == (96 * 4, 80 * 4)
+    pad = 4  # the grid's gap between and around tiles
+    assert Image.open(grid).size == (3 * 96 * 4 + 4 * pad, 3 * 80 * 4 + 4 * pad)
+    report = " ".join(entry["outputs"][ids["Sweep report"]]["text"])
+    assert "9 setting(s)" in report and "choose_best: sharpness" in report and "chosen: pix " in report, report
+
+
+def test_example_workflow_runs_on_real_server(server):
+    prompt = json.loads((host.REPO / "example_workflows" / "api" / "pisa_sr_basic.json").read_text())
+    image = example_image(str(server.base / "input" / "pisa_sr_example.png"), 96, 80)
+    entry = server.run(_tiny(prompt, server, image), timeout=900)
     outs = server.output_images(entry)
     assert len(outs) == 1 and outs[0].exists()
     # 96x80 at x4: short side 80 < 128, so the release pre-resizes to 153x128, works at 612x512 -> 608x512,
