@@ -5,6 +5,7 @@ import torch
 
 from ..pisa_sr.color import COLOR_FIXES, apply_color_fix
 from ..pisa_sr.errors import PisaError
+from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.resize import resize_output
 from . import vae_ops
 from .compat import io
@@ -75,6 +76,7 @@ class PiSADecode(io.ComfyNode):
         )
 
     @classmethod
+    @trims_heap
     def execute(cls, latent, vae, color_fix="adain", vae_tile_size=0) -> io.NodeOutput:
         from . import preview
 

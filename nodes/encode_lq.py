@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..pisa_sr.errors import PisaError
+from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.resize import FILTERS, plan_resize, resize_batch
 from . import vae_ops
 from .compat import io
@@ -70,5 +71,6 @@ class PiSAEncodeLQ(io.ComfyNode):
         )
 
     @classmethod
+    @trims_heap
     def execute(cls, image, vae, upscale=4, resize_filter="bicubic", vae_tile_size=0) -> io.NodeOutput:
         return io.NodeOutput(encode_lq(image, vae, upscale, resize_filter, vae_tile_size))

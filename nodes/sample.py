@@ -8,6 +8,7 @@ import torch
 
 from ..pisa_sr.bypass import LowRankBypass
 from ..pisa_sr.errors import PisaError
+from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.guidance import LAMBDA_MAX, LAMBDA_MIN, Pass, check_lambdas, combine_eps, plan_passes
 from ..pisa_sr.latent_tiles import count_steps, run_tiled
 from . import compat
@@ -213,6 +214,7 @@ class PiSASample(io.ComfyNode):
         )
 
     @classmethod
+    @trims_heap
     def execute(cls, model, positive, latent, lambda_pix=1.0, lambda_sem=1.0, tile_size=96,
                 tile_overlap=32, precision="auto") -> io.NodeOutput:
         z, eps = sample_eps(model, latent, positive, float(lambda_pix), float(lambda_sem), int(tile_size),

@@ -22,6 +22,7 @@ import torch
 from ..pisa_sr import metrics
 from ..pisa_sr.color import COLOR_FIXES
 from ..pisa_sr.errors import PisaError
+from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.sweep import MAX_SETTINGS, choose_best_per_image, format_label, parse_lambda_pairs, sweep_labels, \
     sweep_latents
 from . import compat
@@ -189,6 +190,7 @@ class PiSALambdaSweep(io.ComfyNode):
         )
 
     @classmethod
+    @trims_heap
     def execute(cls, model, positive, latent, settings=DEFAULT_SETTINGS, tile_size=96, tile_overlap=32,
                 choose_best="off", fidelity_floor_db=28.0, color_fix="adain", vae=None) -> io.NodeOutput:
         try:

@@ -1,0 +1,62 @@
+"""Give the host memory a finished node freed back to the operating system.
+
+glibc serves blocks below its (self-raising, up to 32 MiB) mmap threshold from per-thread arenas and keeps them when
+they are freed. A long-running ComfyUI server that once upscaled a large image therefore keeps that image's peak
+resident for good, although nothing is alive any more (measured in our soak: +0.9 GiB after one 1280x512 prompt,
+flat afterwards). ``malloc_trim(0)`` hands every arena's free pages back; it costs milliseconds, once per node.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import sys
+from typing import Callable, TypeVar
+
+__all__ = ["trim_heap", "trims_heap", "DISABLE_ENV"]
+
+T = TypeVar("T")
+
+DISABLE_ENV = "PISA_SR_NO_MALLOC_TRIM"
+_trim = None
+_looked_up = False
+
+
+def _malloc_trim():
+    global _trim, _looked_up
+    if not _looked_up:
+        _looked_up = True
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                fn = libc.malloc_trim  # glibc only; musl and others lack it
+                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+                _trim = fn
+            except (OSError, AttributeError):
+                _trim = None
+    return _trim
+
+
+def trim_heap() -> bool:
+    """Return free heap pages to the OS (glibc); False where unavailable or disabled by PISA_SR_NO_MALLOC_TRIM=1."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return False
+    fn = _malloc_trim()
+    if fn is None:
+        return False
+    fn(0)
+    return True
+
+
+def trims_heap(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator for a heavy node's execute: trim the heap when it returns or raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            trim_heap()
+
+    return wrapper
