@@ -68,9 +68,13 @@ def main() -> None:
 
     print(f"PiSA Lambda Sweep bench: tiny CPU models, {args.threads} thread(s), fastest of {args.runs} run(s), "
           f"{'wall-clock' if WALL else 'process CPU'} seconds")
-    for w, h, label in ((40, 36, "latent 64x71, untiled"), (80, 72, "latent 128x142, tiled 96/32")):
+    # 40x36 is pre-resized (short side x4 < 512) to a 568x512 model image: latent 64x71, one tile. 284x256 x4 is
+    # 1136x1024: latent 128x142, tiled 2x2 at 96/32.
+    for w, h in ((40, 36), (284, 256)):
         (lat,) = run("PiSA_EncodeLQ", image=pil_to_image(make_image(w, h, seed=1)), vae=vae, upscale=4,
                      resize_filter="bicubic")
+        lh, lw = lat["samples"].shape[-2:]
+        label = f"latent {lh}x{lw}, " + ("tiled 96/32" if lh * lw > 96 * 96 else "untiled")
 
         def sample(lp=0.5, ls=1.5):
             return run("PiSA_Sample", model=model, positive=cond, latent=lat, lambda_pix=lp, lambda_sem=ls,
