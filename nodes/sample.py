@@ -8,8 +8,8 @@ import torch
 
 from ..pisa_sr.bypass import LowRankBypass
 from ..pisa_sr.errors import PisaError
-from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.guidance import LAMBDA_MAX, LAMBDA_MIN, Pass, check_lambdas, combine_eps, plan_passes
+from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.latent_tiles import count_steps, run_tiled
 from . import compat
 from .compat import io

@@ -3,7 +3,8 @@
 glibc serves blocks below its (self-raising, up to 32 MiB) mmap threshold from per-thread arenas and keeps them when
 they are freed. A long-running ComfyUI server that once upscaled a large image therefore keeps that image's peak
 resident for good, although nothing is alive any more (measured in our soak: +0.9 GiB after one 1280x512 prompt,
-flat afterwards). ``malloc_trim(0)`` hands every arena's free pages back; it costs milliseconds, once per node.
+flat afterwards). ``malloc_trim(0)`` hands every arena's free pages back, once per node (measured: 16 ms for
+200 MiB, 75 ms for 1 GiB of freed blocks).
 """
 from __future__ import annotations
 
