@@ -3,17 +3,20 @@ tensors are also handed to ComfyUI (our side), a release-layout PiSA-SR LoRA dic
 
 ``full`` is the SD 2.1-base architecture (UNet 865 M parameters: 320/640/1280/1280 channels, 5/10/20/20 heads,
 1024-wide context, linear projections; the standard SD VAE, 83.7 M). ``tiny`` is the architecture of
-tests/tiny_models.py (same seeds and init rule), so ``--cpu --tiny`` finishes in seconds. Real weights cannot be
+tests/tiny_models.py (same seeds; the init rule and LoRA layout come from tests/synthetic_weights.py), so ``--cpu --tiny`` finishes in seconds. Real weights cannot be
 downloaded here, and speed does not depend on weight values; the random init is scaled so activations stay in range.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-RELEASE_PATTERNS = ["to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
-                    "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from synthetic_weights import init_weights, synthetic_checkpoint  # noqa: E402  (one copy, shared with the tests)
+
 SCALING = 0.18215
 
 
@@ -69,60 +72,6 @@ TINY = Arch(  # tests/tiny_models.py
 )
 
 
-def init_(module: torch.nn.Module, seed: int, affine_noise: float = 0.2) -> None:
-    """tests/tiny_models.py's rule: fan-in scaled normal matrices, affine params near (1, 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1.0 + affine_noise * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(affine_noise * torch.randn(p.shape, generator=g))
-
-
-def release_module_lists(unet: torch.nn.Module) -> dict[str, list[str]]:
-    """The release's LoRA target rule (initialize_unet in pisasr.py) applied to ``unet``."""
-    enc, dec, oth = [], [], []
-    for n, _ in unet.named_parameters():
-        if "bias" in n or "norm" in n:
-            continue
-        for pattern in RELEASE_PATTERNS:
-            if pattern in n and ("down_blocks" in n or "conv_in" in n):
-                enc.append(n.replace(".weight", ""))
-                break
-            elif pattern in n and ("up_blocks" in n or "conv_out" in n):
-                dec.append(n.replace(".weight", ""))
-                break
-            elif pattern in n:
-                oth.append(n.replace(".weight", ""))
-                break
-    return {"encoder": enc, "decoder": dec, "others": oth}
-
-
-def synthetic_checkpoint(unet: torch.nn.Module, seed: int, rank: int = 4, strength: float = 0.5) -> dict:
-    """A dict in the exact pisa_sr.pkl layout with random, non-zero LoRA weights for ``unet``."""
-    g = torch.Generator().manual_seed(seed)
-    modules = dict(unet.named_modules())
-    lists = release_module_lists(unet)
-    sd: dict = {"lora_rank_unet_pix": rank, "lora_rank_unet_sem": rank, "state_dict_unet": {}}
-    for kind in ("pix", "sem"):
-        for part, names in lists.items():
-            sd[f"unet_lora_{part}_modules_{kind}"] = list(names)
-            for name in names:
-                w = modules[name].weight
-                if w.dim() == 4:
-                    a = torch.randn(rank, w.shape[1], w.shape[2], w.shape[3], generator=g) / (w[0].numel() ** 0.5)
-                    b = torch.randn(w.shape[0], rank, 1, 1, generator=g) * strength / rank ** 0.5
-                else:
-                    a = torch.randn(rank, w.shape[1], generator=g) / (w.shape[1] ** 0.5)
-                    b = torch.randn(w.shape[0], rank, generator=g) * strength / rank ** 0.5
-                sd["state_dict_unet"][f"{name}.lora_A.default_{part}_{kind}.weight"] = a
-                sd["state_dict_unet"][f"{name}.lora_B.default_{part}_{kind}.weight"] = b
-    return sd
-
-
 @dataclass
 class Weights:
     arch: Arch
@@ -137,9 +86,9 @@ def build(arch: Arch, seed: int = 0) -> Weights:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     unet = UNet2DConditionModel(**arch.unet)
-    init_(unet, seed)
+    init_weights(unet, seed)
     vae = AutoencoderKL(**arch.vae)
-    init_(vae, seed + 1, affine_noise=0.1)
+    init_weights(vae, seed + 1, affine_noise=0.1)
     ckpt = synthetic_checkpoint(unet, seed + 2, arch.lora_rank)
     g = torch.Generator().manual_seed(seed + 3)
     context = torch.randn(1, 77, 1024, generator=g)

@@ -16,25 +16,12 @@ import comfy.model_patcher
 import comfy.sd
 import comfy.supported_models
 import comfy.utils
+from synthetic_weights import init_weights, synthetic_checkpoint  # noqa: F401  (re-exported for tests)
 
 CONTEXT_DIM = 1024  # SD2's text width; the base-model check requires it
 CHANNELS = (32, 64)
 HEADS = (2, 4)  # head width 16
 VAE_CH = 32
-RELEASE_PATTERNS = ["to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
-                    "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj"]
-
-
-def _init(module: torch.nn.Module, seed: int, affine_noise: float = 0.2) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1.0 + affine_noise * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(affine_noise * torch.randn(p.shape, generator=g))
 
 
 def diffusers_unet(seed: int = 0):
@@ -45,7 +32,7 @@ def diffusers_unet(seed: int = 0):
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=CONTEXT_DIM, attention_head_dim=HEADS, use_linear_projection=True, norm_num_groups=32,
     )
-    _init(unet, seed)
+    init_weights(unet, seed)
     return unet.eval()
 
 
@@ -96,7 +83,7 @@ def diffusers_vae(seed: int = 1):
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(VAE_CH,) * 4,
                         layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=256)
-    _init(vae, seed, affine_noise=0.1)
+    init_weights(vae, seed, affine_noise=0.1)
     return vae.eval()
 
 
@@ -104,47 +91,6 @@ def comfy_vae_from_diffusers(vae):
     sd = {k: v.clone() for k, v in vae.state_dict().items()}
     cv = comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": 4, "ddconfig": vae_ddconfig()}})
     return cv
-
-
-def release_module_lists(unet) -> dict[str, list[str]]:
-    """The release's module selection rule (initialize_unet in pisasr.py), applied to ``unet``."""
-    enc, dec, oth = [], [], []
-    for n, _ in unet.named_parameters():
-        if "bias" in n or "norm" in n:
-            continue
-        for pattern in RELEASE_PATTERNS:
-            if pattern in n and ("down_blocks" in n or "conv_in" in n):
-                enc.append(n.replace(".weight", ""))
-                break
-            elif pattern in n and ("up_blocks" in n or "conv_out" in n):
-                dec.append(n.replace(".weight", ""))
-                break
-            elif pattern in n:
-                oth.append(n.replace(".weight", ""))
-                break
-    return {"encoder": enc, "decoder": dec, "others": oth}
-
-
-def synthetic_checkpoint(unet, seed: int = 3, rank: int = 4, strength: float = 0.5) -> dict:
-    """A dict in the exact pisa_sr.pkl layout with random (non-zero) LoRA weights for ``unet``."""
-    g = torch.Generator().manual_seed(seed)
-    modules = dict(unet.named_modules())
-    lists = release_module_lists(unet)
-    sd: dict = {"lora_rank_unet_pix": rank, "lora_rank_unet_sem": rank, "state_dict_unet": {}}
-    for kind in ("pix", "sem"):
-        for part, names in lists.items():
-            sd[f"unet_lora_{part}_modules_{kind}"] = list(names)
-            for name in names:
-                w = modules[name].weight
-                if w.dim() == 4:
-                    a = torch.randn(rank, w.shape[1], w.shape[2], w.shape[3], generator=g) / (w[0].numel() ** 0.5)
-                    b = torch.randn(w.shape[0], rank, 1, 1, generator=g) * strength / rank ** 0.5
-                else:
-                    a = torch.randn(rank, w.shape[1], generator=g) / (w.shape[1] ** 0.5)
-                    b = torch.randn(w.shape[0], rank, generator=g) * strength / rank ** 0.5
-                sd["state_dict_unet"][f"{name}.lora_A.default_{part}_{kind}.weight"] = a
-                sd["state_dict_unet"][f"{name}.lora_B.default_{part}_{kind}.weight"] = b
-    return sd
 
 
 @dataclass
