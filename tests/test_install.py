@@ -179,3 +179,14 @@ def test_example_api_twin_runs_on_installed_pack(installed, name, size):
         path = installed.base / "temp" / item["subfolder"] / item["filename"]
         sizes.add(Image.open(path).size)
     assert sizes == {(4 * size[0], 4 * size[1])}
+
+
+def test_entry_point_tolerates_being_imported_alone():
+    """pytest imports the root __init__.py as a lone module when the clone's folder name is not an identifier
+    (``ComfyUI-PiSA-SR``): that must not fail, and must not register anything."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lone_entry_point", host.REPO / "__init__.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.WEB_DIRECTORY == "./web" and not hasattr(mod, "comfy_entrypoint")
