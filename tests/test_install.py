@@ -186,7 +186,8 @@ def test_entry_point_tolerates_being_imported_alone():
     (``ComfyUI-PiSA-SR``): that must not fail, and must not register anything."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("lone_entry_point", host.REPO / "__init__.py")
+    spec = importlib.util.spec_from_file_location("lone_entry_point", host.REPO / "__init__.py",
+                                                  submodule_search_locations=None)  # a module, as pytest does
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.WEB_DIRECTORY == "./web" and not hasattr(mod, "comfy_entrypoint")
