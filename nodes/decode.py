@@ -3,42 +3,35 @@ from __future__ import annotations
 
 import torch
 
+from ..pisa_sr.checks import check_latent
 from ..pisa_sr.color import COLOR_FIXES, apply_color_fix
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.resize import resize_output
 from . import vae_ops
 from .compat import io
+from .errors import names_refusals
 from .lq_info import lq_info_of
+from .preview import comparison_ui
 
 NODE = "PiSA Tiled VAE Decode"
 
 
 def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0) -> torch.Tensor:
-    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
-        raise PisaError(f"{NODE}: 'latent' must be a LATENT from Dual-Guided One-Step Sample.")
-    z = latent["samples"]
-    if z.dim() != 4 or z.shape[1] != 4 or z.shape[0] == 0:
-        raise PisaError(f"{NODE}: expected an SD latent [B,4,h,w], got {tuple(z.shape)}. Connect the LATENT of "
-                        "Dual-Guided One-Step Sample.")
-    if not torch.isfinite(z).all():
-        raise PisaError(f"{NODE}: the latent contains NaN or infinite values; the node that produced it is broken. "
-                        "Connect the LATENT of Dual-Guided One-Step Sample.")
-    if color_fix not in COLOR_FIXES:
-        raise PisaError(f"{NODE}: color_fix must be one of {', '.join(COLOR_FIXES)}.")
+    z = check_latent(latent, "Dual-Guided One-Step Sample")
     info = lq_info_of(latent)
     if info is None and color_fix != "none":
-        raise PisaError(f"{NODE}: this LATENT does not carry the resized LQ image needed for colour fix "
+        raise PisaError(f"this LATENT does not carry the resized LQ image needed for colour fix "
                         f"'{color_fix}'. Connect the chain PiSA Encode LQ -> Sample -> this node without nodes in "
                         "between that rebuild the latent, or set color_fix to none.")
-    out = vae_ops.decode(vae, z, int(vae_tile_size), NODE)  # [B,3,H,W] in [0,1]
+    out = vae_ops.decode(vae, z, int(vae_tile_size))  # [B,3,H,W] in [0,1]
     if info is not None:
         src = info.lq_float_bchw()
         if src.shape[0] != out.shape[0] and src.shape[0] != 1:
-            raise PisaError(f"{NODE}: the latent batch ({out.shape[0]}) does not match the LQ batch "
+            raise PisaError(f"the latent batch ({out.shape[0]}) does not match the LQ batch "
                             f"({src.shape[0]}). Decode the LATENT that came from the same PiSA Encode LQ.")
         if src.shape[-2:] != out.shape[-2:]:
-            raise PisaError(f"{NODE}: the latent decodes to {out.shape[-1]}x{out.shape[-2]} px but the LQ reference "
+            raise PisaError(f"the latent decodes to {out.shape[-1]}x{out.shape[-2]} px but the LQ reference "
                             f"is {src.shape[-1]}x{src.shape[-2]}; the latent was resized between nodes.")
         if color_fix != "none":
             # The release colour-fixes the 8-bit (truncated) decoder output; doing the same keeps us equal to it.
@@ -63,23 +56,19 @@ class PiSADecode(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="The LATENT from Dual-Guided One-Step Sample."),
                 io.Vae.Input("vae", tooltip="The same VAE that encoded the LQ image."),
                 io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
-                               tooltip="adain (release default): match each channel's mean and spread to the "
-                               "input. wavelet: keep the output's fine detail, take the input's low-frequency "
-                               "colour. none: raw decoder output."),
+                               tooltip="Colour correction against the input: adain (release default), wavelet, "
+                               "or none."),
                 io.Int.Input("vae_tile_size", default=0, min=0, max=8192, step=64,
-                             tooltip="VAE decoder tile size in output px. 0 = automatic from free device memory "
-                             "(whole image when it fits). Tiles share GroupNorm statistics and attention stays "
-                             "global, so the result equals an untiled decode: no seams, no colour shift. On an "
-                             "out-of-memory error the node retries with smaller tiles and logs it."),
+                             tooltip="VAE tile size in output px; 0 = automatic, 1..128 = the smallest (128). "
+                             "Tiling never changes the result (no seams), only memory and time."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="The upscaled image.")],
         )
 
     @classmethod
+    @names_refusals(NODE)
     @trims_heap
     def execute(cls, latent, vae, color_fix="adain", vae_tile_size=0) -> io.NodeOutput:
-        from . import preview
-
         img = decode_hq(latent, vae, color_fix, vae_tile_size)
         # UI only: the result and the resized LQ as small temp previews, for the before/after slider of web/.
-        return io.NodeOutput(img, ui=preview.comparison_ui(img, lq_info_of(latent)))
+        return io.NodeOutput(img, ui=comparison_ui(img, lq_info_of(latent)))

@@ -1,10 +1,11 @@
 """PiSA Labelled Grid: one contact sheet from an IMAGE batch, each tile labelled (e.g. with its lambdas and scores)."""
 from __future__ import annotations
 
+from ..pisa_sr.checks import check_image
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.grid import labelled_grid
 from .compat import io
-from .score import check_images
+from .errors import names_refusals
 
 NODE = "PiSA Labelled Grid"
 
@@ -17,7 +18,7 @@ def split_lines(text, n: int, what: str, fix: str) -> list[str]:
     while len(lines) > n and not lines[-1].strip():
         lines.pop()  # tolerate trailing blank lines
     if len(lines) != n:
-        raise PisaError(f"{NODE}: {n} image(s) but {len(lines)} {what} line(s). {fix}")
+        raise PisaError(f"{n} image(s) but {len(lines)} {what} line(s). {fix}")
     return lines
 
 
@@ -41,27 +42,24 @@ class PiSALabelledGrid(io.ComfyNode):
                         "label boxes are drawn.",
             inputs=[
                 io.Image.Input("images", tooltip="The decoded batch, e.g. PiSA Tiled VAE Decode of PiSA Lambda "
-                               "Sweep's latents (setting-major: with B input images, columns = B puts one "
-                               "setting per row)."),
+                               "Sweep's latents."),
                 io.String.Input("labels", optional=True, force_input=True,
-                                tooltip="One label per image, one per line (PiSA Lambda Sweep's labels output). "
-                                "Unconnected or blank: no labels."),
+                                tooltip="One label per image, one per line (PiSA Lambda Sweep's labels)."),
                 io.String.Input("scores", optional=True, force_input=True,
-                                tooltip="Optional: one score line per image (PiSA Quality Score's scores text), "
-                                "appended to each label after ' | '."),
+                                tooltip="Optional: one score line per image (PiSA Quality Score's scores_text)."),
                 io.Int.Input("columns", default=0, min=0, max=64, step=1,
-                             tooltip="Tiles per row; 0 = automatic (a near-square grid)."),
+                             tooltip="Tiles per row; 0 = automatic (near-square)."),
                 io.Int.Input("font_size", default=0, min=0, max=256, step=1,
-                             tooltip="Label height in px; 0 = automatic (about 1/20 of the tile's short side). "
-                             "Labels shrink to fit the tile width."),
+                             tooltip="Label height in px; 0 = automatic."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="One grid image (batch 1); connect to Save "
                                      "Image or Preview Image.")],
         )
 
     @classmethod
+    @names_refusals(NODE)
     def execute(cls, images, labels=None, scores=None, columns=0, font_size=0) -> io.NodeOutput:
-        images = check_images(images, NODE)
+        images = check_image(images)
         text = grid_labels(images.shape[0], labels, scores)
         grid = labelled_grid(images, text, columns=int(columns) or None,
                              font_size=int(font_size) if int(font_size) > 0 else None)

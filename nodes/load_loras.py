@@ -7,8 +7,10 @@ import threading
 from ..pisa_sr.checkpoint import CheckpointError, PisaLoras, load_checkpoint
 from ..pisa_sr.errors import PisaError
 from . import compat
+from .base_model import check_sd2_eps
 from .compat import io
-from .pisa_model import PisaModelInfo
+from .errors import names_refusals
+from .pisa_model import ATTACHMENT_KEY, PisaModelInfo, attached_info
 
 NODE = "Load PiSA LoRAs"
 _cache: dict[tuple[str, int, int], PisaLoras] = {}
@@ -23,7 +25,7 @@ def read_loras(path: str) -> PisaLoras:
         hit = _cache.get(key)
     if hit is not None:
         return hit
-    loras = load_checkpoint(path, NODE)
+    loras = load_checkpoint(path)
     with _cache_lock:
         _cache.clear()  # one checkpoint at a time is the norm; keep memory flat
         _cache[key] = loras
@@ -32,29 +34,32 @@ def read_loras(path: str) -> PisaLoras:
 
 def apply_pisa_loras(model, loras: PisaLoras, file_name: str = ""):
     """A clone of ``model`` with pix and sem merged (release default mode) and the PiSA info attached."""
-    compat.check_sd2_eps(model, NODE)
+    if attached_info(model) is not None:
+        raise PisaError("this MODEL already carries PiSA-SR LoRAs (Load PiSA LoRAs is chained twice); applying them "
+                        "again would stack them. Connect Load Checkpoint's MODEL straight to this node.")
+    check_sd2_eps(model)
     module_map = compat.diffusers_to_comfy_modules(model)
-    shapes = compat.model_state_shapes(model)
+    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
     for lset in loras.sets():
         for name, pair in lset.pairs.items():
             target = module_map.get(name)
             if target is None:
                 raise CheckpointError(
-                    f"{NODE}: the {lset.kind} LoRA targets '{name}', which this UNet does not have. The LoRA file "
-                    "and the base model do not match: PiSA-SR needs Stable Diffusion 2.1-base.")
+                    f"the {lset.kind} LoRA targets '{name}', which this UNet does not have. The LoRA file and the "
+                    "base model do not match: PiSA-SR needs Stable Diffusion 2.1-base.")
             want = shapes.get(target + ".weight")
-            if want is None or tuple(want) != pair.weight_shape():
+            if want != pair.weight_shape():
                 raise CheckpointError(
-                    f"{NODE}: the {lset.kind} LoRA for '{name}' has shape {pair.weight_shape()} but the model's weight "
-                    f"is {tuple(want) if want else 'missing'}. The LoRA file and the base model do not match: "
-                    "PiSA-SR needs Stable Diffusion 2.1-base.")
+                    f"the {lset.kind} LoRA for '{name}' has shape {pair.weight_shape()} but the model's weight "
+                    f"is {want or 'missing'}. The LoRA file and the base model do not match: PiSA-SR needs "
+                    "Stable Diffusion 2.1-base.")
     clone = model.clone()
     for lset in loras.sets():
         n = compat.add_lora_patches(clone, lset.pairs, module_map, loras.alpha)
         if n != len(lset.pairs):
-            raise CheckpointError(f"{NODE}: ComfyUI accepted {n} of {len(lset.pairs)} {lset.kind} LoRA modules; "
-                                  "the LoRA does not fit this model.")
-    clone.set_attachments(compat.ATTACHMENT_KEY, PisaModelInfo(loras, module_map, file_name))
+            raise CheckpointError(f"ComfyUI accepted {n} of {len(lset.pairs)} {lset.kind} LoRA modules; the LoRA "
+                                  "does not fit this model.")
+    compat.attach(clone, ATTACHMENT_KEY, PisaModelInfo(loras, module_map, file_name))
     return clone
 
 
@@ -68,24 +73,21 @@ class PiSALoadLoRAs(io.ComfyNode):
             description="Applies PiSA-SR's pixel-level and semantic-level LoRAs to your SD 2.1-base model. The "
                         "model you connect is left untouched; the output is a patched copy.",
             inputs=[
-                io.Model.Input("model", tooltip="The MODEL output of Load Checkpoint with Stable Diffusion "
-                               "2.1-base (v2-1_512-ema-pruned). SD 1.x, SDXL, 768-v, inpainting and unCLIP "
-                               "checkpoints are refused."),
+                io.Model.Input("model", tooltip="The MODEL of Load Checkpoint with Stable Diffusion 2.1-base "
+                               "(v2-1_512-ema-pruned); other families are refused."),
                 io.Combo.Input("lora_name", options=compat.lora_file_choices(),
-                               tooltip="pisa_sr.pkl from the official PiSA-SR release, or its .safetensors "
-                               "conversion (recommended: `python -m pisa_sr.convert`). Put it in "
-                               "ComfyUI/models/pisa_sr/ (files in models/loras whose name contains 'pisa' are "
-                               "listed too)."),
+                               tooltip="pisa_sr.pkl from the PiSA-SR release (or its .safetensors conversion), in "
+                               "ComfyUI/models/pisa_sr/."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="SD 2.1-base with both PiSA-SR LoRAs; "
                                      "connect to Dual-Guided One-Step Sample.")],
         )
 
     @classmethod
+    @names_refusals(NODE)
     def execute(cls, model, lora_name) -> io.NodeOutput:
         path = compat.lora_file_path(lora_name)
         if path is None:
-            raise PisaError(f"{NODE}: '{lora_name}' was not found in models/pisa_sr or models/loras. Download "
+            raise PisaError(f"'{lora_name}' was not found in models/pisa_sr or models/loras. Download "
                             "pisa_sr.pkl from the PiSA-SR release into ComfyUI/models/pisa_sr/ and refresh.")
-        loras = read_loras(path)
-        return io.NodeOutput(apply_pisa_loras(model, loras, lora_name))
+        return io.NodeOutput(apply_pisa_loras(model, read_loras(path), lora_name))

@@ -9,6 +9,8 @@ from ..pisa_sr.checkpoint import PisaLoras
 from ..pisa_sr.errors import PisaError
 from . import compat
 
+ATTACHMENT_KEY = "pisa_sr"
+
 
 @dataclass(frozen=True)
 class PisaModelInfo:
@@ -19,15 +21,20 @@ class PisaModelInfo:
     file_name: str
 
 
-def info_of(model: Any, node: str) -> PisaModelInfo:
-    info = model.get_attachment(compat.ATTACHMENT_KEY) if hasattr(model, "get_attachment") else None
-    if not isinstance(info, PisaModelInfo):
-        raise PisaError(f"{node}: this MODEL carries no PiSA-SR LoRAs. Connect it through 'Load PiSA LoRAs' "
+def attached_info(model: Any) -> PisaModelInfo | None:
+    info = compat.attachment(model, ATTACHMENT_KEY)
+    return info if isinstance(info, PisaModelInfo) else None
+
+
+def info_of(model: Any) -> PisaModelInfo:
+    info = attached_info(model)
+    if info is None:
+        raise PisaError("this MODEL carries no PiSA-SR LoRAs. Connect it through 'Load PiSA LoRAs' "
                         "(Load Checkpoint with SD 2.1-base -> Load PiSA LoRAs -> this node).")
     return info
 
 
 def sem_removal_targets(model: Any, info: PisaModelInfo) -> list[BypassTarget]:
     """Hooks that subtract the sem LoRA in the activations, turning the merged pix+sem model into pix only."""
-    return [BypassTarget(compat.get_module(model, info.module_map[name]), pair, sign=-1.0)
+    return [BypassTarget(model.model.get_submodule(info.module_map[name]), pair, sign=-1.0)
             for name, pair in info.loras.sem.pairs.items()]

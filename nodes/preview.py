@@ -11,7 +11,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .compat import ui
+from . import compat
 from .lq_info import LQInfo
 
 log = logging.getLogger("PiSA-SR")
@@ -54,9 +54,9 @@ def comparison_ui(result: torch.Tensor, info: LQInfo | None) -> dict | None:
     """The decode node's UI output, or None if the previews could not be written (logged, never raised)."""
     try:
         res, lq = comparison_images(result, info)
-        out = {"images": ui.PreviewImage(res).values}
+        out = {"images": compat.preview_images(res)}
         if lq is not None:
-            out[LQ_KEY] = ui.PreviewImage(lq).values
+            out[LQ_KEY] = compat.preview_images(lq)
         return out
     except Exception as e:  # a preview must never cost the user their result
         log.warning("PiSA-SR: could not write the before/after preview: %s", e)

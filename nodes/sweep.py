@@ -28,6 +28,7 @@ from ..pisa_sr.sweep import MAX_SETTINGS, choose_best_per_image, format_label, p
 from . import compat
 from .compat import io
 from .decode import decode_hq
+from .errors import names_refusals
 from .lq_info import LATENT_KEY, LQInfo, lq_info_of
 from .sample import sample_eps
 
@@ -41,8 +42,8 @@ BEST_MARK = " [best]"
 
 
 def _repeat_extras(latent: dict, samples: torch.Tensor, settings: int, batch: int) -> dict:
-    """The LATENT dict for a setting-major batch of ``settings`` x ``batch``: the LQ reference, noise mask and
-    batch_index repeated the way RepeatLatentBatch repeats them, every other key kept."""
+    """The LATENT dict for a setting-major batch of ``settings`` x ``batch``: the LQ reference and batch_index
+    repeated the way RepeatLatentBatch repeats them, every other key kept (a noise mask is refused upstream)."""
     out = dict(latent)
     out["samples"] = samples
     info = lq_info_of(latent)
@@ -50,11 +51,6 @@ def _repeat_extras(latent: dict, samples: torch.Tensor, settings: int, batch: in
     # repeated per setting so row s * B + b keeps image b's reference.
     if info is not None and batch > 1 and settings > 1 and info.lq_u8.shape[0] == batch:
         out[LATENT_KEY] = LQInfo(lq_u8=info.lq_u8.repeat(settings, 1, 1, 1), plan=info.plan)
-    mask = out.get("noise_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() >= 1 and mask.shape[0] > 1:
-        if mask.shape[0] < batch:
-            mask = mask.repeat(math.ceil(batch / mask.shape[0]), *([1] * (mask.dim() - 1)))[:batch]
-        out["noise_mask"] = mask.repeat(settings, *([1] * (mask.dim() - 1)))
     index = out.get("batch_index")
     if isinstance(index, list) and index:
         offset = max(index) - min(index) + 1
@@ -63,40 +59,30 @@ def _repeat_extras(latent: dict, samples: torch.Tensor, settings: int, batch: in
 
 
 def _check_metric_ready(choice: str) -> None:
-    if choice not in CHOOSE_BEST:
-        raise PisaError(f"{NODE}: choose_best must be one of {', '.join(CHOOSE_BEST)}, got {choice!r}.")
     if choice in metrics.LEARNED_METRICS:
         ok, reason = metrics.learned_metric_status(choice)
         if not ok:
-            raise PisaError(f"{NODE}: choose_best = '{choice}': {reason} Or pick 'sharpness' or 'noise', which "
-                            "need no weights.")
-
-
-def _fmt(v: float, unit: str = "") -> str:
-    if math.isnan(v):
-        return "n/a"
-    if math.isinf(v):
-        return "inf" + unit
-    return f"{v:.4g}{unit}"
+            raise PisaError(f"choose_best = '{choice}': {reason} Or pick 'sharpness' or 'noise', which need no "
+                            "weights.")
 
 
 def score_settings(latent: dict, z_hq_raw: torch.Tensor, ref_raw: torch.Tensor, settings: int, batch: int, vae,
                    color_fix: str, metric: str) -> tuple[list[list[float]], list[list[float]]]:
     """Decode each setting (batch B at a time), score it with ``metric`` and with PSNR (Y, no border crop) against
     the decoded pix-only reference; returns ``quality[s][b]`` and ``fidelity[s][b]``."""
-    bar = compat.progress_bar(settings + 1)
+    hooks = compat.hooks()
     ref_img = decode_hq(dict(latent, samples=ref_raw), vae, color_fix)
-    bar.update_absolute(1, settings + 1)
+    hooks.progress(1, settings + 1)
     quality: list[list[float]] = []
     fidelity: list[list[float]] = []
     for s in range(settings):
-        compat.throw_if_interrupted()
+        hooks.check_interrupt()
         img = decode_hq(dict(latent, samples=z_hq_raw[s * batch:(s + 1) * batch]), vae, color_fix)
         ref = ref_img.to(img.device)
         quality.append([float(v) for v in metrics.score(img, metric)])
         fidelity.append([float(v) for v in metrics.psnr_y(img, ref, crop_border=0)])
         del img
-        bar.update_absolute(s + 2, settings + 1)
+        hooks.progress(s + 2, settings + 1)
     return quality, fidelity
 
 
@@ -117,7 +103,7 @@ def report_text(pairs, batch: int, metric: str, floor: float, quality, fidelity,
         lines.append(f"{who}: {format_label(lp, ls)} ({why})")
     for s, (lp, ls) in enumerate(pairs):
         cells = "; ".join(
-            f"{metric} {_fmt(quality[s][b])}, PSNR {_fmt(fidelity[s][b], ' dB')}" for b in range(batch))
+            f"{metric} {metrics.format_score(quality[s][b])}, PSNR {metrics.format_score(fidelity[s][b], ' dB')}" for b in range(batch))
         lines.append(f"{s + 1}: {format_label(lp, ls)}: {cells}")
     return "\n".join(lines)
 
@@ -136,84 +122,65 @@ class PiSALambdaSweep(io.ComfyNode):
                         "no-reference score under a fidelity floor.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL from Load PiSA LoRAs."),
-                io.Conditioning.Input("positive", tooltip="CLIPTextEncode with an EMPTY prompt (the release's "
-                                      "setting), as for Dual-Guided One-Step Sample."),
+                io.Conditioning.Input("positive", tooltip="CLIPTextEncode with an EMPTY prompt, as for the sampler."),
                 io.Latent.Input("latent", tooltip="The LATENT from PiSA Encode LQ (a batch of B images is fine)."),
                 io.String.Input("settings", multiline=True, default=DEFAULT_SETTINGS,
-                                tooltip="The (lambda_pix, lambda_sem) settings, in output order, at most "
-                                f"{MAX_SETTINGS}. A list: '0.5,1; 1,1; 1,1.5' (pairs separated by ; or new "
-                                "lines). Or a grid: 'pix=0.5:1.5:0.5 sem=0.5:1.5:0.5' (start:stop:step, "
-                                "inclusive, pix outer and sem inner; a lambda left out stays 1.0). Each lambda "
-                                "must lie in [-2, 4]; (1, 1) is the release default, (1, 0) pixel-only."),
+                                tooltip=f"Up to {MAX_SETTINGS} (lambda_pix, lambda_sem) settings: a list '0.5,1; "
+                                "1,1' or a grid 'pix=0.5:1.5:0.5 sem=0.5:1.5:0.5' (see README)."),
                 io.Int.Input("tile_size", default=96, min=0, max=1024, step=8,
-                             tooltip="Latent tile size, as in Dual-Guided One-Step Sample (96 with overlap 32 is "
-                             "the release's; tiling starts when the latent area exceeds tile_size^2; 0 = never)."),
+                             tooltip="Latent tile size, as in Dual-Guided One-Step Sample (0 = never tile)."),
                 io.Int.Input("tile_overlap", default=32, min=0, max=512, step=8,
-                             tooltip="Overlap between latent tiles, blended with Gaussian weights (sigma = tile/10)."),
+                             tooltip="Overlap between latent tiles (Gaussian blending); below tile_size."),
                 io.Combo.Input("choose_best", options=list(CHOOSE_BEST), default="off",
-                               tooltip="off: no choice ('best' = the first setting). Otherwise decode every "
-                               "setting (needs the vae input), score it and output the best one in 'best', per "
-                               "input image. sharpness (higher is better) and noise (lower is better) are cheap "
-                               "HEURISTICS, not perceived quality: sharpness also rises with noise and halos. "
-                               "musiq / clipiqa / maniqa are the learned scores the PiSA-SR paper reports; they "
-                               "work only if the optional pyiqa package AND its weights are already on this "
-                               "machine (this node never downloads; otherwise it stops and says what to fetch)."),
+                               tooltip="off, or the score that picks 'best' per image: sharpness / noise "
+                               "(heuristics) or musiq / clipiqa / maniqa (need pyiqa and its weights)."),
                 io.Float.Input("fidelity_floor_db", default=28.0, min=0.0, max=100.0, step=0.5,
-                               tooltip="Only settings whose decoded image stays within this PSNR (dB, on Y, no "
-                               "border crop) of the decoded pixel-only output (lambda_pix 1, lambda_sem 0) may be "
-                               "chosen; higher = stay closer to the faithful result. 0 = no floor. If no setting "
-                               "reaches it, the closest one is returned and the report says so. Used only when "
-                               "choose_best is on."),
+                               tooltip="choose_best only picks settings within this PSNR (dB) of the pixel-only "
+                               "output; 0 = no floor."),
                 io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
-                               tooltip="Colour fix used when decoding for choose_best; set it like your PiSA "
-                               "Tiled VAE Decode so the scores match what you see. Unused when choose_best is off."),
+                               tooltip="Colour fix for the choose_best decodes; set it like your decoder."),
                 io.Vae.Input("vae", optional=True,
-                             tooltip="The VAE (the one that encoded the LQ image). Needed only when choose_best "
-                             "is on, to decode and score each setting."),
+                             tooltip="The VAE that encoded the LQ image; needed only for choose_best."),
             ],
             outputs=[
-                io.Latent.Output(display_name="latents", tooltip="Every setting's latent, setting-major: batch "
-                                 "index = setting x B + image (B = input batch). Connect to PiSA Tiled VAE Decode, "
-                                 "then PiSA Labelled Grid."),
-                io.String.Output(display_name="labels", tooltip="One label per latent in 'latents', one per line "
-                                 "(e.g. 'pix 1.00 / sem 1.50'; the chosen one ends in [best]). Connect to PiSA "
-                                 "Labelled Grid."),
+                io.Latent.Output(display_name="latents", tooltip="Every setting's latent, setting-major (batch "
+                                 "index = setting x B + image); connect to PiSA Tiled VAE Decode."),
+                io.String.Output(display_name="labels", tooltip="One label per latent, one per line; connect to "
+                                 "PiSA Labelled Grid."),
                 io.Float.Output(display_name="lambda_pix", is_output_list=True,
-                                tooltip="lambda_pix of each setting, as a list (one value per setting)."),
+                                tooltip="lambda_pix of each setting, as a list."),
                 io.Float.Output(display_name="lambda_sem", is_output_list=True,
-                                tooltip="lambda_sem of each setting, as a list (one value per setting)."),
-                io.Latent.Output(display_name="best", tooltip="With choose_best on: the best setting for each "
-                                 "input image (batch B). With choose_best off: the first setting."),
-                io.String.Output(display_name="report", tooltip="The settings, their scores and which one was "
-                                 "chosen and why, as text (e.g. for a Preview Any / Show Text node)."),
+                                tooltip="lambda_sem of each setting, as a list."),
+                io.Latent.Output(display_name="best", tooltip="The chosen setting per input image (the first "
+                                 "setting when choose_best is off)."),
+                io.String.Output(display_name="report", tooltip="The settings, their scores and the choice, as "
+                                 "text."),
             ],
         )
 
     @classmethod
+    @names_refusals(NODE)
     @trims_heap
     def execute(cls, model, positive, latent, settings=DEFAULT_SETTINGS, tile_size=96, tile_overlap=32,
                 choose_best="off", fidelity_floor_db=28.0, color_fix="adain", vae=None) -> io.NodeOutput:
         try:
             pairs = parse_lambda_pairs(settings)
         except PisaError as e:
-            raise PisaError(f"{NODE}: settings: {e}") from None
-        choice = str(choose_best)
+            raise PisaError(f"settings: {e}") from None  # which input: the parser quotes only the fragment
+        choice = choose_best
         _check_metric_ready(choice)
         if choice != "off" and vae is None:
-            raise PisaError(f"{NODE}: choose_best = '{choice}' decodes every setting to score it: connect the VAE "
-                            "(the one that encoded the LQ image), or set choose_best to off.")
+            raise PisaError(f"choose_best = '{choice}' decodes every setting to score it: connect the VAE (the one "
+                            "that encoded the LQ image), or set choose_best to off.")
         floor = float(fidelity_floor_db)
         if not math.isfinite(floor):
-            raise PisaError(f"{NODE}: fidelity_floor_db must be a finite number of dB, e.g. 28.")
-        if choice != "off" and color_fix not in COLOR_FIXES:
-            raise PisaError(f"{NODE}: color_fix must be one of {', '.join(COLOR_FIXES)}.")
+            raise PisaError("fidelity_floor_db must be a finite number of dB, e.g. 28.")
 
-        z, eps = sample_eps(model, latent, positive, 1.0, 1.0, int(tile_size), int(tile_overlap), node=NODE,
-                            outputs="both")
+        z, eps = sample_eps(model, latent, positive, 1.0, 1.0, tile_size, tile_overlap, both=True)
         c = z.shape[1]
         eps_pix, eps_sem = eps[:, :c].to(z.device), eps[:, c:].to(z.device)
         batch, n = z.shape[0], len(pairs)
-        z_hq = compat.process_latent_out(model, sweep_latents(z, eps_pix, eps_sem, pairs))
+        z_hq = model.model.process_latent_out(sweep_latents(z, eps_pix, eps_sem, pairs))
         z_hq = z_hq.to(torch.float32).cpu()
         out = _repeat_extras(latent, z_hq, n, batch)
         labels = sweep_labels(pairs, batch)
@@ -222,15 +189,10 @@ class PiSALambdaSweep(io.ComfyNode):
         if choice == "off":
             best_idx = [0] * batch
         else:
-            ref = compat.process_latent_out(model, sweep_latents(z, eps_pix, eps_sem, [REFERENCE_SETTING]))
-            try:
-                quality, fidelity = score_settings(latent, z_hq, ref.to(torch.float32).cpu(), n, batch, vae,
-                                                   color_fix, choice)
-                chosen = choose_best_per_image(quality, fidelity, floor,
-                                               metrics.METRICS[choice].direction > 0)
-            except PisaError as e:
-                msg = str(e)
-                raise PisaError(msg if msg.startswith(NODE) else f"{NODE}: {msg}") from None
+            ref = model.model.process_latent_out(sweep_latents(z, eps_pix, eps_sem, [REFERENCE_SETTING]))
+            quality, fidelity = score_settings(latent, z_hq, ref.to(torch.float32).cpu(), n, batch, vae, color_fix,
+                                               choice)
+            chosen = choose_best_per_image(quality, fidelity, floor, metrics.METRICS[choice].direction > 0)
             best_idx = [s for s, _ in chosen]
             for b, s in enumerate(best_idx):
                 labels[s * batch + b] += BEST_MARK

@@ -51,7 +51,7 @@ class LowRankBypass(AbstractContextManager):
 
     The LoRA factors are cast once per (device, dtype) and ``sign * scale`` is folded into ``up``, so a hook costs
     two small matmuls and one in-place add into the module's fresh output. The object can be entered again (with
-    another ``rows``): the cast factors are kept until ``remove()``, so a tiled run copies them to the device once.
+    another ``rows``): the cast factors are kept for the object's life, so a tiled run copies them to the device once.
     """
 
     def __init__(self, targets: list[BypassTarget], rows: slice = slice(None)):
@@ -110,11 +110,6 @@ class LowRankBypass(AbstractContextManager):
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-    def remove(self) -> None:
-        """Remove the hooks and drop the cast factors."""
-        self._unhook()
-        self._cast.clear()
 
     def __exit__(self, *exc) -> None:
         self._unhook()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import PisaError
+
 __all__ = ["COLOR_FIXES", "adain_fix", "wavelet_fix", "apply_color_fix"]
 
 COLOR_FIXES = ("adain", "wavelet", "none")
@@ -55,5 +57,5 @@ def apply_color_fix(target: torch.Tensor, source: torch.Tensor, method: str) -> 
     elif method == "wavelet":
         out = wavelet_fix(target.float(), source.float())
     else:
-        raise ValueError(f"unknown colour fix '{method}'; choose one of {', '.join(COLOR_FIXES)}.")
+        raise PisaError(f"unknown colour fix '{method}'; choose one of {', '.join(COLOR_FIXES)}.")
     return out.clamp(0, 1)

@@ -13,9 +13,11 @@ import torch
 
 from .errors import PisaError
 
-__all__ = ["LAMBDA_MIN", "LAMBDA_MAX", "Pass", "plan_passes", "combine_eps", "check_lambdas"]
+__all__ = ["LAMBDA_MIN", "LAMBDA_MAX", "LAMBDA_RANGE", "Pass", "plan_passes", "combine_eps", "check_lambda"]
 
+# Generous around the paper's [0, 2]; still refuses typos (10 for 1.0) that would only blow the image out.
 LAMBDA_MIN, LAMBDA_MAX = -2.0, 4.0
+LAMBDA_RANGE: tuple[float, float] = (LAMBDA_MIN, LAMBDA_MAX)
 
 
 class Pass(enum.Enum):
@@ -25,11 +27,16 @@ class Pass(enum.Enum):
     DUAL = "dual"  # eps_pix and eps_sem both needed
 
 
-def check_lambdas(lambda_pix: float, lambda_sem: float, node: str = "PiSA Sample") -> None:
-    for name, v in (("lambda_pix", lambda_pix), ("lambda_sem", lambda_sem)):
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or not (LAMBDA_MIN <= v <= LAMBDA_MAX):
-            raise PisaError(f"{node}: {name} = {v!r} is outside [{LAMBDA_MIN:g}, {LAMBDA_MAX:g}] or not a number. "
-                            f"Use 1.0 for the release default; 0..2 is the useful range.")
+def check_lambda(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite number inside ``LAMBDA_RANGE``, else a PisaError naming ``name``."""
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        v = math.nan
+    if not (math.isfinite(v) and LAMBDA_MIN <= v <= LAMBDA_MAX):
+        raise PisaError(f"{name} = {value!r} is outside [{LAMBDA_MIN:g}, {LAMBDA_MAX:g}] or not a number. "
+                        "Use 1.0 for the release default; 0..2 is the useful range.")
+    return v
 
 
 def plan_passes(lambda_pix: float, lambda_sem: float) -> Pass:

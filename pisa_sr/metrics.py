@@ -79,7 +79,7 @@ _DATA_RANGE = 255.0
 
 def _check_image(img: torch.Tensor, what: str = "image") -> None:
     if not isinstance(img, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(img).__name__}")
+        raise PisaError(f"{what} must be a torch.Tensor, got {type(img).__name__}")
     if img.ndim != 4 or img.shape[-1] != 3:
         raise PisaError(f"{what} must be an IMAGE tensor [B,H,W,3], got shape {tuple(img.shape)}")
     if img.shape[0] == 0 or img.shape[1] == 0 or img.shape[2] == 0:
@@ -365,9 +365,8 @@ def _refuse_download(*args: object, **kwargs: object) -> None:
 def _offline() -> Iterator[None]:
     """While pyiqa builds a metric: hub client offline, pyiqa's and CLIP's downloaders disabled; restored after.
 
-    Patched on the libraries' own module objects (not process-wide sockets) so other nodes running at the same time
-    are unaffected. ``huggingface_hub`` is imported before the environment changes, so its import-time constants
-    are not frozen to offline for the rest of the process.
+    Patched on the libraries' own module objects (no environment variables, no process-wide sockets) and restored
+    after, so other nodes running at the same time are unaffected.
     """
     patches: list[tuple[object, str, object]] = []
 
@@ -376,23 +375,14 @@ def _offline() -> Iterator[None]:
             patches.append((obj, attr, getattr(obj, attr)))
             setattr(obj, attr, value)
 
-    env_keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
-    old_env = {k: os.environ.get(k) for k in env_keys}
     try:
         for mod in ("huggingface_hub.constants", "huggingface_hub.file_download"):
             patch(sys.modules.get(mod), "HF_HUB_OFFLINE", True)
         patch(sys.modules.get("pyiqa.utils.download_util"), "download_url_to_file", _refuse_download)
         patch(sys.modules.get("pyiqa.utils.download_util"), "download_file_from_google_drive", _refuse_download)
         patch(sys.modules.get("pyiqa.archs.clip_model"), "_download", _guarded_clip_download)
-        for k in env_keys:
-            os.environ[k] = "1"
         yield
     finally:
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         for obj, attr, value in reversed(patches):
             setattr(obj, attr, value)
 
@@ -463,10 +453,20 @@ def score(
         raise PisaError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     if METRICS[key].needs_reference:
         if ref is None:
-            raise PisaError(f"'{key}' is a full-reference metric: connect a reference image")
+            raise PisaError(f"'{key}' is a full-reference metric: connect the ground-truth image to 'reference', or "
+                            "pick a no-reference metric (sharpness, noise, musiq, ...).")
         return psnr_y(img, ref, crop_border) if key == "psnr" else ssim_y(img, ref, crop_border)
     if key == "sharpness":
         return sharpness(img)
     if key == "noise":
         return noise_sigma(img)
     return learned_score(img, key)
+
+
+def format_score(value: float, unit: str = "") -> str:
+    """A score for a label or report: 4 significant digits; NaN (could not be computed) reads ``n/a``."""
+    if math.isnan(value):
+        return "n/a"
+    if math.isinf(value):
+        return "inf" + unit
+    return f"{value:.4g}{unit}"

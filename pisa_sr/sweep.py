@@ -13,11 +13,10 @@ from typing import Optional, Sequence
 import torch
 
 from .errors import PisaError
+from .guidance import check_lambda
 
 __all__ = [
-    "LAMBDA_RANGE",
     "MAX_SETTINGS",
-    "check_lambda",
     "parse_lambda_pairs",
     "format_pairs",
     "format_label",
@@ -28,29 +27,10 @@ __all__ = [
     "choose_best_per_image",
 ]
 
-LAMBDA_RANGE: tuple[float, float] = (-2.0, 4.0)
 MAX_SETTINGS = 64
 
 _PIX_KEYS = {"pix", "lpix", "lambda_pix", "λpix", "λ_pix"}
 _SEM_KEYS = {"sem", "lsem", "lambda_sem", "λsem", "λ_sem"}
-
-
-def check_lambda(name: str, value: float) -> float:
-    """``value`` as a float if it is finite and inside ``LAMBDA_RANGE``; otherwise a PisaError naming ``name``.
-
-    The range is generous around the paper's [0, 2] and still refuses typos (``10`` for ``1.0``) that would only
-    produce a blown-out image after a long run.
-    """
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise PisaError(f"{name} must be a number, got {value!r}") from None
-    lo, hi = LAMBDA_RANGE
-    if not math.isfinite(v):
-        raise PisaError(f"{name} must be a finite number, got {value!r}")
-    if not lo <= v <= hi:
-        raise PisaError(f"{name} = {v:g} is outside the supported range [{lo:g}, {hi:g}]")
-    return v
 
 
 def _number(text: str, fragment: str) -> float:

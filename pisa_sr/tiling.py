@@ -17,14 +17,11 @@ __all__ = ["axis_starts", "Tile", "plan_tiles", "gaussian_ramp", "gaussian_weigh
 def axis_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets along one axis, as the release computes them (last tile edge-aligned).
 
-    ``tile`` is clamped to ``length``; ``overlap`` is clamped below ``tile`` so the loop always advances.
+    ``tile`` is clamped to ``length`` (one tile across a short side); ``overlap`` must be below ``tile``.
     """
-    if length <= 0:
-        raise ValueError(f"axis length must be positive, got {length}")
-    if tile <= 0:
-        raise ValueError(f"tile size must be positive, got {tile}")
+    if length <= 0 or tile <= 0 or not 0 <= overlap < tile:
+        raise ValueError(f"need length > 0 and 0 <= overlap < tile, got {length}, {overlap}, {tile}")
     tile = min(tile, length)
-    overlap = max(0, min(overlap, tile - 1))
     stride = tile - overlap
     count = 1 if length <= tile else 1 + math.ceil((length - tile) / stride)
     starts = [i * stride for i in range(count - 1)] + [length - tile]

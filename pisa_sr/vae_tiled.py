@@ -31,6 +31,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .errors import PisaError
+
 __all__ = ["HALO", "auto_tile_size", "parked_bytes", "tiled_decode", "tiled_encode"]
 
 log = logging.getLogger(__name__)
@@ -287,32 +289,33 @@ def _resnet_steps(n_blocks: int, n_attn: int) -> int:
     return 2 * n_blocks + 2 * n_attn
 
 
+_SD_VAE = "Connect the VAE of the SD 2.1-base checkpoint."
+
+
 def _check_layout(net: torch.nn.Module, x: torch.Tensor, what: str) -> None:
     if x.ndim != 4:
         raise ValueError(f"tiled {what} expects a 4-D [B, C, H, W] tensor, got shape {tuple(x.shape)}")
     for name in ("conv_in", "mid", "norm_out", "conv_out"):
         if not hasattr(net, name):
-            raise TypeError(f"tiled {what}: {type(net).__name__} is not an LDM-layout {what}r (no .{name})")
+            raise PisaError(f"this VAE is not an SD-style autoencoder ({type(net).__name__} has no .{name}). {_SD_VAE}")
     if getattr(net, "conv3d", False) or type(net.conv_in).__name__ == "VideoConv3d":
-        raise TypeError(f"tiled {what}: video (3-D) VAEs are not supported")
+        raise PisaError(f"video (3-D) VAEs are not supported. {_SD_VAE}")
 
 
 @torch.no_grad()
-def tiled_decode(ae: torch.nn.Module, z: torch.Tensor, tile: int, pad: int = 11, *, progress: Progress | None = None,
+def tiled_decode(ae: torch.nn.Module, z: torch.Tensor, tile: int, *, progress: Progress | None = None,
                  check_interrupt: Interrupt | None = None, whole_mid: bool | None = None,
                  offload_device: torch.device | str = "cpu") -> torch.Tensor:
     """Decode raw latent ``z`` [B,4,h,w] with ComfyUI's ``AutoencoderKL`` ``ae`` in tiles of ``tile`` latent px.
 
     Returns the unclamped decoder output [B,3,8h,8w] on ``z``'s device and dtype, equal to ``ae.decode(z)`` up to
-    float error. ``z`` must already be on the model's compute device and dtype. ``pad`` is accepted for the
-    release's call convention and has no effect: tiles exchange a ``HALO``-px border at every step instead, which
-    is exact. ``whole_mid``: None runs the mid block (attention) on the whole latent-size map and falls back to
-    the exact tiled attention on a device out-of-memory error; True/False force either. ``offload_device`` holds
-    the parked full-size maps between steps. ``progress(done, total)`` is called after every tile step,
+    float error. ``z`` must already be on the model's compute device and dtype. ``whole_mid``: None runs the mid
+    block (attention) on the whole latent-size map and falls back to the exact tiled attention on a device
+    out-of-memory error; True/False force either. ``offload_device`` holds the parked full-size maps between steps. ``progress(done, total)`` is called after every tile step,
     ``check_interrupt()`` before each (it raises to stop).
     """
-    if tile <= 0 or pad < 0:
-        raise ValueError(f"tile must be positive and pad non-negative, got tile={tile}, pad={pad}")
+    if tile <= 0:
+        raise ValueError(f"tile must be positive, got {tile}")
     dec = ae.decoder
     _check_layout(dec, z, "decode")
     h, w = z.shape[-2:]
@@ -324,9 +327,9 @@ def tiled_decode(ae: torch.nn.Module, z: torch.Tensor, tile: int, pad: int = 11,
             progress(1, 1)
         return out
     if getattr(ae, "bn", None) is not None:
-        raise TypeError("tiled decode: VAEs with a latent batch-norm are not supported")
+        raise PisaError(f"VAEs with a latent batch-norm are not supported. {_SD_VAE}")
     if getattr(dec, "give_pre_end", False):
-        raise TypeError("tiled decode: decoders with give_pre_end are not supported")
+        raise PisaError(f"decoders with give_pre_end are not supported. {_SD_VAE}")
 
     run = _Runner(h, w, tile, z.device, z.dtype, torch.device(offload_device), progress, check_interrupt)
     levels = list(reversed(range(dec.num_resolutions)))
@@ -376,7 +379,7 @@ def tiled_decode(ae: torch.nn.Module, z: torch.Tensor, tile: int, pad: int = 11,
 
 
 @torch.no_grad()
-def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, pad: int = 32, *, progress: Progress | None = None,
+def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, *, progress: Progress | None = None,
                  check_interrupt: Interrupt | None = None, whole_mid: bool | None = None,
                  offload_device: torch.device | str = "cpu", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -385,11 +388,11 @@ def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, pad: int = 32,
     Returns the raw latent [B,4,H/8,W/8] (the posterior mode: the mean half of ``quant_conv(encoder(x))``) on the
     compute device, equal to ComfyUI's ``VAE.encode`` before latent scaling, up to float error. The compute device
     and dtype default to ``x``'s (``x`` may also stay on the CPU with ``device``/``dtype`` naming the model's).
-    Tile cores are multiples of 8 px so every downsampling stays aligned. ``pad``, ``whole_mid``,
+    Tile cores are multiples of 8 px so every downsampling stays aligned. ``whole_mid``,
     ``offload_device``, ``progress`` and ``check_interrupt`` are as in :func:`tiled_decode`.
     """
-    if tile <= 0 or pad < 0:
-        raise ValueError(f"tile must be positive and pad non-negative, got tile={tile}, pad={pad}")
+    if tile <= 0:
+        raise ValueError(f"tile must be positive, got {tile}")
     enc = ae.encoder
     _check_layout(enc, x, "encode")
     hh, ww = x.shape[-2:]
@@ -399,7 +402,7 @@ def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, pad: int = 32,
     dtype = dtype or x.dtype
     factor = 2 ** (enc.num_resolutions - 1)
     if factor != 8:
-        raise TypeError(f"tiled encode: expected an 8x encoder, this one downsamples {factor}x")
+        raise PisaError(f"this VAE downsamples {factor}x, not 8x like SD's. {_SD_VAE}")
     h, w = hh // 8, ww // 8
     ltile = max(1, tile // 8)
     if h <= ltile and w <= ltile:
@@ -410,7 +413,7 @@ def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, pad: int = 32,
             progress(1, 1)
         return out
     if getattr(ae, "bn", None) is not None:
-        raise TypeError("tiled encode: VAEs with a latent batch-norm are not supported")
+        raise PisaError(f"VAEs with a latent batch-norm are not supported. {_SD_VAE}")
 
     run = _Runner(h, w, ltile, device, dtype, torch.device(offload_device), progress, check_interrupt)
     per_tile = 2  # conv_in; norm_out + conv_out + quant_conv

@@ -273,6 +273,7 @@ def fake_pyiqa(tmp_path, monkeypatch):
         textwrap.dedent(
             """
             import os
+            import sys
             import torch
             calls = []
 
@@ -283,7 +284,9 @@ def fake_pyiqa(tmp_path, monkeypatch):
 
             def create_metric(name, device=None, **kw):
                 from pyiqa.utils import download_util
-                calls.append((name, str(device), os.environ.get("HF_HUB_OFFLINE"), download_util.download_url_to_file))
+                hub = sys.modules["huggingface_hub.constants"]
+                calls.append((name, str(device), (hub.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")),
+                              download_util.download_url_to_file))
                 return _Metric()
             """
         )
@@ -325,6 +328,9 @@ def test_learned_metric_with_local_weights_builds_offline_and_scores(fake_pyiqa,
     (hub / "pyiqa").mkdir()
     (hub / "pyiqa" / "musiq_koniq_ckpt-e95806b9.pth").write_bytes(b"weights")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub.constants as hub_constants
+
+    online = hub_constants.HF_HUB_OFFLINE
     assert metrics.learned_metric_available("musiq")
     img = torch.rand(3, 16, 20, 3)
     out = score(img, "MUSIQ")
@@ -335,10 +341,10 @@ def test_learned_metric_with_local_weights_builds_offline_and_scores(fake_pyiqa,
     assert len(pyiqa.calls) == 1
     name, device, offline, downloader = pyiqa.calls[0]
     assert name == "musiq" and device == "cpu"
-    assert offline == "1"  # hub client offline while building
+    assert offline == (True, None)  # hub client offline while building, the process environment untouched
     assert downloader is metrics._refuse_download  # pyiqa's downloader disabled while building
     # Restored afterwards, and the built metric is reused.
-    assert os.environ.get("HF_HUB_OFFLINE") is None
+    assert os.environ.get("HF_HUB_OFFLINE") is None and hub_constants.HF_HUB_OFFLINE == online
     from pyiqa.utils import download_util
 
     assert download_util.download_url_to_file is not metrics._refuse_download

@@ -13,13 +13,13 @@ class _EpsDiscrete(cms.ModelSamplingDiscrete, cms.EPS):  # what ComfyUI's ModelS
 
 
 def test_zsnr_schedule_refused_plain_eps_accepted():
-    compat = host.pack("nodes.compat")
+    check_sd2_eps = host.pack("nodes.base_model").check_sd2_eps
     errors = host.pack("pisa_sr.errors")
     model = tiny_models.comfy_model_from_diffusers(None)
     plain = model.clone()
     plain.add_object_patch("model_sampling", _EpsDiscrete(model.model.model_config))
-    compat.check_sd2_eps(plain, "Load PiSA LoRAs")  # identical schedule: accepted
+    check_sd2_eps(plain)  # identical schedule: accepted
     zsnr = model.clone()
     zsnr.add_object_patch("model_sampling", _EpsDiscrete(model.model.model_config, zsnr=True))
-    with pytest.raises(errors.PisaError, match="Load PiSA LoRAs: .*noise schedule was changed"):
-        compat.check_sd2_eps(zsnr, "Load PiSA LoRAs")
+    with pytest.raises(errors.PisaError, match="noise schedule was changed"):
+        check_sd2_eps(zsnr)

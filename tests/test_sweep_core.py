@@ -10,10 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pisa_sr.grid import default_font_size, grid_layout, labelled_grid
+from pisa_sr.guidance import LAMBDA_RANGE, check_lambda
 from pisa_sr.sweep import (
-    LAMBDA_RANGE,
     MAX_SETTINGS,
-    check_lambda,
     choose_best,
     combine,
     format_label,

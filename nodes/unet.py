@@ -1,0 +1,100 @@
+"""The PiSA MODEL as the core sampler needs it: ``unet(x) -> eps`` at t = 1, in the chosen precision."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..pisa_sr.errors import PisaError
+from . import compat
+
+EPS_CAPTURE_KEY = "pisa_sr_eps"
+DTYPE_CLONES_KEY = "pisa_sr_dtype_clones"
+MAX_TILES_PER_CALL = 8  # a 96x96 latent tile already fills a GPU; more tiles per call only add peak memory
+PRECISIONS: dict[str, torch.dtype | None] = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16,
+                                             "fp32": torch.float32}
+
+
+def sigma_t1(model: Any) -> torch.Tensor:
+    ms = model.get_model_object("model_sampling")
+    return ms.sigma(torch.tensor([1.0])).float().reshape(1)
+
+
+def context_width(model: Any) -> int | None:
+    return model.model.model_config.unet_config.get("context_dim")
+
+
+def unet_eps_t1(model: Any, z: torch.Tensor, context: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """eps = unet(z, t=1, context) through ``apply_model`` (so wrappers, patches and casting are ComfyUI's); fp32.
+
+    apply_model scales its input by c_in = 1/sqrt(1+sigma^2); feeding ``x = z*sqrt(1+sigma^2)`` makes the UNet see
+    exactly z. The UNet's raw output (eps) is taken by an outermost DIFFUSION_MODEL wrapper: recovering it from
+    apply_model's ``x - sigma*eps`` would divide fp32 rounding by sigma (0.04), a 25x larger error. If a model runs
+    no such wrappers, that recovery is the fallback.
+    """
+    dev = model.load_device
+    s = sigma.to(dev, torch.float32).expand(z.shape[0])
+    x = z.to(dev, torch.float32) * torch.sqrt(1.0 + s * s).reshape(-1, 1, 1, 1)
+    captured: list[torch.Tensor] = []
+
+    def capture(executor, *args, **kwargs):
+        y = executor(*args, **kwargs)
+        captured.append(y)
+        return y
+
+    topts = compat.options_with_outer_unet_wrapper(model, EPS_CAPTURE_KEY, capture)
+    out = model.model.apply_model(x, s, c_crossattn=context.to(dev), transformer_options=topts)
+    if len(captured) == 1 and captured[0].shape == z.shape:
+        return captured[0].float()
+    return (x - out.float()) / s.reshape(-1, 1, 1, 1)
+
+
+class _DtypeClones:
+    """Per-MODEL cache of compute-dtype clones (an attachment, so its lifetime is the MODEL's).
+
+    Reusing one clone per dtype keeps ComfyUI's loaded-model entry stable between runs, so a queued prompt does not
+    re-apply every LoRA patch. A clone of the MODEL gets a fresh, empty cache (``on_model_patcher_clone``), so a
+    cached clone never stands in for a model with different patches.
+    """
+
+    def __init__(self) -> None:
+        self.by_dtype: dict[torch.dtype, Any] = {}
+
+    def on_model_patcher_clone(self) -> "_DtypeClones":
+        return _DtypeClones()
+
+
+def with_compute_dtype(model: Any, dtype: torch.dtype) -> Any:
+    """``model`` computing in ``dtype`` through ComfyUI's manual-cast ops (what the ModelComputeDtype node does).
+
+    Weights stay stored as loaded (LoRA patches are merged into them at load, as usual) and are cast layer by layer
+    to ``dtype``; activations and attention run in ``dtype``. The clone is cached on ``model``.
+    """
+    cache = compat.attachment(model, DTYPE_CLONES_KEY)
+    if not isinstance(cache, _DtypeClones):
+        cache = _DtypeClones()
+        compat.attach(model, DTYPE_CLONES_KEY, cache)
+    clone = cache.by_dtype.get(dtype)
+    if clone is None:
+        clone = model.clone()
+        clone.set_model_compute_dtype(dtype)
+        cache.by_dtype[dtype] = clone
+    return clone
+
+
+def model_for_precision(model: Any, precision: str) -> Any:
+    """``model`` itself for auto (or when it already computes in that dtype), else a cached compute-dtype clone."""
+    dtype = PRECISIONS[precision]
+    if dtype is None or dtype == compat.compute_dtype(model):
+        return model
+    if torch.device(model.load_device).type == "cuda" and dtype == torch.bfloat16 \
+            and not torch.cuda.is_bf16_supported():
+        raise PisaError(f"this device does not support {precision}. Use auto, fp16 or fp32.")
+    return with_compute_dtype(model, dtype)
+
+
+def tiles_per_call_for(model: Any, tile_shape: list[int], passes: int) -> int:
+    """As many tiles per UNet call as free memory allows (at least 1, at most MAX_TILES_PER_CALL)."""
+    per_tile = compat.memory_required(model, [passes] + tile_shape[1:])
+    free = compat.free_memory(model.load_device)
+    return max(1, min(MAX_TILES_PER_CALL, int(0.8 * free // max(per_tile, 1))))

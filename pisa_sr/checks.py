@@ -1,0 +1,50 @@
+"""Checks of the tensors the nodes receive (IMAGE batches, LATENT dicts), shared by every node that takes them."""
+from __future__ import annotations
+
+import torch
+
+from .errors import PisaError
+
+__all__ = ["check_finite", "check_image", "check_latent"]
+
+# An IMAGE holds floats in [0, 1]; a little float overshoot from upstream arithmetic is clamped, more is refused.
+IMAGE_SLACK = 1 / 255
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise PisaError(f"the {what} contains NaN or infinite values; the node that produced it is broken.")
+
+
+def check_image(image: object, min_side: int = 1) -> torch.Tensor:
+    """An IMAGE batch ``[B,H,W,C]`` (C = 3 or 4), non-empty, finite, values in [0, 1] -> its RGB channels."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 4:
+        raise PisaError(f"expected an IMAGE batch [B,H,W,C], got {getattr(image, 'shape', type(image))}. "
+                        "Connect an IMAGE output (e.g. Load Image).")
+    b, h, w, c = image.shape
+    if b == 0:
+        raise PisaError("the image batch is empty. Connect a Load Image node that produced an image.")
+    if c not in (3, 4):
+        raise PisaError(f"expected RGB images (3 channels), got {c} channels.")
+    if h < min_side or w < min_side:
+        raise PisaError(f"the image is {w}x{h} px; PiSA-SR needs at least {min_side}x{min_side} px.")
+    check_finite(image, "image")
+    lo, hi = image.min().item(), image.max().item()
+    if lo < -IMAGE_SLACK or hi > 1 + IMAGE_SLACK:
+        raise PisaError(f"the image has values from {lo:.4g} to {hi:.4g}, but an IMAGE holds 0..1. A 16-bit, HDR "
+                        "or normalised (-1..1) image must be scaled to 0..1 before this node.")
+    return image[..., :3]
+
+
+def check_latent(latent: object, connect: str) -> torch.Tensor:
+    """The ``samples`` of an SD LATENT ``[B,4,h,w]``, non-empty and finite; ``connect`` names the node to use."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor):
+        raise PisaError(f"'latent' must be a LATENT: connect {connect}.")
+    if samples.dim() != 4 or samples.shape[1] != 4 or samples.shape[0] == 0:
+        raise PisaError(f"expected an SD latent [B,4,h,w], got {tuple(samples.shape)}. Connect the LATENT of "
+                        f"{connect}.")
+    if not torch.isfinite(samples).all():
+        raise PisaError(f"the latent contains NaN or infinite values; the node that produced it is broken. "
+                        f"Connect the LATENT of {connect}.")
+    return samples

@@ -1,0 +1,111 @@
+"""The one-step sampler's algorithm around an injected ``unet(x) -> eps`` (t = 1, context already bound).
+
+The UNet carries pix + sem merged (the release's default mode): eps_sem is a plain call; eps_pix is a call with the
+sem LoRA subtracted in the activations (``sem_removal`` hooks). Adjustable mode needs both: one call on ``[x, x]``
+with the hooks on the first half (``one_pass``), or two calls (the low-memory fallback). The latent is tiled as in
+the release, several tiles per call; on out-of-memory the run is retried with fewer tiles per call, then two passes.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .bypass import BypassTarget, LowRankBypass
+from .errors import PisaError
+from .guidance import Pass, check_lambda, combine_eps, plan_passes
+from .latent_tiles import EpsFn, run_tiled
+from .runtime import Hooks
+
+__all__ = ["Unet", "check_tiles", "make_eps_fn", "plan", "sample_eps"]
+
+log = logging.getLogger("PiSA-SR")
+
+Unet = Callable[[torch.Tensor], torch.Tensor]
+
+
+def plan(lambda_pix: float, lambda_sem: float, both: bool = False) -> Pass:
+    """The passes a setting needs (``both``: eps_pix and eps_sem for a sweep); refuses lambdas out of range."""
+    check_lambda("lambda_pix", lambda_pix)
+    check_lambda("lambda_sem", lambda_sem)
+    return Pass.DUAL if both else plan_passes(lambda_pix, lambda_sem)
+
+
+def check_tiles(tile: int, overlap: int) -> None:
+    if tile < 0 or overlap < 0:
+        raise PisaError("tile_size and tile_overlap must be >= 0 (tile_size 0 = no tiling).")
+    if tile > 0 and overlap >= tile:
+        raise PisaError(f"tile_overlap ({overlap}) must be smaller than tile_size ({tile}); the release uses "
+                        "tile_size 96 with tile_overlap 32.")
+
+
+def make_eps_fn(unet: Unet, sem_removal: Sequence[BypassTarget], lambda_pix: float, lambda_sem: float, *,
+                one_pass: bool, both: bool = False) -> EpsFn:
+    """eps for a batch of latent tiles under the given lambdas (``both``: [eps_pix, eps_sem] along channels)."""
+    p = plan(lambda_pix, lambda_sem, both)
+    bypass = LowRankBypass(list(sem_removal)) if p in (Pass.PIX, Pass.DUAL) else None
+
+    def pix_only(x: torch.Tensor) -> torch.Tensor:
+        bypass.rows = slice(None)
+        with bypass:
+            return unet(x)
+
+    def pix_and_sem(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not one_pass:
+            return pix_only(x), unet(x)
+        n = x.shape[0]
+        bypass.rows = slice(0, n)
+        with bypass:
+            e = unet(torch.cat([x, x], 0))
+        return e[:n], e[n:]
+
+    def eps_fn(x: torch.Tensor) -> torch.Tensor:
+        if both:
+            ep, es = pix_and_sem(x)
+            return torch.cat([ep.float(), es.float()], 1)
+        if p is Pass.NONE:
+            return torch.zeros_like(x, dtype=torch.float32)
+        if p is Pass.SEM:
+            e = unet(x).float()
+            return e if lambda_pix == 1.0 else e * lambda_pix
+        if p is Pass.PIX:
+            return pix_only(x).float() * lambda_pix
+        return combine_eps(*pix_and_sem(x), lambda_pix, lambda_sem)
+
+    return eps_fn
+
+
+@torch.no_grad()
+def sample_eps(z: torch.Tensor, unet: Unet, sem_removal: Sequence[BypassTarget], lambda_pix: float,
+               lambda_sem: float, tile: int, overlap: int, *, tiles_per_call: int = 1, one_pass: bool = True,
+               both: bool = False, hooks: Hooks = Hooks()) -> torch.Tensor:
+    """eps ``[B,C,h,w]`` fp32 for the latent ``z`` (C = 4, or 8 = eps_pix then eps_sem with ``both``).
+
+    ``z_hq = z - eps`` is the sampler's result. Out of memory: retried with half the tiles per call down to one,
+    then (adjustable mode) with two passes per tile; after that a PisaError.
+    """
+    p = plan(lambda_pix, lambda_sem, both)
+    check_tiles(tile, overlap)
+    if p is Pass.NONE:
+        return torch.zeros_like(z, dtype=torch.float32)
+    tpc = max(1, int(tiles_per_call))
+    while True:
+        eps_fn = make_eps_fn(unet, sem_removal, lambda_pix, lambda_sem, one_pass=one_pass, both=both)
+        try:
+            return run_tiled(z, eps_fn, tile, overlap, tpc, progress=hooks.progress,
+                             check_interrupt=hooks.check_interrupt)
+        except Exception as e:
+            if not hooks.is_oom(e):
+                raise
+            del e  # drop the traceback (it holds the failed call's activations) before retrying
+            hooks.empty_cache()
+            if tpc > 1:
+                tpc = max(1, tpc // 2)
+                log.warning("PiSA-SR: out of memory; retrying with %d tile(s) per UNet call.", tpc)
+            elif one_pass and p is Pass.DUAL:
+                one_pass = False
+                log.warning("PiSA-SR: out of memory; retrying adjustable mode as two UNet passes per tile.")
+            else:
+                raise PisaError("out of memory even with one tile per call. Lower tile_size (e.g. 64) or free "
+                                "memory (close other models).") from None
