@@ -46,7 +46,7 @@ def case(case_id: str, node: str, *fix_words: str, exc: type = PisaError):
 def ctx(world, pisa_model, monkeypatch):
     folder = host.BASE_DIR / "models" / "pisa_sr"
     yield SimpleNamespace(world=world, pisa=pisa_model, mp=monkeypatch, compat=host.pack("nodes.compat"),
-                          folder=folder)
+                          unet=host.pack("nodes.unet"), folder=folder)
     for f in folder.glob("bad_*"):  # the bad files must not linger in the model list of later tests
         f.unlink()
 
@@ -227,6 +227,11 @@ def _(c):
     load(c, "tiny_pisa.pkl", patched)
 
 
+@case("load-chained", LOAD, "already carries PiSA-SR", "Load Checkpoint's MODEL straight")
+def _(c):
+    load(c, "tiny_pisa.pkl", c.pisa)  # a second Load PiSA LoRAs would stack the LoRAs
+
+
 # ------------------------------------------------------------------------------------------------ Encode LQ
 @case("encode-not-an-image", ENCODE, "IMAGE")
 def _(c):
@@ -262,9 +267,19 @@ def _(c):
     encode(c, img)
 
 
-@case("encode-upscale-range", ENCODE, "between 1 and 8")
+@case("encode-16-bit-values", ENCODE, "0..1", "scaled")
 def _(c):
-    encode(c, image(), upscale=9)
+    encode(c, image() * 65535.0)  # a 16-bit loader's raw values
+
+
+@case("encode-negative-values", ENCODE, "0..1", "scaled")
+def _(c):
+    encode(c, image() * 2.0 - 1.0)  # a -1..1 normalised tensor
+
+
+@case("encode-bad-resize-filter", ENCODE, "resize filter", "bicubic")
+def _(c):
+    run_node("PiSA_EncodeLQ", image=image(), vae=c.world.comfy_vae, upscale=4, resize_filter="lanczos3")
 
 
 # ------------------------------------------------------------------------------------------------ Sample
@@ -316,6 +331,16 @@ def _(c):
     sample(c, tile=-8)
 
 
+@case("sample-overlap-not-below-tile", SAMPLE, "tile_overlap", "smaller than tile_size")
+def _(c):
+    sample(c, tile=32, overlap=32)  # would advance the tiles by 1 px: thousands of UNet calls
+
+
+@case("sample-noise-mask", SAMPLE, "noise mask", "remove the mask node")
+def _(c):
+    sample(c, lat={**latent(), "noise_mask": torch.ones(1, 1, 64, 64)})
+
+
 @case("sample-bad-conditioning", SAMPLE, "CLIPTextEncode")
 def _(c):
     sample(c, positive="a prompt typed into the wrong socket")
@@ -328,21 +353,33 @@ def _(c):
     sample(c, positive=[[ctx_, {}]])
 
 
-@case("sample-conditioning-width", SAMPLE, "conditioning width")
+@case("sample-conditioning-width", SAMPLE, "conditioning width", "CLIP of the SD 2.1-base checkpoint")
 def _(c):
     sample(c, positive=[[torch.zeros(1, 77, 4), {}]])
 
 
-@case("sample-precision", SAMPLE, "auto")
-def _(c):
-    sample(c, precision="fp8")
+@pytest.mark.parametrize("width", [768, 1280, 2048])
+def test_conditioning_of_other_text_encoders(ctx, width):
+    """SD 1.x CLIP-L (768), SDXL's CLIP-G (1280) and SDXL's concatenation (2048) used to end in a raw matmul error."""
+    expect(ctx, "sample-conditioning-width",
+           lambda c: sample(c, positive=[[torch.zeros(1, 77, width), {"pooled_output": torch.zeros(1, 1280)}]]))
 
 
 @case("sample-out-of-memory", SAMPLE, "Lower tile_size")
 def _(c):
     def oom(*a, **k):
         raise mm.OOM_EXCEPTION("simulated")
-    c.mp.setattr(c.compat, "unet_eps_t1", oom)
+    c.mp.setattr(c.unet, "unet_eps_t1", oom)
+    c.mp.setattr(c.compat, "free_memory", lambda device=None: 1)
+    sample(c, lp=0.5, ls=1.5)
+
+
+@case("sample-host-out-of-memory", SAMPLE, "Lower tile_size")
+def _(c):
+    def oom(*a, **k):  # what PyTorch raises when the host runs out (CPU device, or a host-side buffer)
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 12884901888 bytes. Error code 12 (Cannot allocate memory)")
+    c.mp.setattr(c.unet, "unet_eps_t1", oom)
     c.mp.setattr(c.compat, "free_memory", lambda device=None: 1)
     sample(c, lp=0.5, ls=1.5)
 
@@ -367,7 +404,20 @@ def _(c):
 
 @case("decode-bad-color-fix", DECODE, "adain")
 def _(c):
-    decode(c, latent(), "sepia")
+    decode(c, with_lq(latent(), b=1, h=64, w=64), "sepia")
+
+
+@case("decode-not-enough-ram", DECODE, "GiB of RAM", "Lower upscale")
+def _(c):
+    c.mp.setattr(c.compat, "free_ram", lambda: 1 << 20)  # 1 MiB free: the parked full-size maps cannot fit
+    run_node("PiSA_Decode", latent=latent(24, 24), vae=c.world.comfy_vae, color_fix="none", vae_tile_size=128)
+
+
+@case("encode-not-enough-ram", ENCODE, "GiB of RAM", "Lower upscale")
+def _(c):
+    c.mp.setattr(c.compat, "free_ram", lambda: 1 << 20)
+    run_node("PiSA_EncodeLQ", image=image(64, 64), vae=c.world.comfy_vae, upscale=4, resize_filter="bicubic",
+             vae_tile_size=128)
 
 
 @case("decode-colour-fix-without-lq", DECODE, "set color_fix to none")
@@ -410,6 +460,51 @@ def expect(c, case_id: str, fn=None) -> str:
 @pytest.mark.parametrize("case_id", list(CASES))
 def test_refusal(ctx, case_id):
     expect(ctx, case_id)
+
+
+def queue_time_errors(class_type: str, **widgets) -> dict[str, str]:
+    """ComfyUI's own validation of a prompt holding ``class_type`` (as /prompt runs it before queueing):
+    {input name: message and details} for the node's widget values. Upstream nodes are real ones; their own
+    errors (no checkpoint file here) are not reported for our node."""
+    import asyncio
+
+    import execution
+
+    links = {"image": ["img", 0], "vae": ["ckpt", 2], "model": ["ckpt", 0], "positive": ["cond", 0],
+             "latent": ["lat", 0]}
+    schema = host.node(class_type).INPUT_TYPES()
+    names = list(schema.get("required", {})) + list(schema.get("optional", {}))
+    inputs = {n: links[n] for n in names if n in links}
+    inputs.update(widgets)
+    prompt = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "missing.safetensors"}},
+        "img": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "cond": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+        "node": {"class_type": class_type, "inputs": inputs},
+    }
+    _, errors, _ = asyncio.run(execution.validate_inputs("test", prompt, "node", {}))
+    return {e["extra_info"]["input_name"]: f"{e['message']}: {e['details']}" for e in errors
+            if "input_name" in e.get("extra_info", {})}
+
+
+@pytest.mark.parametrize("class_type,widgets,expected", [
+    ("PiSA_EncodeLQ", {"upscale": 9, "resize_filter": "bicubic", "vae_tile_size": 0}, {"upscale": "bigger than max"}),
+    ("PiSA_EncodeLQ", {"upscale": 4, "resize_filter": "sepia", "vae_tile_size": -1},
+     {"resize_filter": "not in list", "vae_tile_size": "smaller than min"}),
+    ("PiSA_Sample", {"lambda_pix": 4.5, "lambda_sem": 1.0, "tile_size": -8, "tile_overlap": 600, "precision": "fp8"},
+     {"lambda_pix": "bigger than max", "tile_size": "smaller than min", "tile_overlap": "bigger than max",
+      "precision": "not in list"}),
+    ("PiSA_Decode", {"color_fix": "sepia", "vae_tile_size": 9000}, {"color_fix": "not in list",
+                                                                    "vae_tile_size": "bigger than max"}),
+])
+def test_schema_refuses_at_queue_time(class_type, widgets, expected):
+    """Combo values and number ranges are refused by ComfyUI when the prompt is queued, from the nodes' schemas,
+    so the nodes do not check them again."""
+    errors = queue_time_errors(class_type, **widgets)
+    assert set(errors) == set(expected), errors
+    for name, words in expected.items():
+        assert words in errors[name], (name, errors[name])
 
 
 def test_every_refusal_has_a_documented_row_and_every_row_a_test():

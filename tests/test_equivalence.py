@@ -23,20 +23,15 @@ PAIRS = [(1.0, 1.0), (0.5, 1.5), (1.0, 0.0), (0.0, 1.0), (1.3, 0.7)]
 
 
 @pytest.fixture
-def batch1(monkeypatch):
-    """Force the release's batching: one configuration and one tile per UNet call."""
+def batch1():
+    """The release's batching: one configuration and one tile per UNet call."""
+    return {"one_pass": False, "tiles_per_call": 1}
+
+
+def _our_eps(model, cond, latent, lp, ls, tile=96, overlap=32, **batching):
     import host
 
-    sample = host.pack("nodes.sample")
-    orig = sample.make_eps_fn
-    monkeypatch.setattr(sample, "make_eps_fn", lambda *a, **k: orig(*a[:5], False, *a[6:], **k))
-    monkeypatch.setattr(sample, "tiles_per_call_for", lambda *a, **k: 1)
-
-
-def _our_eps(model, cond, latent, lp, ls, tile=96, overlap=32):
-    import host
-
-    z, eps = host.pack("nodes.sample").sample_eps(model, latent, cond, lp, ls, tile, overlap)
+    z, eps = host.pack("nodes.sample").sample_eps(model, latent, cond, lp, ls, tile, overlap, **batching)
     return z, eps
 
 
@@ -51,7 +46,7 @@ def test_eps_matches_reference(world, pisa_model, ref, lq_small, default, batch1
                       resize_filter="bicubic")
     pairs = [(1.0, 1.0)] if default else PAIRS
     for lp, ls in pairs:
-        z, eps = _our_eps(pisa_model, world.conditioning, lat, lp, ls)
+        z, eps = _our_eps(pisa_model, world.conditioning, lat, lp, ls, **batch1)
         want = ref.eps(z.cpu(), default=default, lambda_pix=lp, lambda_sem=ls)
         diff = (eps.cpu() - want).abs().max().item()
         print(f"eps default={default} ({lp},{ls}): max abs diff {diff:.2e} (|eps| max {want.abs().max():.2f})")
@@ -110,7 +105,7 @@ def test_tiled_matches_reference_tiled_path(world, pisa_model, ref, batch1):
     (lat,) = run_node("PiSA_EncodeLQ", image=pil_to_image(img), vae=world.comfy_vae, upscale=4,
                       resize_filter="bicubic")
     for lp, ls, default in [(1.0, 1.0, True), (0.5, 1.5, False)]:
-        z, eps = _our_eps(pisa_model, world.conditioning, lat, lp, ls, 96, 32)
+        z, eps = _our_eps(pisa_model, world.conditioning, lat, lp, ls, 96, 32, **batch1)
         want = ref.eps_tiled(z.cpu(), default, lp, ls, 96, 32)
         diff = (eps.cpu() - want).abs().max().item()
         print(f"tiled eps ({lp},{ls}): max abs diff vs reference tiled path {diff:.2e}")

@@ -31,6 +31,10 @@ def compat():
     return host.pack("nodes.compat")
 
 
+def unet_module():
+    return host.pack("nodes.unet")
+
+
 @pytest.fixture(scope="module")
 def latent():
     """A 24x24 latent: 2x2 tiles of 16 with overlap 8 (no VAE needed: the sampler only reads 'samples')."""
@@ -120,7 +124,7 @@ def test_base_model_is_bit_identical_after_pisa_runs(world, pisa_model, latent, 
 @pytest.mark.parametrize("lam", LAMBDAS[1:])  # the two settings that hook modules
 def test_exception_inside_a_tile_leaves_no_hooks_and_next_run_is_clean(world, pisa_model, latent, clean, compat,
                                                                        monkeypatch, lam):
-    real = compat.unet_eps_t1
+    real = unet_module().unet_eps_t1
     calls = []
 
     def failing(*a, **k):
@@ -129,18 +133,18 @@ def test_exception_inside_a_tile_leaves_no_hooks_and_next_run_is_clean(world, pi
             raise RuntimeError("simulated failure inside tile 2")
         return real(*a, **k)
 
-    monkeypatch.setattr(compat, "unet_eps_t1", failing)
+    monkeypatch.setattr(unet_module(), "unet_eps_t1", failing)
     with pytest.raises(RuntimeError, match="simulated failure inside tile 2"):
         sample(pisa_model, world, latent, *lam)
     assert len(calls) == 2
     assert hooked_modules(world.model) == []
-    monkeypatch.setattr(compat, "unet_eps_t1", real)
+    monkeypatch.setattr(unet_module(), "unet_eps_t1", real)
     assert torch.equal(sample(pisa_model, world, latent, *lam), clean[lam])
 
 
 def test_out_of_memory_in_a_tile_retries_and_matches_the_clean_run(world, pisa_model, latent, clean, compat,
                                                                    monkeypatch):
-    real = compat.unet_eps_t1
+    real = unet_module().unet_eps_t1
     calls = []
 
     def oom_once(*a, **k):
@@ -149,14 +153,14 @@ def test_out_of_memory_in_a_tile_retries_and_matches_the_clean_run(world, pisa_m
             raise mm.OOM_EXCEPTION("simulated out of memory in tile 3")
         return real(*a, **k)
 
-    monkeypatch.setattr(compat, "unet_eps_t1", oom_once)
+    monkeypatch.setattr(unet_module(), "unet_eps_t1", oom_once)
     lam = (0.5, 1.5)
     out = sample(pisa_model, world, latent, *lam)  # falls back to two passes per tile and finishes
     assert len(calls) > n_tiles(latent)
     # two passes instead of one batched call: equal up to fp32 rounding
     assert (out - clean[lam]).abs().max() <= 1e-5 * clean[lam].abs().max()
     assert hooked_modules(world.model) == []
-    monkeypatch.setattr(compat, "unet_eps_t1", real)
+    monkeypatch.setattr(unet_module(), "unet_eps_t1", real)
     assert torch.equal(sample(pisa_model, world, latent, *lam), clean[lam])
 
 
@@ -165,7 +169,7 @@ def test_out_of_memory_in_a_tile_retries_and_matches_the_clean_run(world, pisa_m
 def test_interrupt_stops_within_one_tile_and_next_run_works(world, pisa_model, latent, clean, compat, monkeypatch,
                                                             never, lam, k):
     assert n_tiles(latent) > k + 1
-    real = compat.unet_eps_t1
+    real = unet_module().unet_eps_t1
     calls = []
 
     def interrupting(*a, **kw):
@@ -175,12 +179,12 @@ def test_interrupt_stops_within_one_tile_and_next_run_works(world, pisa_model, l
             mm.interrupt_current_processing(True)  # what POST /interrupt does, while tile k is running
         return out
 
-    monkeypatch.setattr(compat, "unet_eps_t1", interrupting)
+    monkeypatch.setattr(unet_module(), "unet_eps_t1", interrupting)
     with pytest.raises(mm.InterruptProcessingException):
         sample(pisa_model, world, latent, *lam)
     assert len(calls) == k  # no UNet call began after the interrupt: stopped within the tile that was running
     assert hooked_modules(world.model) == []
     mm.interrupt_current_processing(False)
-    monkeypatch.setattr(compat, "unet_eps_t1", real)
+    monkeypatch.setattr(unet_module(), "unet_eps_t1", real)
     assert base_weights_differ(world, never) == []
     assert torch.equal(sample(pisa_model, world, latent, *lam), clean[lam])

@@ -27,6 +27,27 @@ def _compat():
     return host.pack("nodes.compat")
 
 
+def _unet():
+    return host.pack("nodes.unet")
+
+
+def _sampling():
+    return host.pack("pisa_sr.sampling")
+
+
+def _unet_fn(model, context):
+    """The injected ``unet(x)`` the node glue builds: eps at t=1 with the context bound."""
+    unet = _unet()
+    sigma = unet.sigma_t1(model)
+    return lambda x: unet.unet_eps_t1(model, x, context.expand(x.shape[0], -1, -1), sigma)
+
+
+def _eps_fn(model, context, lp, ls, **kw):
+    info = host.pack("nodes.pisa_model").info_of(model)
+    removal = host.pack("nodes.pisa_model").sem_removal_targets(model, info)
+    return _sampling().make_eps_fn(_unet_fn(model, context), removal, lp, ls, **kw)
+
+
 def _latent(h: int, w: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"samples": torch.randn(1, 4, h, w, generator=g) * 4.0}  # raw SD latent scale (x 0.18215 inside)
@@ -41,13 +62,13 @@ def _all_hooks(model) -> int:
 
 
 class CallLog:
-    """Wraps compat.unet_eps_t1: records (batch, active forward hooks) per call; can raise on chosen calls."""
+    """Wraps unet.unet_eps_t1: records (batch, active forward hooks) per call; can raise on chosen calls."""
 
     def __init__(self, monkeypatch, model, fail=None):
         self.calls: list[tuple[int, int]] = []
         self.fail = fail or (lambda i: None)
-        compat = _compat()
-        real = compat.unet_eps_t1
+        unet = _unet()
+        real = unet.unet_eps_t1
 
         def wrapped(m, z, context, sigma):
             i = len(self.calls)
@@ -57,7 +78,7 @@ class CallLog:
                 raise exc
             return real(m, z, context, sigma)
 
-        monkeypatch.setattr(compat, "unet_eps_t1", wrapped)
+        monkeypatch.setattr(unet, "unet_eps_t1", wrapped)
 
 
 @pytest.fixture(autouse=True)
@@ -66,24 +87,14 @@ def _no_grad():
         yield
 
 
-@pytest.fixture
-def tiles_per_call(monkeypatch):
-    """Force the number of tiles per UNet call (the memory-based choice is not what these tests are about)."""
-    def force(n: int):
-        monkeypatch.setattr(_sample(), "tiles_per_call_for", lambda *a, **k: n)
-    return force
-
-
 # ---------------------------------------------------------------------------------------------- one pass vs two
 def test_one_pass_equals_two_pass_and_reference(world, pisa_model, ref):
-    sample = _sample()
-    info = host.pack("nodes.pisa_model").info_of(pisa_model, "test")
-    x = _compat().process_latent_in(pisa_model, _latent(24, 32)["samples"])
+    x = pisa_model.model.process_latent_in(_latent(24, 32)["samples"])
     _compat().load_model(pisa_model, [2, 4, 24, 32])
     worst = 0.0
     for lp, ls in PAIRS:
-        one, _ = sample.make_eps_fn(pisa_model, info, world.context, lp, ls, one_pass=True)
-        two, _ = sample.make_eps_fn(pisa_model, info, world.context, lp, ls, one_pass=False)
+        one = _eps_fn(pisa_model, world.context, lp, ls, one_pass=True)
+        two = _eps_fn(pisa_model, world.context, lp, ls, one_pass=False)
         a, b = one(x), two(x)
         want = ref.eps(x, default=False, lambda_pix=lp, lambda_sem=ls)
         d = (a - b).abs().max().item()
@@ -94,9 +105,9 @@ def test_one_pass_equals_two_pass_and_reference(world, pisa_model, ref):
         assert (a - want).abs().max().item() <= REF_TOL
         assert (b - want).abs().max().item() <= REF_TOL
         assert want.abs().max() > 0.1
-    # outputs="both": [eps_pix, eps_sem] from one call equals the two separate passes
-    one, _ = sample.make_eps_fn(pisa_model, info, world.context, 1.0, 1.0, one_pass=True, outputs="both")
-    two, _ = sample.make_eps_fn(pisa_model, info, world.context, 1.0, 1.0, one_pass=False, outputs="both")
+    # both: [eps_pix, eps_sem] from one call equals the two separate passes
+    one = _eps_fn(pisa_model, world.context, 1.0, 1.0, one_pass=True, both=True)
+    two = _eps_fn(pisa_model, world.context, 1.0, 1.0, one_pass=False, both=True)
     a, b = one(x), two(x)
     assert a.shape == (1, 8, 24, 32)
     assert (a - b).abs().max().item() <= ONE_PASS_TOL
@@ -108,13 +119,13 @@ def test_one_pass_equals_two_pass_and_reference(world, pisa_model, ref):
 
 
 def test_unet_eps_is_the_raw_unet_output(world, pisa_model):
-    """compat.unet_eps_t1 returns the diffusion model's own output (captured by a wrapper), bit for bit, not the
+    """unet.unet_eps_t1 returns the diffusion model's own output (captured by a wrapper), bit for bit, not the
     fp32 recovery ``(x - denoised) / sigma`` that would amplify rounding 25x."""
-    compat = _compat()
-    z = compat.process_latent_in(pisa_model, _latent(16, 24, seed=9)["samples"])
-    compat.load_model(pisa_model, [1, 4, 16, 24])
-    s = compat.sigma_t1(pisa_model)
-    eps = compat.unet_eps_t1(pisa_model, z, world.context, s)
+    unet = _unet()
+    z = pisa_model.model.process_latent_in(_latent(16, 24, seed=9)["samples"])
+    _compat().load_model(pisa_model, [1, 4, 16, 24])
+    s = unet.sigma_t1(pisa_model)
+    eps = unet.unet_eps_t1(pisa_model, z, world.context, s)
     xc = z * torch.sqrt(1.0 + s * s) / (s * s + 1.0) ** 0.5  # exactly what apply_model hands the UNet
     raw = pisa_model.model.diffusion_model(xc, timesteps=torch.ones(1), context=world.context,
                                            transformer_options={})
@@ -127,18 +138,17 @@ def test_one_pass_difference_is_batching_noise(world, pisa_model):
     by the bypass: bounded by that measured floor times the mix's coefficients."""
     from helpers import make_image, pil_to_image
 
-    sample, compat = _sample(), _compat()
-    info = host.pack("nodes.pisa_model").info_of(pisa_model, "test")
+    unet = _unet()
     (lat,) = run_node("PiSA_EncodeLQ", image=pil_to_image(make_image(40, 36, seed=1)), vae=world.comfy_vae,
                       upscale=4, resize_filter="bicubic")
-    z = compat.process_latent_in(pisa_model, lat["samples"])
-    compat.load_model(pisa_model, [2, *z.shape[1:]])
-    s = compat.sigma_t1(pisa_model)
-    single = compat.unet_eps_t1(pisa_model, z, world.context, s)
-    double = compat.unet_eps_t1(pisa_model, torch.cat([z, z]), world.context.expand(2, -1, -1), s)
+    z = pisa_model.model.process_latent_in(lat["samples"])
+    _compat().load_model(pisa_model, [2, *z.shape[1:]])
+    s = unet.sigma_t1(pisa_model)
+    single = unet.unet_eps_t1(pisa_model, z, world.context, s)
+    double = unet.unet_eps_t1(pisa_model, torch.cat([z, z]), world.context.expand(2, -1, -1), s)
     floor = (double[:1] - single).abs().max().item()
-    one, _ = sample.make_eps_fn(pisa_model, info, world.context, 0.5, 1.5, one_pass=True)
-    two, _ = sample.make_eps_fn(pisa_model, info, world.context, 0.5, 1.5, one_pass=False)
+    one = _eps_fn(pisa_model, world.context, 0.5, 1.5, one_pass=True)
+    two = _eps_fn(pisa_model, world.context, 0.5, 1.5, one_pass=False)
     d = (one(z) - two(z)).abs().max().item()
     print(f"latent {tuple(z.shape)}: plain UNet batch-2 vs batch-1 {floor:.2e}; one-pass vs two-pass (0.5,1.5) "
           f"{d:.2e}")
@@ -146,33 +156,32 @@ def test_one_pass_difference_is_batching_noise(world, pisa_model):
 
 
 # ---------------------------------------------------------------------------------------------- calls per plan
-@pytest.mark.parametrize("lp,ls,outputs,calls,batch,hooked", [
-    (1.0, 1.0, "combined", 4, 1, False),  # default mode: one plain forward per tile
-    (0.7, 0.7, "combined", 4, 1, False),  # lambda_sem == lambda_pix: the same plain forward, scaled
-    (0.8, 0.0, "combined", 4, 1, True),  # pix only: one forward with the sem removal hooks
-    (0.8, 1.2, "combined", 4, 2, True),  # adjustable: one forward on [z, z]
-    (1.0, 1.0, "both", 4, 2, True),  # sweep: eps_pix and eps_sem from one forward
-    (0.0, 0.0, "combined", 0, 0, False),  # nothing to compute
+@pytest.mark.parametrize("lp,ls,both,calls,batch,hooked", [
+    (1.0, 1.0, False, 4, 1, False),  # default mode: one plain forward per tile
+    (0.7, 0.7, False, 4, 1, False),  # lambda_sem == lambda_pix: the same plain forward, scaled
+    (0.8, 0.0, False, 4, 1, True),  # pix only: one forward with the sem removal hooks
+    (0.8, 1.2, False, 4, 2, True),  # adjustable: one forward on [z, z]
+    (1.0, 1.0, True, 4, 2, True),  # sweep: eps_pix and eps_sem from one forward
+    (0.0, 0.0, False, 0, 0, False),  # nothing to compute
 ])
-def test_unet_calls_per_tile(monkeypatch, tiles_per_call, world, pisa_model, lp, ls, outputs, calls, batch, hooked):
-    tiles_per_call(1)
+def test_unet_calls_per_tile(monkeypatch, world, pisa_model, lp, ls, both, calls, batch, hooked):
     log = CallLog(monkeypatch, pisa_model)
-    z, eps = _eps(pisa_model, world.conditioning, _latent(28, 28), lp, ls, 16, 4, outputs=outputs)  # 2x2 tiles
+    z, eps = _eps(pisa_model, world.conditioning, _latent(28, 28), lp, ls, 16, 4, both=both,
+                  tiles_per_call=1)  # 2x2 tiles
     assert len(log.calls) == calls
     assert all(b == batch for b, _ in log.calls)
     assert all((n > 0) == hooked for _, n in log.calls)
-    assert eps.shape == (1, 8 if outputs == "both" else 4, 28, 28)
+    assert eps.shape == (1, 8 if both else 4, 28, 28)
     assert _all_hooks(pisa_model) == 0
 
 
-def test_tile_batching_gives_same_result(monkeypatch, tiles_per_call, world, pisa_model):
+def test_tile_batching_gives_same_result(monkeypatch, world, pisa_model):
     lat = _latent(28, 40, seed=3)  # tile 16, overlap 4: 2 x 3 = 6 tiles
     for lp, ls in [(0.8, 1.2)]:  # adjustable: batching of tiles and of [z, z] together
         results = {}
         for n in (1, 4, 6):
-            tiles_per_call(n)
             log = CallLog(monkeypatch, pisa_model)
-            results[n] = _eps(pisa_model, world.conditioning, lat, lp, ls, 16, 4)[1]
+            results[n] = _eps(pisa_model, world.conditioning, lat, lp, ls, 16, 4, tiles_per_call=n)[1]
             assert len(log.calls) == -(-6 // n)
             monkeypatch.undo()
         for n in (4, 6):
@@ -198,7 +207,7 @@ def test_thin_latents_tiled(world, pisa_model, h, w):
     assert eps.shape == (1, 4, h, w) and torch.isfinite(eps).all()
     # Pixels 0..63 along the long side are covered by the first tile alone: they equal that tile's own eps.
     sl = (slice(None), slice(None), slice(0, min(h, 96)), slice(0, min(w, 96)))
-    first = _compat().unet_eps_t1(pisa_model, z[sl], world.context, _compat().sigma_t1(pisa_model)).to(eps.device)
+    first = _unet().unet_eps_t1(pisa_model, z[sl], world.context, _unet().sigma_t1(pisa_model)).to(eps.device)
     core = (slice(None), slice(None), slice(0, min(h, 64)), slice(0, min(w, 64)))
     assert (eps[core] - first[core]).abs().max().item() <= ONE_PASS_TOL
 
@@ -224,26 +233,24 @@ def _oom():
     return mm.OOM_EXCEPTION("CUDA out of memory (simulated)")
 
 
-def test_oom_retries_with_fewer_tiles(monkeypatch, tiles_per_call, world, pisa_model, caplog):
+def test_oom_retries_with_fewer_tiles(monkeypatch, world, pisa_model, caplog):
     lat = _latent(28, 40, seed=3)  # 6 tiles
-    tiles_per_call(4)
-    base = _eps(pisa_model, world.conditioning, lat, 0.8, 1.2, 16, 4)[1]
+    base = _eps(pisa_model, world.conditioning, lat, 0.8, 1.2, 16, 4, tiles_per_call=4)[1]
     log = CallLog(monkeypatch, pisa_model, fail=lambda i: _oom() if i == 0 else None)
     with caplog.at_level(logging.WARNING, logger="PiSA-SR"):
-        eps = _eps(pisa_model, world.conditioning, lat, 0.8, 1.2, 16, 4)[1]
+        eps = _eps(pisa_model, world.conditioning, lat, 0.8, 1.2, 16, 4, tiles_per_call=4)[1]
     assert "retrying with 2 tile(s) per UNet call" in caplog.text
     assert [b for b, _ in log.calls] == [8] + [4, 4, 4]  # 4 tiles x [z, z] failed; then 2 tiles x 2 per call
     assert (eps - base).abs().max().item() <= ONE_PASS_TOL
     assert _all_hooks(pisa_model) == 0
 
 
-def test_oom_falls_back_to_two_passes(monkeypatch, tiles_per_call, world, pisa_model, caplog):
+def test_oom_falls_back_to_two_passes(monkeypatch, world, pisa_model, caplog):
     lat = _latent(28, 28, seed=4)  # 4 tiles
-    tiles_per_call(1)
-    base = _eps(pisa_model, world.conditioning, lat, 0.8, 1.2, 16, 4)[1]
+    base = _eps(pisa_model, world.conditioning, lat, 0.8, 1.2, 16, 4, tiles_per_call=1)[1]
     log = CallLog(monkeypatch, pisa_model, fail=lambda i: _oom() if i == 0 else None)
     with caplog.at_level(logging.WARNING, logger="PiSA-SR"):
-        eps = _eps(pisa_model, world.conditioning, lat, 0.8, 1.2, 16, 4)[1]
+        eps = _eps(pisa_model, world.conditioning, lat, 0.8, 1.2, 16, 4, tiles_per_call=1)[1]
     assert "two UNet passes per tile" in caplog.text
     assert [b for b, _ in log.calls] == [2] + [1] * 8  # failed [z, z]; then pix and sem separately per tile
     assert [n > 0 for _, n in log.calls[1:]] == [True, False] * 4  # hooks only for the pix pass
@@ -252,8 +259,8 @@ def test_oom_falls_back_to_two_passes(monkeypatch, tiles_per_call, world, pisa_m
     assert d <= ONE_PASS_TOL
     # Out of memory at every size: a clear error, no hooks left behind.
     CallLog(monkeypatch, pisa_model, fail=lambda i: _oom())
-    with pytest.raises(Exception, match="out of device memory"):
-        _eps(pisa_model, world.conditioning, lat, 0.8, 1.2, 16, 4)
+    with pytest.raises(Exception, match="out of memory even with one tile per call"):
+        _eps(pisa_model, world.conditioning, lat, 0.8, 1.2, 16, 4, tiles_per_call=1)
     assert _all_hooks(pisa_model) == 0
 
 
@@ -273,7 +280,7 @@ def test_precision_option(world, pisa_model, ref):
     assert (fp32.cpu() - want).abs().max().item() <= REF_TOL
 
     seen = []
-    probe = compat.get_module(pisa_model, "diffusion_model.input_blocks.0.0")
+    probe = pisa_model.model.get_submodule("diffusion_model.input_blocks.0.0")
     handle = probe.register_forward_hook(lambda m, i, o: seen.append(i[0].dtype))
     try:
         _, bf16 = _eps(pisa_model, world.conditioning, lat, 0.8, 1.2, precision="bf16")
@@ -287,8 +294,8 @@ def test_precision_option(world, pisa_model, ref):
     print(f"bf16 vs fp32 eps: max abs diff {d:.2e} = {rel:.3f} of max |eps| ({fp32.abs().max():.2f}); "
           f"relative RMS {rms:.4f}")
     assert 0 < rel <= BF16_REL_TOL
-    clone = compat.with_compute_dtype(pisa_model, torch.bfloat16)
-    assert compat.with_compute_dtype(pisa_model, torch.bfloat16) is clone  # reused: no reload per queued prompt
+    clone = _unet().with_compute_dtype(pisa_model, torch.bfloat16)
+    assert _unet().with_compute_dtype(pisa_model, torch.bfloat16) is clone  # reused: no reload per queued prompt
     assert compat.compute_dtype(clone) == torch.bfloat16 and compat.compute_dtype(pisa_model) == torch.float32
 
     # Back to auto: the shared weights and casting flags were restored exactly.
@@ -297,5 +304,3 @@ def test_precision_option(world, pisa_model, ref):
     (out,) = run_node("PiSA_Sample", model=pisa_model, positive=world.conditioning, latent=lat, lambda_pix=0.8,
                       lambda_sem=1.2, precision="bf16")
     assert torch.isfinite(out["samples"]).all()
-    with pytest.raises(Exception, match="precision must be one of"):
-        _eps(pisa_model, world.conditioning, lat, 0.8, 1.2, precision="fp8")
