@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..pisa_sr.checks import check_latent
-from ..pisa_sr.color import COLOR_FIXES, apply_color_fix
+from ..pisa_sr.color import COLOR_FIXES, apply_color_fix, check_color_fix
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.resize import resize_output
@@ -19,6 +19,7 @@ NODE = "PiSA Tiled VAE Decode"
 
 def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0) -> torch.Tensor:
     z = check_latent(latent, "Dual-Guided One-Step Sample")
+    check_color_fix(color_fix)  # V3 combo values are not validated at queue time (ComfyUI 0.3.75)
     info = lq_info_of(latent)
     if info is None and color_fix != "none":
         raise PisaError(f"this LATENT does not carry the resized LQ image needed for colour fix "

@@ -20,7 +20,7 @@ import math
 import torch
 
 from ..pisa_sr import metrics
-from ..pisa_sr.color import COLOR_FIXES
+from ..pisa_sr.color import COLOR_FIXES, check_color_fix
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.sweep import MAX_SETTINGS, choose_best_per_image, format_label, parse_lambda_pairs, sweep_labels, \
@@ -59,6 +59,8 @@ def _repeat_extras(latent: dict, samples: torch.Tensor, settings: int, batch: in
 
 
 def _check_metric_ready(choice: str) -> None:
+    if choice not in CHOOSE_BEST:  # V3 combo values are not validated at queue time (ComfyUI 0.3.75)
+        raise PisaError(f"choose_best must be one of {', '.join(CHOOSE_BEST)}, got {choice!r}.")
     if choice in metrics.LEARNED_METRICS:
         ok, reason = metrics.learned_metric_status(choice)
         if not ok:
@@ -175,6 +177,8 @@ class PiSALambdaSweep(io.ComfyNode):
         floor = float(fidelity_floor_db)
         if not math.isfinite(floor):
             raise PisaError("fidelity_floor_db must be a finite number of dB, e.g. 28.")
+        if choice != "off":
+            check_color_fix(color_fix)
 
         z, eps = sample_eps(model, latent, positive, 1.0, 1.0, tile_size, tile_overlap, both=True)
         c = z.shape[1]

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from .errors import PisaError
 
-__all__ = ["COLOR_FIXES", "adain_fix", "wavelet_fix", "apply_color_fix"]
+__all__ = ["COLOR_FIXES", "adain_fix", "wavelet_fix", "check_color_fix", "apply_color_fix"]
 
 COLOR_FIXES = ("adain", "wavelet", "none")
 
@@ -48,14 +48,18 @@ def wavelet_fix(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return high + low
 
 
+def check_color_fix(method: str) -> None:
+    if method not in COLOR_FIXES:
+        raise PisaError(f"unknown colour fix '{method}'; choose one of {', '.join(COLOR_FIXES)}.")
+
+
 def apply_color_fix(target: torch.Tensor, source: torch.Tensor, method: str) -> torch.Tensor:
     """Both [B,C,H,W] in [0,1]; the result is clamped to [0,1] as the release does."""
+    check_color_fix(method)
     if method == "none":
         return target
     if method == "adain":
         out = adain_fix(target.float(), source.float())
-    elif method == "wavelet":
-        out = wavelet_fix(target.float(), source.float())
     else:
-        raise PisaError(f"unknown colour fix '{method}'; choose one of {', '.join(COLOR_FIXES)}.")
+        out = wavelet_fix(target.float(), source.float())
     return out.clamp(0, 1)
