@@ -38,7 +38,6 @@ __all__ = [
     "ssim_y",
     "sharpness",
     "noise_sigma",
-    "learned_metric_available",
     "learned_metric_status",
     "learned_score",
     "score",
@@ -350,11 +349,6 @@ def learned_metric_status(name: str) -> tuple[bool, str]:
             f"pyiqa.create_metric('{spec.pyiqa_name}')\"; this node never downloads."
         )
     return True, "ok"
-
-
-def learned_metric_available(name: str) -> bool:
-    """Whether ``pyiqa`` and every weight file ``name`` needs are already present locally (checked without network)."""
-    return learned_metric_status(name)[0]
 
 
 def _refuse_download(*args: object, **kwargs: object) -> None:

@@ -18,7 +18,6 @@ from .guidance import check_lambda
 __all__ = [
     "MAX_SETTINGS",
     "parse_lambda_pairs",
-    "format_pairs",
     "format_label",
     "combine",
     "sweep_latents",
@@ -131,11 +130,6 @@ def parse_lambda_pairs(text: str) -> list[tuple[float, float]]:
     if not pairs:
         raise PisaError("no lambda settings given: write pairs like '0.5,1; 1,1' or a grid like 'pix=0.5:1.5:0.5'")
     return pairs
-
-
-def format_pairs(pairs: Sequence[tuple[float, float]]) -> str:
-    """The list form ``parse_lambda_pairs`` reads back exactly (shortest round-tripping decimals)."""
-    return "; ".join(f"{float(lp)!r},{float(ls)!r}" for lp, ls in pairs)
 
 
 def _short(v: float) -> str:

@@ -249,7 +249,7 @@ def no_network(monkeypatch):
 def test_learned_metric_without_pyiqa_is_a_clear_error(name, no_network, monkeypatch):
     if "pyiqa" in sys.modules:  # a real install would make this test meaningless; the host has none
         pytest.fail("pyiqa unexpectedly importable on the test host")
-    assert metrics.learned_metric_available(name) is False
+    assert metrics.learned_metric_status(name)[0] is False
     img = torch.rand(1, 32, 32, 3)
     with pytest.raises(ValueError, match="pyiqa") as err:
         score(img, name)
@@ -331,7 +331,7 @@ def test_learned_metric_with_local_weights_builds_offline_and_scores(fake_pyiqa,
     import huggingface_hub.constants as hub_constants
 
     online = hub_constants.HF_HUB_OFFLINE
-    assert metrics.learned_metric_available("musiq")
+    assert metrics.learned_metric_status("musiq")[0]
     img = torch.rand(3, 16, 20, 3)
     out = score(img, "MUSIQ")
     assert out.shape == (3,) and out.dtype == torch.float64

@@ -16,11 +16,15 @@ from pisa_sr.sweep import (
     choose_best,
     combine,
     format_label,
-    format_pairs,
     parse_lambda_pairs,
 )
 
 LO, HI = LAMBDA_RANGE
+
+
+def format_pairs(pairs) -> str:
+    """The list form parse_lambda_pairs must read back exactly (shortest round-tripping decimals)."""
+    return "; ".join(f"{float(lp)!r},{float(ls)!r}" for lp, ls in pairs)
 lam = st.floats(min_value=LO, max_value=HI, allow_nan=False, allow_infinity=False)
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
