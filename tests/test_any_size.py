@@ -46,3 +46,30 @@ def test_vae_tile_override_equals_auto(world, pisa_model):
     diff = (a - b).abs().max().item()
     print(f"decode tiled(128 px) vs auto: max abs diff {diff:.2e}")
     assert diff < 1e-4
+
+
+@pytest.mark.parametrize("override,decode_tile,encode_tile", [(0, None, None), (1, 16, 128), (7, 16, 128),
+                                                              (64, 16, 128), (200, 25, 200)])
+def test_small_vae_tile_sizes_mean_the_smallest_tile(world, monkeypatch, override, decode_tile, encode_tile):
+    """vae_tile_size 1..128 means the smallest tile (128 px) on both nodes; only 0 is automatic (it used to be
+    1..7 too on the decoder, silently)."""
+    import host
+    from conftest import run_node
+
+    vae_ops = host.pack("nodes.vae_ops")
+    tiles = []
+
+    def recorder(real):
+        def run(ae, x, tile, **kw):
+            tiles.append(tile)
+            return real(ae, x, tile, **kw)
+        return run
+
+    monkeypatch.setattr(vae_ops, "tiled_decode", recorder(vae_ops.tiled_decode))
+    monkeypatch.setattr(vae_ops, "tiled_encode", recorder(vae_ops.tiled_encode))
+    monkeypatch.setattr(vae_ops.compat, "vae_free_memory", lambda vae: 1 << 40)  # automatic = one whole tile
+    run_node("PiSA_Decode", latent={"samples": torch.randn(1, 4, 32, 40)}, vae=world.comfy_vae, color_fix="none",
+             vae_tile_size=override)
+    run_node("PiSA_EncodeLQ", image=torch.rand(1, 256, 320, 3), vae=world.comfy_vae, upscale=1,
+             resize_filter="bicubic", vae_tile_size=override)
+    assert tiles == [decode_tile or 40, encode_tile or 320]
