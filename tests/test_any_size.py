@@ -70,6 +70,6 @@ def test_small_vae_tile_sizes_mean_the_smallest_tile(world, monkeypatch, overrid
     monkeypatch.setattr(vae_ops.compat, "vae_free_memory", lambda vae: 1 << 40)  # automatic = one whole tile
     run_node("PiSA_Decode", latent={"samples": torch.randn(1, 4, 32, 40)}, vae=world.comfy_vae, color_fix="none",
              vae_tile_size=override)
-    run_node("PiSA_EncodeLQ", image=torch.rand(1, 256, 320, 3), vae=world.comfy_vae, upscale=1,
+    run_node("PiSA_EncodeLQ", image=torch.rand(1, 512, 576, 3), vae=world.comfy_vae, upscale=1,
              resize_filter="bicubic", vae_tile_size=override)
-    assert tiles == [decode_tile or 40, encode_tile or 320]
+    assert tiles == [decode_tile or 40, encode_tile or 576]
