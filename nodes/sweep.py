@@ -104,8 +104,8 @@ def report_text(pairs, batch: int, metric: str, floor: float, quality, fidelity,
         who = f"image {b + 1}" if batch > 1 else "chosen"
         lines.append(f"{who}: {format_label(lp, ls)} ({why})")
     for s, (lp, ls) in enumerate(pairs):
-        cells = "; ".join(
-            f"{metric} {metrics.format_score(quality[s][b])}, PSNR {metrics.format_score(fidelity[s][b], ' dB')}" for b in range(batch))
+        cells = "; ".join(f"{metric} {metrics.format_score(quality[s][b])}, "
+                          f"PSNR {metrics.format_score(fidelity[s][b], ' dB')}" for b in range(batch))
         lines.append(f"{s + 1}: {format_label(lp, ls)}: {cells}")
     return "\n".join(lines)
 

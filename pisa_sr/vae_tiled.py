@@ -311,8 +311,8 @@ def tiled_decode(ae: torch.nn.Module, z: torch.Tensor, tile: int, *, progress: P
     Returns the unclamped decoder output [B,3,8h,8w] on ``z``'s device and dtype, equal to ``ae.decode(z)`` up to
     float error. ``z`` must already be on the model's compute device and dtype. ``whole_mid``: None runs the mid
     block (attention) on the whole latent-size map and falls back to the exact tiled attention on a device
-    out-of-memory error; True/False force either. ``offload_device`` holds the parked full-size maps between steps. ``progress(done, total)`` is called after every tile step,
-    ``check_interrupt()`` before each (it raises to stop).
+    out-of-memory error; True/False force either. ``offload_device`` holds the parked full-size maps between steps.
+    ``progress(done, total)`` is called after every tile step, ``check_interrupt()`` before each (it raises to stop).
     """
     if tile <= 0:
         raise ValueError(f"tile must be positive, got {tile}")
