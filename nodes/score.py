@@ -16,9 +16,8 @@ class PiSAQualityScore(io.ComfyNode):
             node_id="PiSA_QualityScore",
             display_name=NODE,
             category="image/upscaling/PiSA-SR",
-            description="Scores every image of a batch. Full-reference (needs a reference image): PSNR and SSIM "
-                        "as the SR literature computes them. No-reference: two weight-free heuristics, or the "
-                        "learned MUSIQ / CLIP-IQA / MANIQA when pyiqa and their weights are already installed.",
+            description="Scores every image of a batch: PSNR / SSIM against a reference, or a no-reference "
+                        "heuristic or learned score.",
             inputs=[
                 io.Image.Input("images", tooltip="The images to score (a batch: one score per image)."),
                 io.Combo.Input("metric", options=list(metrics.METRICS), default="sharpness",

@@ -117,11 +117,8 @@ class PiSALambdaSweep(io.ComfyNode):
             node_id="PiSA_LambdaSweep",
             display_name=NODE,
             category="image/upscaling/PiSA-SR",
-            description="Every (lambda_pix, lambda_sem) setting in one go: eps_pix and eps_sem are computed once "
-                        "(tiled like the sampler) and each setting is their linear combination, so a 9-setting "
-                        "sweep costs about one adjustable sample plus the decodes. Results equal running "
-                        "Dual-Guided One-Step Sample once per setting. Optionally picks the best setting with a "
-                        "no-reference score under a fidelity floor.",
+            description="Every (lambda_pix, lambda_sem) setting from one evaluation of eps_pix and eps_sem (equal "
+                        "to running Dual-Guided One-Step Sample per setting); optionally picks the best one.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL from Load PiSA LoRAs."),
                 io.Conditioning.Input("positive", tooltip="CLIPTextEncode with an EMPTY prompt, as for the sampler."),
