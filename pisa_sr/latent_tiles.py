@@ -11,17 +11,9 @@ import torch
 
 from .tiling import gaussian_weights, needs_tiling, plan_tiles
 
-__all__ = ["run_tiled", "count_steps"]
+__all__ = ["run_tiled"]
 
 EpsFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def count_steps(batch: int, height: int, width: int, tile: int, overlap: int, tiles_per_call: int) -> int:
-    """Number of eps_fn calls ``run_tiled`` will make (for progress bars)."""
-    if not needs_tiling(height, width, tile):
-        return -(-batch // max(1, tiles_per_call))
-    n = batch * len(plan_tiles(height, width, tile, overlap))
-    return -(-n // max(1, tiles_per_call))
 
 
 def run_tiled(z: torch.Tensor, eps_fn: EpsFn, tile: int, overlap: int, tiles_per_call: int = 1,
@@ -33,7 +25,8 @@ def run_tiled(z: torch.Tensor, eps_fn: EpsFn, tile: int, overlap: int, tiles_per
     """
     b, _, h, w = z.shape
     tiles_per_call = max(1, int(tiles_per_call))
-    total = count_steps(b, h, w, tile, overlap, tiles_per_call)
+    tiles = plan_tiles(h, w, tile, overlap) if needs_tiling(h, w, tile) else None
+    total = -(-b * (len(tiles) if tiles else 1) // tiles_per_call)  # eps_fn calls, for the progress bar
     done = 0
 
     def step(x: torch.Tensor) -> torch.Tensor:
@@ -46,11 +39,10 @@ def run_tiled(z: torch.Tensor, eps_fn: EpsFn, tile: int, overlap: int, tiles_per
             progress(done, total)
         return y
 
-    if not needs_tiling(h, w, tile):
+    if tiles is None:
         parts = [step(z[i:i + tiles_per_call]).to(z.device) for i in range(0, b, tiles_per_call)]
         return torch.cat(parts, 0)
 
-    tiles = plan_tiles(h, w, tile, overlap)
     th, tw = tiles[0].h, tiles[0].w
     weight = gaussian_weights(th, tw, torch.float32, z.device)
     jobs = [(i, t) for i in range(b) for t in tiles]

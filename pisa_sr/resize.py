@@ -1,4 +1,4 @@
-"""The release's LQ resizing rules (test_pisasr.py), on 8-bit images through Pillow so results match it exactly.
+"""The release's LQ resizing rules (its inference script), on 8-bit images through Pillow so results match it exactly.
 
 1. If a side is below ``process_size // upscale`` (128 at x4), pre-resize so the short side reaches it.
 2. Resize by ``upscale`` with the chosen filter (the release: Pillow's default, bicubic).
