@@ -21,6 +21,8 @@ from pisa_sr.sweep import (
     parse_lambda_pairs,
 )
 
+pytestmark = pytest.mark.core
+
 LO, HI = LAMBDA_RANGE
 lam = st.floats(min_value=LO, max_value=HI, allow_nan=False, allow_infinity=False)
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
