@@ -327,6 +327,13 @@ def progress_bar(total: int):
     return comfy.utils.ProgressBar(total)
 
 
+def blocked(message: str) -> Any:
+    """An output value that stops the nodes fed from it, which then report ``message`` (ComfyUI's ExecutionBlocker)."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    return ExecutionBlocker(message)
+
+
 def throw_if_interrupted() -> None:
     mm.throw_exception_if_processing_interrupted()
 
