@@ -231,23 +231,23 @@ class PiSALambdaSweep(io.ComfyNode):
         labels = sweep_labels(pairs, batch)
 
         chosen = quality = fidelity = None
-        if choice == "off":
-            best_idx = [0] * batch
-            if vae is None:
-                images = compat.blocked(f"{NODE}: 'images' needs the vae input connected (the VAE that encoded "
-                                        "the LQ image); or decode 'latents' with PiSA Tiled VAE Decode.")
-            else:
-                images = torch.cat(list(decode_settings(latent, z_hq, n, batch, vae, color_fix)))
-        else:
-            ref = compat.process_latent_out(model, sweep_latents(z, eps_pix, eps_sem, [REFERENCE_SETTING]))
-            try:
+        try:
+            if choice != "off":
+                ref = compat.process_latent_out(model, sweep_latents(z, eps_pix, eps_sem, [REFERENCE_SETTING]))
                 quality, fidelity, images = score_settings(latent, z_hq, ref.to(torch.float32).cpu(), n, batch,
                                                            vae, color_fix, choice)
-                chosen = choose_best_per_image(quality, fidelity, floor,
-                                               metrics.METRICS[choice].direction > 0)
-            except PisaError as e:
-                msg = str(e)
-                raise PisaError(msg if msg.startswith(NODE) else f"{NODE}: {msg}") from None
+                chosen = choose_best_per_image(quality, fidelity, floor, metrics.METRICS[choice].direction > 0)
+            elif vae is not None:
+                images = torch.cat(list(decode_settings(latent, z_hq, n, batch, vae, color_fix)))
+            else:
+                images = compat.blocked(f"{NODE}: 'images' needs the vae input connected (the VAE that encoded "
+                                        "the LQ image); or decode 'latents' with PiSA Tiled VAE Decode.")
+        except PisaError as e:
+            msg = str(e)
+            raise PisaError(msg if msg.startswith(NODE) else f"{NODE}: {msg}") from None
+        if chosen is None:
+            best_idx = [0] * batch
+        else:
             best_idx = [s for s, _ in chosen]
             for b, s in enumerate(best_idx):
                 labels[s * batch + b] += BEST_MARK
