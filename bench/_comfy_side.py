@@ -7,9 +7,7 @@ would only add disk time, and the text encoder is replaced by a fixed conditioni
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -17,62 +15,23 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-PACK_NAME = "ComfyUI-PiSA-SR"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import comfy_boot  # noqa: E402
+
 LORA_FILE = "bench_pisa_sr.pkl"
 _REGISTRY: dict[str, Any] = {}
 _OUTPUTS: dict[str, Any] = {}
 
 
-def boot(comfy_dir: str, cpu: bool, pytorch_attention: bool = False, base_dir: str | None = None) -> Path:
-    """Import ComfyUI in main.py's order, with our pack symlinked into a throwaway base directory.
+def boot(comfy_dir: str, cpu: bool, pytorch_attention: bool = False) -> Path:
+    """ComfyUI booted by scripts/comfy_boot.py (the one boot routine), the pack loaded, and the bench nodes added."""
+    base = comfy_boot.boot(comfy_dir, cpu=cpu, pytorch_attention=pytorch_attention)
+    comfy_boot.load_pack()
+    import nodes  # ComfyUI's nodes.py
 
-    ``pytorch_attention`` is ComfyUI's --use-pytorch-cross-attention: its default on CUDA, not on the CPU (where it
-    picks sub-quadratic attention); the release side uses PyTorch's SDPA everywhere.
-    """
-    if comfy_dir not in sys.path:
-        sys.path.insert(0, comfy_dir)
-    import comfy.options  # noqa: F401
-    from comfy.cli_args import args
-
-    base = Path(base_dir or tempfile.mkdtemp(prefix="pisa-bench-"))
-    args.cpu = cpu
-    if pytorch_attention:
-        args.use_pytorch_cross_attention = True
-    args.disable_all_custom_nodes = False
-    args.base_directory = str(base)
-    import utils.extra_config  # noqa: F401  (before nodes.py shadows `utils`)
-    import utils.install_util  # noqa: F401
-
-    for sub in ("custom_nodes", "models/pisa_sr", "models/loras", "output", "input", "temp"):
-        (base / sub).mkdir(parents=True, exist_ok=True)
-    link = base / "custom_nodes" / PACK_NAME
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
-    import folder_paths
-
-    folder_paths.set_temp_directory(str(base / "temp"))
-    return base
-
-
-def load_nodes(base: Path) -> None:
-    import folder_paths
-    import nodes
-
-    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(base / "custom_nodes")], set())
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    if "PiSA_Sample" not in nodes.NODE_CLASS_MAPPINGS:
-        raise RuntimeError("the PiSA-SR pack did not load; see the log above")
     for cls in (BenchSource, BenchImage, BenchSink):
         nodes.NODE_CLASS_MAPPINGS[cls.__name__] = cls
-
-
-def pack_module(sub: str):
-    """A module of the loaded pack (ComfyUI registers the pack under its folder path)."""
-    import importlib
-
-    root = next(k for k in sys.modules if k.endswith(PACK_NAME) and os.sep in k)
-    return importlib.import_module(f"{root}.{sub}")
+    return base
 
 
 # ------------------------------------------------------------------------------------------------ bench nodes
@@ -244,7 +203,7 @@ class UnetStepProbe:
     so its FLOPs can be counted once afterwards without another pipeline run."""
 
     def __init__(self):
-        self.sample = pack_module("nodes.sample")
+        self.sample = comfy_boot.pack("nodes.sample")
         self.real = self.sample.sample_eps
         self.times: list[float] = []
         self.last: tuple | None = None

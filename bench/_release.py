@@ -1,5 +1,6 @@
-"""A release-equivalent PiSA-SR pipeline on diffusers + peft (the algorithm of csslc/PiSA-SR pisasr.py, PiSASR_eval,
-re-implemented for timing; facts in /work/shared/docs/pisa-sr-reference.md):
+"""The release's PiSA-SR pipeline as it runs on a GPU, for timing: the LoRA merge, latent tiling and colour fix come
+from tests/reference.py (the tests' independent diffusers + peft reference); this file adds what the release does
+for speed and memory (csslc/PiSA-SR pisasr.py, PiSASR_eval):
 
 - weights: pix merged with peft, a full copy of W+dpix kept on the device ("ori"), sem merged on top; in adjustable
   mode the sem deltas are precomputed as full-size weight tensors on the device (about three UNet-sized sets);
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from _weights import SCALING, Weights
+from reference import adain, merged_unet, release_tiles  # tests/reference.py: the release's merge, tiling, colour fix
 
 ENC_TILE, ENC_PAD = 1024, 32
 DEC_TILE, DEC_PAD = 224, 11
@@ -215,19 +217,11 @@ def tiled_vae_forward(net, x: torch.Tensor, tile: int, pad: int, is_decoder: boo
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
-def _gaussian_weights(tile: int, device) -> torch.Tensor:
-    mid = (tile - 1) / 2
-    p = [math.exp(-(x - mid) ** 2 / (2 * tile * tile * 0.01)) / math.sqrt(2 * math.pi * 0.01) for x in range(tile)]
-    return torch.tensor(np.outer(p, p), device=device).repeat(1, 4, 1, 1)  # fp64, as the release's numpy build
-
-
 class ReleasePipeline:
     """Built once per (mode, lambdas): the release builds PiSASR_eval for one setting."""
 
     def __init__(self, weights: Weights, device: torch.device, dtype: torch.dtype, default: bool,
                  lambda_pix: float = 1.0, lambda_sem: float = 1.0):
-        from reference import merged_unet  # tests/reference.py: peft merge of the chosen LoRA kinds
-
         self.device, self.dtype, self.default = device, dtype, default
         ckpt = weights.ckpt
         pix = merged_unet(weights.unet, ckpt, ("pix",))
@@ -285,31 +279,7 @@ class ReleasePipeline:
     @torch.no_grad()
     def unet_step(self, z: torch.Tensor) -> torch.Tensor:
         """_process_latents: whole latent below the area trigger, else 96/32 tiles one at a time."""
-        _, _, h, w = z.shape
-        tile, overlap = LATENT_TILE, LATENT_OVERLAP
-        if h * w <= tile * tile:
-            return self._eps(z)
-        weights = _gaussian_weights(tile, z.device)
-        tile = min(tile, min(h, w))
-        rows = cols = 0
-        cur = 0
-        while cur < w:
-            cur = max(rows * tile - overlap * rows, 0) + tile
-            rows += 1
-        cur = 0
-        while cur < h:
-            cur = max(cols * tile - overlap * cols, 0) + tile
-            cols += 1
-        noise = torch.zeros(z.shape, device=z.device)
-        contrib = torch.zeros(z.shape, device=z.device)
-        for r in range(rows):
-            for c in range(cols):
-                ox = w - tile if r == rows - 1 else max(r * tile - overlap * r, 0)
-                oy = h - tile if c == cols - 1 else max(c * tile - overlap * c, 0)
-                out = self._eps(z[:, :, oy:oy + tile, ox:ox + tile])
-                noise[:, :, oy:oy + tile, ox:ox + tile] += out * weights
-                contrib[:, :, oy:oy + tile, ox:ox + tile] += weights
-        return noise / contrib
+        return release_tiles(z, self._eps, LATENT_TILE, LATENT_OVERLAP)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -338,20 +308,10 @@ class ReleasePipeline:
         eps = self.unet_step(z)
         img = self.decode(z - eps).clamp(-1, 1).float()
         img = torch.floor(torch.clip(img * 0.5 + 0.5, 0, 1) * 255) / 255  # ToPILImage truncation
-        img = _adain(img, lq).clamp(0, 1)
+        img = adain(img, lq).clamp(0, 1)
         img = torch.floor(img * 255) / 255  # the saved 8-bit PNG
         out = img[0].permute(1, 2, 0).cpu()
         return out
-
-
-def _adain(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    def ms(f):
-        b, c = f.shape[:2]
-        v = f.reshape(b, c, -1).var(dim=2) + 1e-5
-        return f.reshape(b, c, -1).mean(dim=2).reshape(b, c, 1, 1), v.sqrt().reshape(b, c, 1, 1)
-    sm, ss = ms(s)
-    tm, ts = ms(t)
-    return (t - tm) / ts * ss + sm
 
 
 @torch.no_grad()

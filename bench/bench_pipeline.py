@@ -318,7 +318,6 @@ def main(argv: list[str] | None = None) -> int:
     import _comfy_side
 
     base = _comfy_side.boot(args.comfy_dir, cpu=args.cpu, pytorch_attention=not args.comfy_cpu_attention)
-    _comfy_side.load_nodes(base)
     import torch
 
     if not args.cpu and not torch.cuda.is_available():

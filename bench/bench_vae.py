@@ -40,8 +40,7 @@ def main() -> int:
 
     from comfy_boot import boot
 
-    args = boot()
-    args.cpu = a.cpu
+    boot(cpu=a.cpu, pytorch_attention=False)  # ComfyUI's own attention choice for the VAE
     import torch
     import comfy.model_management as mm
     import comfy.sd

@@ -163,6 +163,13 @@ def options_with_outer_unet_wrapper(model: Any, key: str, wrapper) -> dict:
     return topts
 
 
+def blocked(message: str) -> Any:
+    """An output value that stops the nodes fed from it, which then report ``message`` (ComfyUI's ExecutionBlocker)."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    return ExecutionBlocker(message)
+
+
 # ---------------------------------------------------------------- progress, interruption, OOM, previews
 def is_oom(exc: BaseException) -> bool:
     check = getattr(mm, "is_oom", None)  # newer ComfyUI also recognises accelerator OOM errors

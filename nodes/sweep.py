@@ -11,6 +11,9 @@ Outputs (documented in the tooltips):
   lambda_pix, lambda_sem   FLOAT lists, one value per setting (list outputs: a node fed from them runs per setting).
   best        the chosen setting per input image (batch B) when choose_best is on; the first setting otherwise.
   report      the settings, their scores and the choice, as text.
+  images      every setting decoded (needs the vae input), in the order of 'latents': with choose_best on, the
+              images it decoded to score; with it off, decoded here so a grid needs no second decode. Without a
+              vae the output is blocked with a message, so a node fed from it says what to connect.
 """
 from __future__ import annotations
 
@@ -68,24 +71,30 @@ def _check_metric_ready(choice: str) -> None:
                             "weights.")
 
 
-def score_settings(latent: dict, z_hq_raw: torch.Tensor, ref_raw: torch.Tensor, settings: int, batch: int, vae,
-                   color_fix: str, metric: str) -> tuple[list[list[float]], list[list[float]]]:
-    """Decode each setting (batch B at a time), score it with ``metric`` and with PSNR (Y, no border crop) against
-    the decoded pix-only reference; returns ``quality[s][b]`` and ``fidelity[s][b]``."""
+def decode_settings(latent: dict, z_hq_raw: torch.Tensor, settings: int, batch: int, vae, color_fix: str,
+                    extra_steps: int = 0):
+    """Yield each setting's decoded images (batch B at a time, as PiSA Tiled VAE Decode makes them), advancing a
+    progress bar of ``settings + extra_steps`` steps whose first ``extra_steps`` the caller has done."""
     hooks = compat.hooks()
-    ref_img = decode_hq(dict(latent, samples=ref_raw), vae, color_fix)
-    hooks.progress(1, settings + 1)
-    quality: list[list[float]] = []
-    fidelity: list[list[float]] = []
     for s in range(settings):
         hooks.check_interrupt()
-        img = decode_hq(dict(latent, samples=z_hq_raw[s * batch:(s + 1) * batch]), vae, color_fix)
-        ref = ref_img.to(img.device)
+        yield decode_hq(dict(latent, samples=z_hq_raw[s * batch:(s + 1) * batch]), vae, color_fix)
+        hooks.progress(s + 1 + extra_steps, settings + extra_steps)
+
+
+def score_settings(latent: dict, z_hq_raw: torch.Tensor, ref_raw: torch.Tensor, settings: int, batch: int, vae,
+                   color_fix: str, metric: str) -> tuple[list[list[float]], list[list[float]], torch.Tensor]:
+    """Decode each setting, score it with ``metric`` and with PSNR (Y, no border crop) against the decoded pix-only
+    reference; returns ``quality[s][b]``, ``fidelity[s][b]`` and the decoded images, setting-major."""
+    ref_img = decode_hq(dict(latent, samples=ref_raw), vae, color_fix)
+    quality: list[list[float]] = []
+    fidelity: list[list[float]] = []
+    images = []
+    for img in decode_settings(latent, z_hq_raw, settings, batch, vae, color_fix, extra_steps=1):
         quality.append([float(v) for v in metrics.score(img, metric)])
-        fidelity.append([float(v) for v in metrics.psnr_y(img, ref, crop_border=0)])
-        del img
-        hooks.progress(s + 2, settings + 1)
-    return quality, fidelity
+        fidelity.append([float(v) for v in metrics.psnr_y(img, ref_img.to(img.device), crop_border=0)])
+        images.append(img)
+    return quality, fidelity, torch.cat(images)
 
 
 def report_text(pairs, batch: int, metric: str, floor: float, quality, fidelity, chosen) -> str:
@@ -137,9 +146,11 @@ class PiSALambdaSweep(io.ComfyNode):
                                tooltip="choose_best only picks settings within this PSNR (dB) of the pixel-only "
                                "output; 0 = no floor."),
                 io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
-                               tooltip="Colour fix for the choose_best decodes; set it like your decoder."),
+                               tooltip="Colour fix of the decoded 'images' (and of what choose_best scores); set it "
+                               "like your PiSA Tiled VAE Decode."),
                 io.Vae.Input("vae", optional=True,
-                             tooltip="The VAE that encoded the LQ image; needed only for choose_best."),
+                             tooltip="The VAE (the one that encoded the LQ image). Needed for choose_best and for "
+                             "'images'; when connected, every setting is decoded once here."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latents", tooltip="Every setting's latent, setting-major (batch "
@@ -154,6 +165,8 @@ class PiSALambdaSweep(io.ComfyNode):
                                  "setting when choose_best is off)."),
                 io.String.Output(display_name="report", tooltip="The settings, their scores and the choice, as "
                                  "text."),
+                io.Image.Output(display_name="images", tooltip="Every setting decoded once, in the order of "
+                                "'latents' (needs the vae); connect to PiSA Labelled Grid instead of decoding again."),
             ],
         )
 
@@ -174,7 +187,7 @@ class PiSALambdaSweep(io.ComfyNode):
         floor = float(fidelity_floor_db)
         if not math.isfinite(floor):
             raise PisaError("fidelity_floor_db must be a finite number of dB, e.g. 28.")
-        if choice != "off":
+        if choice != "off" or vae is not None:
             check_color_fix(color_fix)
 
         z, eps = sample_eps(model, latent, positive, 1.0, 1.0, tile_size, tile_overlap, both=True)
@@ -187,13 +200,19 @@ class PiSALambdaSweep(io.ComfyNode):
         labels = sweep_labels(pairs, batch)
 
         chosen = quality = fidelity = None
-        if choice == "off":
+        if choice != "off":
+            ref = model.model.process_latent_out(sweep_latents(z, eps_pix, eps_sem, [REFERENCE_SETTING]))
+            quality, fidelity, images = score_settings(latent, z_hq, ref.to(torch.float32).cpu(), n, batch, vae,
+                                                       color_fix, choice)
+            chosen = choose_best_per_image(quality, fidelity, floor, metrics.METRICS[choice].direction > 0)
+        elif vae is not None:
+            images = torch.cat(list(decode_settings(latent, z_hq, n, batch, vae, color_fix)))
+        else:
+            images = compat.blocked(f"{NODE}: 'images' needs the vae input connected (the VAE that encoded the LQ "
+                                    "image); or decode 'latents' with PiSA Tiled VAE Decode.")
+        if chosen is None:
             best_idx = [0] * batch
         else:
-            ref = model.model.process_latent_out(sweep_latents(z, eps_pix, eps_sem, [REFERENCE_SETTING]))
-            quality, fidelity = score_settings(latent, z_hq, ref.to(torch.float32).cpu(), n, batch, vae, color_fix,
-                                               choice)
-            chosen = choose_best_per_image(quality, fidelity, floor, metrics.METRICS[choice].direction > 0)
             best_idx = [s for s, _ in chosen]
             for b, s in enumerate(best_idx):
                 labels[s * batch + b] += BEST_MARK
@@ -202,4 +221,5 @@ class PiSALambdaSweep(io.ComfyNode):
         report = report_text(pairs, batch, choice, floor, quality, fidelity, chosen)
         if chosen is not None:
             log.info("%s", report)
-        return io.NodeOutput(out, "\n".join(labels), [p for p, _ in pairs], [s for _, s in pairs], best, report)
+        return io.NodeOutput(out, "\n".join(labels), [p for p, _ in pairs], [s for _, s in pairs], best, report,
+                             images)

@@ -35,7 +35,7 @@ SIGS: dict[str, tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]] 
     "PiSA_LambdaSweep": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT"), ("vae", "VAE")],
                          ["settings", "tile_size", "tile_overlap", "choose_best", "fidelity_floor_db", "color_fix"],
                          [("latents", "LATENT"), ("labels", "STRING"), ("lambda_pix", "FLOAT"), ("lambda_sem", "FLOAT"),
-                          ("best", "LATENT"), ("report", "STRING")]),
+                          ("best", "LATENT"), ("report", "STRING"), ("images", "IMAGE")]),
     "PiSA_QualityScore": ([("images", "IMAGE"), ("reference", "IMAGE")], ["metric", "crop_border"],
                           [("scores_text", "STRING"), ("scores", "FLOAT")]),
     "PiSA_LabelledGrid": ([("images", "IMAGE"), ("labels", "STRING"), ("scores", "STRING")], ["columns", "font_size"],
@@ -93,8 +93,8 @@ SWEEP_NOTE = (
     "**PiSA Lambda Sweep** computes eps_pix and eps_sem once and forms every (lambda_pix, lambda_sem) setting from "
     "them: 9 settings cost about one adjustable sample plus the decodes. `settings` takes a list (`0.5,1; 1,1; 1,1.5`) "
     "or a grid (`pix=0.5:1.5:0.5 sem=0.5:1.5:0.5`, this file).\n\n"
-    "- **latents** -> Decode -> **PiSA Labelled Grid**: one contact sheet, each tile labelled with its lambdas and its "
-    "score from **PiSA Quality Score**\n"
+    "- **images** (every setting decoded once) -> **PiSA Labelled Grid**: one contact sheet, each tile labelled with "
+    "its lambdas and its score from **PiSA Quality Score**\n"
     "- **best**: choose_best picks the setting with the best score whose PSNR against the pixel-only output (1, 0) "
     "stays above fidelity_floor_db; **report** says which and why\n\n"
     "sharpness / noise are heuristics; musiq, clipiqa and maniqa need pyiqa and its weights already installed "
@@ -102,18 +102,16 @@ SWEEP_NOTE = (
 
 
 def sweep_graph(settings="pix=0.5:1.5:0.5 sem=0.5:1.5:0.5", choose_best="sharpness", floor_db=28.0) -> list[Node]:
-    """Sweep -> decode all -> score -> labelled grid, and the chosen setting decoded on its own."""
+    """Sweep (decodes every setting once) -> score -> labelled grid, and the chosen setting decoded on its own."""
     nodes = [n for n in basic_graph() if n.id <= 5]
     nodes += [
         Node(6, "PiSA_LambdaSweep", (780, 80), {"settings": settings, "tile_size": 96, "tile_overlap": 32,
                                                "choose_best": choose_best, "fidelity_floor_db": floor_db,
                                                "color_fix": "adain"},
              {"model": (4, 0), "positive": (2, 0), "latent": (5, 0), "vae": (1, 2)}),
-        Node(7, "PiSA_Decode", (1160, 80), {"color_fix": "adain", "vae_tile_size": 0},
-             {"latent": (6, 0), "vae": (1, 2)}, title="Decode all settings"),
-        Node(8, "PiSA_QualityScore", (1160, 260), {"metric": choose_best, "crop_border": 4}, {"images": (7, 0)}),
+        Node(8, "PiSA_QualityScore", (1160, 260), {"metric": choose_best, "crop_border": 4}, {"images": (6, 6)}),
         Node(9, "PiSA_LabelledGrid", (1540, 80), {"columns": 3, "font_size": 0},
-             {"images": (7, 0), "labels": (6, 1), "scores": (8, 0)}),
+             {"images": (6, 6), "labels": (6, 1), "scores": (8, 0)}),
         Node(10, "SaveImage", (1920, 80), {"filename_prefix": "PiSA-SR_sweep_grid"}, {"images": (9, 0)},
              title="Save grid"),
         Node(11, "PiSA_Decode", (1160, 480), {"color_fix": "adain", "vae_tile_size": 0},

@@ -14,25 +14,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-VERSION = "1"  # bump when the generated weights change
+sys.path.insert(1, os.path.join(os.path.dirname(HERE), "tests"))  # synthetic_weights.py: the one copy of the rules
+VERSION = "2"  # bump when the generated weights change
 CKPT_NAME = f"pisa_tiny_sd2_v{VERSION}.safetensors"
 LORA_NAME = f"pisa_tiny_lora_v{VERSION}.pkl"
-RELEASE_PATTERNS = ["to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
-                    "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj"]
-
-
-def _init(module, seed: int) -> None:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
 
 
 def unet_config() -> dict:
@@ -44,38 +29,16 @@ def unet_config() -> dict:
             "transformer_depth_middle": -2, "use_temporal_resblock": False, "use_temporal_attention": False}
 
 
-def release_lora_dict(unet_cfg: dict, shapes: dict, seed: int = 7, rank: int = 4) -> dict:
-    """The release's module selection rule over the diffusers names of this UNet, with random LoRA weights."""
-    import torch
+def release_lora_dict(unet_cfg: dict, shapes: dict, seed: int = 7) -> dict:
+    """The release's LoRA layout over the diffusers names of this ComfyUI UNet (``shapes``: its state dict shapes)."""
     import comfy.utils
+    import torch
+    from synthetic_weights import release_lora_dict as lora_dict
 
-    g = torch.Generator().manual_seed(seed)
     mapping = comfy.utils.unet_to_diffusers(unet_cfg)
-    lists = {"encoder": [], "decoder": [], "others": []}
-    for dk in sorted(mapping):
-        if not dk.endswith(".weight") or "norm" in dk or "diffusion_model." + mapping[dk] not in shapes:
-            continue
-        for pat in RELEASE_PATTERNS:
-            if pat in dk:
-                part = ("encoder" if ("down_blocks" in dk or "conv_in" in dk) else
-                        "decoder" if ("up_blocks" in dk or "conv_out" in dk) else "others")
-                lists[part].append(dk[: -len(".weight")])
-                break
-    sd = {"lora_rank_unet_pix": rank, "lora_rank_unet_sem": rank, "state_dict_unet": {}}
-    for kind in ("pix", "sem"):
-        for part, names in lists.items():
-            sd[f"unet_lora_{part}_modules_{kind}"] = list(names)
-            for name in names:
-                w = shapes["diffusion_model." + mapping[name + ".weight"]]
-                if len(w) == 4:
-                    a = torch.randn(rank, w[1], w[2], w[3], generator=g) / (w[1] * w[2] * w[3]) ** 0.5
-                    b = torch.randn(w[0], rank, 1, 1, generator=g) * 0.3 / rank ** 0.5
-                else:
-                    a = torch.randn(rank, w[1], generator=g) / w[1] ** 0.5
-                    b = torch.randn(w[0], rank, generator=g) * 0.3 / rank ** 0.5
-                sd["state_dict_unet"][f"{name}.lora_A.default_{part}_{kind}.weight"] = a.half()
-                sd["state_dict_unet"][f"{name}.lora_B.default_{part}_{kind}.weight"] = b.half()
-    return sd
+    named = {dk: shapes["diffusion_model." + ck] for dk, ck in sorted(mapping.items())
+             if "diffusion_model." + ck in shapes}
+    return lora_dict(named, seed, rank=4, strength=0.3, dtype=torch.float16)
 
 
 def make(out_dir: str) -> tuple[str, str]:
@@ -84,6 +47,7 @@ def make(out_dir: str) -> tuple[str, str]:
     if os.path.exists(ckpt_path) and os.path.exists(lora_path):
         return ckpt_path, lora_path
     from comfy_boot import boot
+    from synthetic_weights import init_weights
 
     boot()
     import torch
@@ -98,16 +62,16 @@ def make(out_dir: str) -> tuple[str, str]:
     mc = comfy.supported_models.SD20(cfg)
     mc.set_inference_dtype(torch.float32, None)
     base = mc.get_model({})
-    _init(base.diffusion_model, 0)
+    init_weights(base.diffusion_model, 0, affine_noise=0.0)
     cpu = torch.device("cpu")
     model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
     ae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
-    _init(ae, 1)
+    init_weights(ae, 1, affine_noise=0.0)
     vae = comfy.sd.VAE(sd=ae.state_dict())
     clip = comfy.sd.CLIP(mc.clip_target(), parameters=0)
-    _init(clip.cond_stage_model, 2)
+    init_weights(clip.cond_stage_model, 2, affine_noise=0.0)
     shapes = {k: tuple(v.shape) for k, v in base.state_dict().items()}
     tmp = ckpt_path[: -len(".safetensors")] + ".tmp.safetensors"
     comfy.sd.save_checkpoint(tmp, model, clip, vae)

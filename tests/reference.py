@@ -48,6 +48,60 @@ def merged_unet(unet, ckpt: dict, kinds: tuple[str, ...]):
     return u.eval()
 
 
+def adain(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The release's adain colour fix: ``t`` takes the per-channel mean and std of ``s``."""
+    def ms(f):
+        b, c = f.shape[:2]
+        v = f.reshape(b, c, -1).var(dim=2) + 1e-5
+        return f.reshape(b, c, -1).mean(dim=2).reshape(b, c, 1, 1), v.sqrt().reshape(b, c, 1, 1)
+    sm, ss = ms(s)
+    tm, ts = ms(t)
+    return (t - tm) / ts * ss + sm
+
+
+@torch.no_grad()
+def release_tiles(z: torch.Tensor, eps, tile_size: int = 96, tile_overlap: int = 32) -> torch.Tensor:
+    """_process_latents of the release: ``eps(z)`` whole below the area trigger, else batch-1 tiles, Gaussian blend
+    (fp64 weights, as the release builds them with numpy), edge-aligned last tile."""
+    _, _, h, w = z.shape
+    if h * w <= tile_size * tile_size:
+        return eps(z)
+    tw = th = tile_size
+    mx, my = (tw - 1) / 2, (th - 1) / 2
+    xp = [np.exp(-(x - mx) ** 2 / (2 * tw * tw * 0.01)) / np.sqrt(2 * np.pi * 0.01) for x in range(tw)]
+    yp = [np.exp(-(y - my) ** 2 / (2 * th * th * 0.01)) / np.sqrt(2 * np.pi * 0.01) for y in range(th)]
+    weights = torch.tensor(np.outer(yp, xp), device=z.device).repeat(1, 4, 1, 1)
+    tile_size = min(tile_size, min(h, w))
+    rows = 0
+    cur = 0
+    while cur < w:
+        cur = max(rows * tile_size - tile_overlap * rows, 0) + tile_size
+        rows += 1
+    cols = 0
+    cur = 0
+    while cur < h:
+        cur = max(cols * tile_size - tile_overlap * cols, 0) + tile_size
+        cols += 1
+    noise = torch.zeros(z.shape, device=z.device)
+    contrib = torch.zeros(z.shape, device=z.device)
+    for r in range(rows):
+        for c in range(cols):
+            ox = max(r * tile_size - tile_overlap * r, 0)
+            oy = max(c * tile_size - tile_overlap * c, 0)
+            if r == rows - 1:
+                ox = w - tile_size
+            if c == cols - 1:
+                oy = h - tile_size
+            # The release passes this slice as a strided view. PyTorch's CPU convolution reads such a view as
+            # channels_last and keeps that layout through the whole UNet, whose GroupNorm then sums in another
+            # order (measured here: 1.5e-4 max abs on eps between the two layouts of one tile, in this very
+            # reference). Layout is not part of the math; the tile is fed contiguous, like every untiled call.
+            out = eps(z[:, :, oy:oy + tile_size, ox:ox + tile_size].contiguous())
+            noise[:, :, oy:oy + tile_size, ox:ox + tile_size] += out * weights
+            contrib[:, :, oy:oy + tile_size, ox:ox + tile_size] += weights
+    return noise / contrib
+
+
 class ReleaseReference:
     def __init__(self, unet, vae, ckpt: dict, context: torch.Tensor):
         self.unet_pix = merged_unet(unet, ckpt, ("pix",))
@@ -69,48 +123,8 @@ class ReleaseReference:
         pix = self._unet(self.unet_pix, z)
         return lambda_pix * pix + lambda_sem * (sem - pix)
 
-    @torch.no_grad()
     def eps_tiled(self, z, default, lambda_pix=1.0, lambda_sem=1.0, tile_size=96, tile_overlap=32):
-        """_process_latents of the release: area trigger, batch-1 tiles, Gaussian blend, edge-aligned last tile."""
-        _, _, h, w = z.shape
-        if h * w <= tile_size * tile_size:
-            return self.eps(z, default, lambda_pix, lambda_sem)
-        from numpy import exp, pi, sqrt
-        tw = th = tile_size
-        mx, my = (tw - 1) / 2, (th - 1) / 2
-        xp = [exp(-(x - mx) ** 2 / (2 * tw * tw * 0.01)) / sqrt(2 * pi * 0.01) for x in range(tw)]
-        yp = [exp(-(y - my) ** 2 / (2 * th * th * 0.01)) / sqrt(2 * pi * 0.01) for y in range(th)]
-        weights = torch.tensor(np.outer(yp, xp)).repeat(1, 4, 1, 1)
-        tile_size = min(tile_size, min(h, w))
-        rows = 0
-        cur = 0
-        while cur < w:
-            cur = max(rows * tile_size - tile_overlap * rows, 0) + tile_size
-            rows += 1
-        cols = 0
-        cur = 0
-        while cur < h:
-            cur = max(cols * tile_size - tile_overlap * cols, 0) + tile_size
-            cols += 1
-        noise = torch.zeros(z.shape)
-        contrib = torch.zeros(z.shape)
-        for r in range(rows):
-            for c in range(cols):
-                ox = max(r * tile_size - tile_overlap * r, 0)
-                oy = max(c * tile_size - tile_overlap * c, 0)
-                if r == rows - 1:
-                    ox = w - tile_size
-                if c == cols - 1:
-                    oy = h - tile_size
-                # The release passes this slice as a strided view. PyTorch's CPU convolution reads such a view as
-                # channels_last and keeps that layout through the whole UNet, whose GroupNorm then sums in another
-                # order (measured here: 1.5e-4 max abs on eps between the two layouts of one tile, in this very
-                # reference). Layout is not part of the math; the tile is fed contiguous, like every untiled call.
-                tile = z[:, :, oy:oy + tile_size, ox:ox + tile_size].contiguous()
-                out = self.eps(tile, default, lambda_pix, lambda_sem)
-                noise[:, :, oy:oy + tile_size, ox:ox + tile_size] += out * weights
-                contrib[:, :, oy:oy + tile_size, ox:ox + tile_size] += weights
-        return noise / contrib
+        return release_tiles(z, lambda t: self.eps(t, default, lambda_pix, lambda_sem), tile_size, tile_overlap)
 
     # --- whole pipeline -------------------------------------------------------------------------------------------
     @staticmethod
@@ -140,16 +154,6 @@ class ReleaseReference:
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
 
     @staticmethod
-    def _adain(t, s):
-        def ms(f):
-            b, c = f.shape[:2]
-            v = f.reshape(b, c, -1).var(dim=2) + 1e-5
-            return f.reshape(b, c, -1).mean(dim=2).reshape(b, c, 1, 1), v.sqrt().reshape(b, c, 1, 1)
-        sm, ss = ms(s)
-        tm, ts = ms(t)
-        return (t - tm) / ts * ss + sm
-
-    @staticmethod
     def _wavelet(t, s):
         def blur(x, r):
             k = torch.tensor([[0.0625, 0.125, 0.0625], [0.125, 0.25, 0.125], [0.0625, 0.125, 0.0625]])
@@ -177,7 +181,7 @@ class ReleaseReference:
         out = torch.clip(out * 0.5 + 0.5, 0, 1)
         pil = self._to_pil(out[0])
         if align in ("adain", "wavelet"):
-            fix = self._adain if align == "adain" else self._wavelet
+            fix = adain if align == "adain" else self._wavelet
             res = fix(self._to_tensor(pil), self._to_tensor(lq))
             pil = self._to_pil(res[0].clamp_(0.0, 1.0))
         if flag:

@@ -24,10 +24,10 @@ def init_weights(module: torch.nn.Module, seed: int, affine_noise: float = 0.2) 
                 p.copy_(affine_noise * torch.randn(p.shape, generator=g))
 
 
-def release_module_lists(unet) -> dict[str, list[str]]:
-    """The release's module selection rule (initialize_unet in pisasr.py), applied to ``unet``."""
+def release_module_lists(names) -> dict[str, list[str]]:
+    """The release's module selection rule (initialize_unet in pisasr.py) over diffusers UNet parameter names."""
     enc, dec, oth = [], [], []
-    for n, _ in unet.named_parameters():
+    for n in names:
         if "bias" in n or "norm" in n:
             continue
         for pattern in RELEASE_PATTERNS:
@@ -43,23 +43,29 @@ def release_module_lists(unet) -> dict[str, list[str]]:
     return {"encoder": enc, "decoder": dec, "others": oth}
 
 
-def synthetic_checkpoint(unet, seed: int = 3, rank: int = 4, strength: float = 0.5) -> dict:
-    """A dict in the exact pisa_sr.pkl layout with random (non-zero) LoRA weights for ``unet``."""
+def release_lora_dict(shapes: dict[str, tuple], seed: int = 3, rank: int = 4, strength: float = 0.5,
+                      dtype: torch.dtype = torch.float32) -> dict:
+    """A dict in the exact pisa_sr.pkl layout with random (non-zero) LoRA weights for a UNet whose diffusers
+    parameter names and shapes are ``shapes`` (in parameter order)."""
     g = torch.Generator().manual_seed(seed)
-    modules = dict(unet.named_modules())
-    lists = release_module_lists(unet)
+    lists = release_module_lists(shapes)
     sd: dict = {"lora_rank_unet_pix": rank, "lora_rank_unet_sem": rank, "state_dict_unet": {}}
     for kind in ("pix", "sem"):
         for part, names in lists.items():
             sd[f"unet_lora_{part}_modules_{kind}"] = list(names)
             for name in names:
-                w = modules[name].weight
-                if w.dim() == 4:
-                    a = torch.randn(rank, w.shape[1], w.shape[2], w.shape[3], generator=g) / (w[0].numel() ** 0.5)
-                    b = torch.randn(w.shape[0], rank, 1, 1, generator=g) * strength / rank ** 0.5
+                w = shapes[name + ".weight"]
+                if len(w) == 4:
+                    a = torch.randn(rank, w[1], w[2], w[3], generator=g) / (w[1] * w[2] * w[3]) ** 0.5
+                    b = torch.randn(w[0], rank, 1, 1, generator=g) * strength / rank ** 0.5
                 else:
-                    a = torch.randn(rank, w.shape[1], generator=g) / (w.shape[1] ** 0.5)
-                    b = torch.randn(w.shape[0], rank, generator=g) * strength / rank ** 0.5
-                sd["state_dict_unet"][f"{name}.lora_A.default_{part}_{kind}.weight"] = a
-                sd["state_dict_unet"][f"{name}.lora_B.default_{part}_{kind}.weight"] = b
+                    a = torch.randn(rank, w[1], generator=g) / (w[1] ** 0.5)
+                    b = torch.randn(w[0], rank, generator=g) * strength / rank ** 0.5
+                sd["state_dict_unet"][f"{name}.lora_A.default_{part}_{kind}.weight"] = a.to(dtype)
+                sd["state_dict_unet"][f"{name}.lora_B.default_{part}_{kind}.weight"] = b.to(dtype)
     return sd
+
+
+def synthetic_checkpoint(unet, seed: int = 3, rank: int = 4, strength: float = 0.5) -> dict:
+    """:func:`release_lora_dict` for a diffusers ``unet``."""
+    return release_lora_dict({n: tuple(p.shape) for n, p in unet.named_parameters()}, seed, rank, strength)

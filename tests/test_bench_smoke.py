@@ -18,7 +18,8 @@ def test_bench_cpu_tiny_runs(tmp_path):
     cmd = [sys.executable, str(REPO / "bench" / "bench_pipeline.py"), "--cpu", "--tiny", "--runs", "1",
            "--warmup", "0", "--modes", "adjustable", "--self-check", "--json", str(out)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=3600)  # hang guard only
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| workload | mode | release ms (min-max) | ours ms (min-max) |" in proc.stdout
     assert "| 128->512 | adjustable |" in proc.stdout

@@ -18,6 +18,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from pisa_sr import metrics
 from pisa_sr.metrics import METRICS, noise_sigma, psnr_y, rgb_to_y, score, sharpness, ssim_y
 
+pytestmark = pytest.mark.core
+
 TOL = 1e-4
 
 

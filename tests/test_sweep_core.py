@@ -19,6 +19,8 @@ from pisa_sr.sweep import (
     parse_lambda_pairs,
 )
 
+pytestmark = pytest.mark.core
+
 LO, HI = LAMBDA_RANGE
 
 

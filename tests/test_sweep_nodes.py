@@ -76,8 +76,9 @@ def _sample(model, cond, lat, lp, ls, tile, overlap):
 @pytest.mark.parametrize("tile,overlap", [(96, 32), (24, 8)], ids=["untiled", "tiled"])
 def test_sweep_equals_per_setting_sampling(world, pisa_model, small, tile, overlap):
     cond = world.conditioning
-    latents, labels, lps, lss, best, report = _sweep(pisa_model, cond, small, PAIRS, tile, overlap)
+    latents, labels, lps, lss, best, report, images = _sweep(pisa_model, cond, small, PAIRS, tile, overlap)
     z = latents["samples"]
+    assert type(images).__name__ == "ExecutionBlocker" and "connected" in images.message  # no vae: nothing decoded
     assert z.shape == (len(PAIRS), *small["samples"].shape[1:]) and z.dtype == torch.float32
     assert lps == [p for p, _ in PAIRS] and lss == [s for _, s in PAIRS]
     assert labels.splitlines() == [format_label(*p) for p in PAIRS]
@@ -116,7 +117,8 @@ def test_sweep_batch_is_setting_major_and_keeps_lq_reference(world, pisa_model, 
     """B=2: row s*B+b is setting s of image b; the LQ reference is repeated so the decoder colour-fixes each row
     against its own image, exactly as decoding the per-setting sample does."""
     pairs = [(0.5, 1.5), (1.3, 0.7)]  # both DUAL: the sampler makes the same UNet call
-    latents, labels, lps, lss, _, _ = _sweep(pisa_model, world.conditioning, small2, pairs, 96, 32)
+    latents, labels, lps, lss, _, _, images = _sweep(pisa_model, world.conditioning, small2, pairs, 96, 32,
+                                                     vae=world.comfy_vae, color_fix="adain")
     z, b = latents["samples"], 2
     assert z.shape[0] == len(pairs) * b
     assert labels.splitlines() == sweep_labels(pairs, b) == [
@@ -129,6 +131,7 @@ def test_sweep_batch_is_setting_major_and_keeps_lq_reference(world, pisa_model, 
         for i in range(b):
             assert torch.equal(rep[s * b + i], lq[i])
     (imgs,) = run_node("PiSA_Decode", latent=latents, vae=world.comfy_vae, color_fix="adain")
+    assert torch.equal(images, imgs)  # choose_best off, vae connected: 'images' is the decoded 'latents'
     for s, (lp, ls) in enumerate(pairs):
         (hq,) = run_node("PiSA_Sample", model=pisa_model, positive=world.conditioning, latent=small2, lambda_pix=lp,
                          lambda_sem=ls)
@@ -162,8 +165,10 @@ def test_choose_best_picks_argmax_under_the_floor_end_to_end(world, pisa_model, 
     assert floor is not None, f"constructed case needs a sharper setting below some floor: {q} {f}"
     assert want != top and q[want] < q[top] and f[want] >= floor > f[top]
 
-    latents, labels, _, _, best, report = _sweep(pisa_model, cond, small, pairs, 96, 32, choose_best="sharpness",
-                                                 fidelity_floor_db=floor, color_fix="adain", vae=vae)
+    latents, labels, _, _, best, report, images = _sweep(pisa_model, cond, small, pairs, 96, 32,
+                                                         choose_best="sharpness", fidelity_floor_db=floor,
+                                                         color_fix="adain", vae=vae)
+    assert torch.equal(images, imgs)  # the scored images are handed on: each setting decoded once
     print(report)
     assert torch.equal(best["samples"], latents["samples"][want:want + 1])
     assert (best["samples"] - swept["samples"][want:want + 1]).abs().max().item() == 0.0
@@ -269,6 +274,7 @@ def test_schemas_are_v3_with_tooltips_and_list_outputs():
         assert ins[name].default == sample[name].default and ins[name].min == sample[name].min
     assert ins["vae"].optional and list(ins["choose_best"].options) == ["off", "sharpness", "noise", "musiq",
                                                                         "clipiqa", "maniqa"]
-    assert [o.is_output_list for o in sweep.outputs] == [False, False, True, True, False, False]
+    assert [o.is_output_list for o in sweep.outputs] == [False, False, True, True, False, False, False]
+    assert sweep.outputs[-1].display_name == "images" and sweep.outputs[-1].io_type == "IMAGE"
     score = host.node("PiSA_QualityScore").define_schema()
     assert [o.is_output_list for o in score.outputs] == [False, True]
