@@ -5,9 +5,10 @@ Run from the pack folder::
     python -m pisa_sr.convert pisa_sr.pkl pisa_sr.safetensors     # convert, verify, print a summary
     python -m pisa_sr.convert --check pisa_sr.safetensors          # validate only
 
-The input goes through the same checked loader as the node (no code from the file runs). The output is written
-next to its destination under a temporary name, re-read with that loader, compared bit for bit with the input and
-only then moved into place, so a failed conversion never leaves a half-written file under the final name.
+The input goes through the same checked loader as the node (no code from the file runs). The conversion is built in
+memory, re-read with that loader and compared bit for bit with the input, written next to its destination under a
+temporary name (mode from the umask), read back, and only then moved into place, so a failed conversion never leaves
+a half-written file under the final name. The same input always gives the same bytes.
 
 Exit codes: 0 success, 1 the input was refused, 2 bad command line, 3 the output could not be written or did not
 verify.
@@ -15,6 +16,7 @@ verify.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -22,7 +24,7 @@ from typing import TextIO
 
 import torch
 
-from .checkpoint import PARTS, CheckpointError, PisaLoras, load_checkpoint, save_safetensors
+from .checkpoint import PARTS, CheckpointError, PisaLoras, load_bytes, load_checkpoint, safetensors_bytes
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_WRITE = 0, 1, 2, 3
 
@@ -88,21 +90,29 @@ def convert(src: str, dst: str, force: bool = False, out: TextIO = sys.stdout) -
     except CheckpointError as e:
         print(f"refused: {e}", file=out)
         return EXIT_REFUSED
-    folder = os.path.dirname(os.path.abspath(dst))
-    tmp = os.path.join(folder, f".{os.path.basename(dst)}.{os.getpid()}.partial.safetensors")
+    data = safetensors_bytes(loras)
     try:
-        save_safetensors(loras, tmp)
-        again = load_checkpoint(tmp)
+        again = load_bytes(data, dst)
         verify_identical(loras, again)
+    except (CheckpointError, VerifyError) as e:
+        print(f"error: the conversion did not verify, nothing was written: {e}", file=out)
+        return EXIT_WRITE
+    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.{os.getpid()}.partial")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        with open(tmp, "rb") as f:
+            if f.read() != data:
+                raise OSError(errno.EIO, "the file read back differs from what was written")
         os.replace(tmp, dst)
-    except (OSError, CheckpointError, VerifyError) as e:
-        print(f"error: the conversion could not be written or did not verify: {e}", file=out)
+    except OSError as e:
+        print(f"error: cannot write '{dst}': {e.strerror or e}. Check that its folder exists, is writable and has "
+              f"{-(-len(data) // 1024**2)} MB free.", file=out)
         return EXIT_WRITE
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    print(f"converted '{src}' -> '{dst}' ({os.path.getsize(dst):,} bytes); re-read and verified bit-identical.",
-          file=out)
+    print(f"converted '{src}' -> '{dst}' ({len(data):,} bytes); re-read and verified bit-identical.", file=out)
     print(summary(again), file=out)
     return EXIT_OK
 
