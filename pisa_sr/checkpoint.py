@@ -33,7 +33,7 @@ MAX_FILE_BYTES = 2 * 1024**3  # a rank-256 pix+sem pair for SD2 is 2.08 GB in fp
 MAX_MODULES = 4096  # per kind, all parts together
 MAX_TENSORS = 2 * len(KINDS) * MAX_MODULES
 MAX_DIM, MAX_KERNEL, MAX_NAME_LEN = 20480, 7, 256  # SD2's widest target has 10240 outputs; its kernels are <= 3
-MAX_PICKLE_BYTES, MAX_PICKLE_OPS = 8 * 1024**2, 1_000_000
+MAX_PICKLE_BYTES, MAX_PICKLE_OPS = 8 * 1024**2, 200_000  # an SD2 LoRA on every module: ~100k
 MAX_DEPTH = 8  # release nesting: dict > dict > tensor args > shape tuple
 MAX_HEADER_BYTES = 8 * 1024**2  # safetensors JSON header
 ALLOWED_DTYPES = {torch.float16, torch.bfloat16, torch.float32}
@@ -262,7 +262,8 @@ class _Obj:
 
     def __init__(self, kind: str, items: Any = (), children: Any = ()):
         self.kind, self.items, self.size, self.depth = kind, items, 1, 1
-        self.add(children)
+        if children:
+            self.add(children)
 
     def add(self, children: Any) -> None:
         for c in children:  # a shared object counts once per reference: sharing shows up as size
