@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
-import pickletools
 import re
 import struct
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
+from .pickle_scan import Forbidden, Refused, is_dense, scan
 
 PARTS = ("encoder", "decoder", "others")
 KINDS = ("pix", "sem")
@@ -33,12 +32,9 @@ MAX_FILE_BYTES = 2 * 1024**3  # a rank-256 pix+sem pair for SD2 is 2.08 GB in fp
 MAX_MODULES = 4096  # per kind, all parts together
 MAX_TENSORS = 2 * len(KINDS) * MAX_MODULES
 MAX_DIM, MAX_KERNEL, MAX_NAME_LEN = 20480, 7, 256  # SD2's widest target has 10240 outputs; its kernels are <= 3
-MAX_PICKLE_BYTES, MAX_PICKLE_OPS = 8 * 1024**2, 200_000  # an SD2 LoRA on every module: ~100k
-MAX_DEPTH = 8  # release nesting: dict > dict > tensor args > shape tuple
+MAX_PICKLE_BYTES = 8 * 1024**2
 MAX_HEADER_BYTES = 8 * 1024**2  # safetensors JSON header
 ALLOWED_DTYPES = {torch.float16, torch.bfloat16, torch.float32}
-_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _COMPONENT = r"(?:[A-Za-z][A-Za-z0-9_]{0,63}|[0-9]{1,4})"
 _MODULE_RE = re.compile(rf"[A-Za-z][A-Za-z0-9_]{{0,63}}(?:\.{_COMPONENT}){{0,15}}")  # use fullmatch
 _TOP_KEYS = {f"unet_lora_{p}_modules_{k}" for p in PARTS for k in KINDS} | {
@@ -46,7 +42,8 @@ _TOP_KEYS = {f"unet_lora_{p}_modules_{k}" for p in PARTS for k in KINDS} | {
 _INT_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first object of a pre-1.6 torch.save file
 
-FIX_DOWNLOAD = "Download pisa_sr.pkl again from the official PiSA-SR release (about 32 MB) into ComfyUI/models/pisa_sr/."
+FIX_DOWNLOAD = ("Download pisa_sr.pkl again from the official PiSA-SR release (about 32 MB) into "
+                "ComfyUI/models/pisa_sr/.")
 CONVERT_HINT = (
     "A genuine pisa_sr.pkl holds only tensors, integers and lists of module names: download it again from the "
     "official PiSA-SR release, then convert it once with `python -m pisa_sr.convert pisa_sr.pkl "
@@ -142,16 +139,6 @@ def _module_list(path: str, name: str, v: Any) -> list[str]:
     return list(v)
 
 
-def _is_dense(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    """True for a permutation of a contiguous layout: no element aliased (an expanded view), none skipped."""
-    expect = 1
-    for st, s in sorted((st, s) for s, st in zip(shape, stride) if s != 1):
-        if st != expect:
-            return False
-        expect *= s
-    return True
-
-
 def _tensor(path: str, key: str, t: Any) -> torch.Tensor:
     k = key[:120]
     if type(t) not in (torch.Tensor, torch.nn.Parameter):
@@ -160,7 +147,7 @@ def _tensor(path: str, key: str, t: Any) -> torch.Tensor:
         raise _fail(path, f"'{k}' is a {t.layout} tensor on {t.device}; expected a dense CPU tensor.")
     if t.dtype not in ALLOWED_DTYPES:
         raise _fail(path, f"'{k}' has dtype {t.dtype}; LoRA weights must be float16, bfloat16 or float32.")
-    if t.is_neg() or t.is_conj() or not _is_dense(tuple(t.shape), tuple(t.stride())):
+    if t.is_neg() or t.is_conj() or not is_dense(tuple(t.shape), tuple(t.stride())):
         raise _fail(path, f"'{k}' is an expanded, overlapping or lazily transformed view; expected a plain weight.")
     if t.dim() not in (2, 4) or any(s <= 0 or s > MAX_DIM for s in t.shape) or max(t.shape[2:], default=0) > MAX_KERNEL:
         raise _fail(path, f"'{k}' has shape {tuple(t.shape)}; expected a 2-D (Linear) or 4-D (Conv, kernel <= "
@@ -191,14 +178,15 @@ def _parse(sd: Any, path: str) -> PisaLoras:
         rank = _rank(path, f"lora_rank_unet_{kind}", sd[f"lora_rank_unet_{kind}"])
         lset = sets[kind] = LoraSet(kind=kind, rank=rank)
         for part in PARTS:
-            for module in _module_list(path, f"unet_lora_{part}_modules_{kind}", sd[f"unet_lora_{part}_modules_{kind}"]):
+            name = f"unet_lora_{part}_modules_{kind}"
+            for module in _module_list(path, name, sd[name]):
                 if module in lset.parts:
                     raise _fail(path, f"module '{module}' is listed in both the {lset.parts[module]} and {part} "
                                       f"lists of the {kind} LoRA.")
                 ka, kb = (f"{module}.lora_{ab}.default_{part}_{kind}.weight" for ab in "AB")
                 if ka not in state or kb not in state:
-                    raise _fail(path, f"module '{module}' ({kind}, {part}) has no tensor '{ka if ka not in state else kb}'"
-                                      "; the file is truncated or was edited.")
+                    raise _fail(path, f"module '{module}' ({kind}, {part}) has no tensor "
+                                      f"'{ka if ka not in state else kb}'; the file is truncated or was edited.")
                 a, b = _tensor(path, ka, state[ka]), _tensor(path, kb, state[kb])
                 if a.dim() != b.dim() or a.dtype != b.dtype or a.shape[0] != rank or b.shape[1] != rank or (
                         b.dim() == 4 and tuple(b.shape[2:]) != (1, 1)):
@@ -236,183 +224,28 @@ def parse_release_dict(sd: Any, path: str = "") -> PisaLoras:
                           "PiSA-SR checkpoint.") from None
 
 
-# ---------------------------------------------------------------------------------------------------- pickle scan
-class _Refused(Exception):
-    """The pickle holds something a tensor file never does."""
-
-
-class _Forbidden(_Refused):
-    """The pickle names a Python object outside the tensor-file vocabulary (loading it could run code)."""
-
-
-_GLOBALS = {"torch._utils _rebuild_tensor_v2": "tensor", "torch._utils _rebuild_parameter": "param",
-            "collections OrderedDict": "odict"}
-_STORAGES = {f"torch {n}Storage": d for n, d in (("Float", torch.float32), ("Half", torch.float16), (
-    "BFloat16", torch.bfloat16), ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16),
-    ("Char", torch.int8), ("Byte", torch.uint8))}
-_SCALAR_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "BININT", "BININT1", "BININT2", "LONG1", "NEWTRUE", "NEWFALSE",
-               "NONE", "BINFLOAT"}
-_TUPLE_OPS = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
-
-
-class _Obj:
-    """What the scan knows of an object the pickle builds: its kind, its parts, and its size as an unshared tree."""
-
-    __slots__ = ("kind", "items", "size", "depth")
-
-    def __init__(self, kind: str, items: Any = (), children: Any = ()):
-        self.kind, self.items, self.size, self.depth = kind, items, 1, 1
-        if children:
-            self.add(children)
-
-    def add(self, children: Any) -> None:
-        for c in children:  # a shared object counts once per reference: sharing shows up as size
-            if isinstance(c, _Obj):
-                self.size += c.size
-                self.depth = max(self.depth, c.depth + 1)
-        if self.size > MAX_PICKLE_OPS or self.depth > MAX_DEPTH:
-            raise _Refused("its pickle nests or shares structures far beyond what a tensor file holds")
-
-
-def _ints(v: Any, bound: int) -> tuple[int, ...]:
-    if not (isinstance(v, _Obj) and v.kind == "tuple" and len(v.items) <= 8 and all(
-            type(x) is int and 0 <= x <= bound for x in v.items)):
-        raise _Refused("a tensor record has an invalid shape or stride")
-    return v.items
-
-
-def _rebuild_tensor(args: tuple, records: dict[str, int]) -> _Obj:
-    storage, offset, size, stride, grad, hooks, *meta = args + (None,) * (6 - len(args))
-    if not isinstance(storage, _Obj) or storage.kind != "storage" or type(offset) is not int or offset < 0 or (
-            type(grad) is not bool) or len(meta) > 1 or not (isinstance(hooks, _Obj) and hooks.kind == "odict"
-                                                              and hooks.size == 1):
-        raise _Refused("a tensor record is malformed or carries hooks")
-    numel = storage.items[1]
-    size, stride = _ints(size, MAX_DIM), _ints(stride, numel)
-    if len(size) != len(stride) or (math.prod(size) and not _is_dense(size, stride)):
-        raise _Refused("a tensor is an expanded or overlapping view of its storage")
-    if math.prod(size) and offset + sum((s - 1) * st for s, st in zip(size, stride)) >= numel:
-        raise _Refused("a tensor views bytes outside its storage")
-    return _Obj("tensor")
-
-
-def _scan(data: bytes, records: dict[str, int]) -> Any:
-    """Walk a pickle's opcodes without running them; refuse what a torch.save of a release dict never contains."""
-    stack: list = []
-    marks: list[int] = []
-    memo: dict[int, Any] = {}
-
-    def pop_mark() -> list:
-        items = stack[marks[-1]:]
-        del stack[marks.pop():]
-        return items
-
-    def put_items(target: Any, items: list) -> None:
-        if not isinstance(target, _Obj) or target.kind not in ("dict", "odict") or len(items) % 2 or not all(
-                type(k) is str for k in items[::2]):
-            raise _Refused("it sets dict items with keys that are not strings, or on something not a dict")
-        target.add(items)
-
-    for n, (op, arg, _) in enumerate(pickletools.genops(data)):
-        name = op.name
-        if n > MAX_PICKLE_OPS:
-            raise _Refused(f"its pickle runs more than {MAX_PICKLE_OPS:,} steps (the release's runs ~34,000)")
-        if name in ("GLOBAL", "INST", "STACK_GLOBAL"):
-            if name == "STACK_GLOBAL":
-                if len(stack) < 2 or not all(type(x) is str for x in stack[-2:]):
-                    raise _Refused("its pickle names an object without a name")
-                arg = " ".join(stack[-2:])
-                del stack[-2:]
-            if arg not in _GLOBALS and arg not in _STORAGES:
-                raise _Forbidden(arg.replace(" ", ".")[:120])
-            if name == "INST":
-                raise _Refused("its pickle uses INST, which torch.save never writes")
-            stack.append(_Obj("global", _GLOBALS.get(arg) or _STORAGES[arg]))
-        elif name in _SCALAR_OPS:
-            stack.append({"NEWTRUE": True, "NEWFALSE": False, "NONE": None}.get(name, arg))
-        elif name in ("PROTO", "FRAME"):
-            pass
-        elif name == "MARK":
-            marks.append(len(stack))
-        elif name in ("BINPUT", "LONG_BINPUT", "MEMOIZE"):
-            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
-        elif name in ("BINGET", "LONG_BINGET"):
-            stack.append(memo[arg])
-        elif name in _TUPLE_OPS or name == "TUPLE":
-            k = _TUPLE_OPS.get(name, 0)
-            items = pop_mark() if name == "TUPLE" else stack[len(stack) - k:]
-            del stack[len(stack) - (0 if name == "TUPLE" else k):]
-            stack.append(_Obj("tuple", tuple(items), items))
-        elif name in ("EMPTY_LIST", "EMPTY_DICT"):
-            stack.append(_Obj(name[6:].lower()))
-        elif name in ("APPEND", "APPENDS"):
-            items = [stack.pop()] if name == "APPEND" else pop_mark()
-            if not isinstance(stack[-1], _Obj) or stack[-1].kind != "list":
-                raise _Refused("it appends to something that is not a list")
-            stack[-1].add(items)
-        elif name in ("SETITEM", "SETITEMS"):
-            items = stack[-2:] if name == "SETITEM" else pop_mark()
-            del stack[len(stack) - (2 if name == "SETITEM" else 0):]
-            put_items(stack[-1], items)
-        elif name == "BINPERSID":
-            pid = stack.pop()
-            _, stype, key, _, numel = pid.items if isinstance(pid, _Obj) and len(pid.items) == 5 else (None,) * 5
-            if pid.items[0] != "storage" or not isinstance(stype, _Obj) or not isinstance(stype.items, torch.dtype) \
-                    or type(key) is not str or type(numel) is not int or numel < 0:
-                raise _Refused("it has a persistent object that is not a tensor storage")
-            if records.get(key) != numel * stype.items.itemsize:
-                raise _Refused(f"a storage declares {numel * stype.items.itemsize} bytes but the file's record "
-                               f"'data/{key[:20]}' holds {records.get(key, 'none')}")
-            stack.append(_Obj("storage", (stype.items, numel)))
-        elif name == "REDUCE":
-            args, fn = stack.pop(), stack.pop()
-            kind = fn.items if isinstance(fn, _Obj) and fn.kind == "global" else None
-            if not isinstance(args, _Obj) or args.kind != "tuple" or kind not in ("tensor", "param", "odict"):
-                raise _Refused("it calls something other than torch's tensor rebuild")
-            if kind == "tensor":
-                stack.append(_rebuild_tensor(args.items, records))
-            elif kind == "param":
-                if len(args.items) != 3 or getattr(args.items[0], "kind", "") != "tensor":
-                    raise _Refused("a parameter record is malformed")
-                stack.append(args.items[0])
-            elif args.items:
-                raise _Refused("it rebuilds a dict from arguments")
-            else:
-                stack.append(_Obj("odict"))
-        elif name == "BUILD":  # the ``_metadata`` of a module state_dict (an OrderedDict)
-            state = stack.pop()
-            if getattr(stack[-1], "kind", "") != "odict" or getattr(state, "kind", "") != "dict":
-                raise _Refused("it sets the state of something that is not a state dict")
-            stack[-1].add([state])
-        elif name == "STOP":
-            return stack.pop()
-        else:
-            raise _Refused(f"its pickle uses {name}, which torch.save never writes")
-    raise _Refused("its pickle has no end")
-
-
 # ---------------------------------------------------------------------------------------------------- formats
 def _load_torch_zip(data: bytes, path: str) -> Any:
     try:
         reader = torch._C.PyTorchFileReader(io.BytesIO(data))
         names = reader.get_all_records()
         if len(names) > MAX_TENSORS + 64:
-            raise _Refused(f"the archive has {len(names)} entries")
+            raise Refused(f"the archive has {len(names)} entries")
         if "constants.pkl" in names or any(n.startswith("code/") for n in names):
-            raise _Refused("it is a TorchScript archive, which holds code")
+            raise Refused("it is a TorchScript archive, which holds code")
         if "data.pkl" not in names:
-            raise _Refused("it has no data.pkl: not a torch.save file")
+            raise Refused("it has no data.pkl: not a torch.save file")
         sizes = {n: reader.get_record_size(n) for n in names}
         if sum(sizes.values()) > len(data):
-            raise _Refused("its entries unpack to more bytes than the file holds (a zip bomb)")
+            raise Refused("its entries unpack to more bytes than the file holds (a zip bomb)")
         if sizes["data.pkl"] > MAX_PICKLE_BYTES:
-            raise _Refused(f"its pickle is {sizes['data.pkl']} bytes; the release's is about 0.2 MB")
-        top = _scan(reader.get_record("data.pkl"), {n[5:]: s for n, s in sizes.items() if n.startswith("data/")})
+            raise Refused(f"its pickle is {sizes['data.pkl']} bytes; the release's is about 0.2 MB")
+        top = scan(reader.get_record("data.pkl"), {n[5:]: s for n, s in sizes.items() if n.startswith("data/")})
         if getattr(top, "kind", "") != "dict":
-            raise _Refused("its pickle does not hold a dict")
-    except _Forbidden as e:
+            raise Refused("its pickle does not hold a dict")
+    except Forbidden as e:
         raise _code_refusal(path, str(e)) from None
-    except _Refused as e:
+    except Refused as e:
         raise _fail(path, f"is not a valid torch checkpoint: {e}.") from None
     except (RuntimeError, ValueError, KeyError, IndexError, EOFError) as e:  # the reader's or genops' complaints
         raise _fail(path, f"is truncated or corrupted and cannot be read ({_first_line(e)}).") from None
@@ -430,8 +263,8 @@ def _code_refusal(path: str, name: str) -> CheckpointError:
 def _refuse_other(data: bytes, path: str) -> CheckpointError:
     """Explain a file that is neither a torch zip nor safetensors: a pickle with code, a legacy torch file, junk."""
     try:
-        first = _scan(data[:MAX_PICKLE_BYTES], {})
-    except _Forbidden as e:
+        first = scan(data[:MAX_PICKLE_BYTES], {})
+    except Forbidden as e:
         return _code_refusal(path, str(e))
     except Exception:
         first = None
@@ -460,13 +293,8 @@ def _load_safetensors(data: bytes, path: str) -> dict:
         raise _fail(path, f"has conversion format version {_describe(meta.get('version'))}; this pack reads version "
                           f"{SAFETENSORS_VERSION}.", FIX_RECONVERT)
     if len(header) > MAX_TENSORS:
-        raise _fail(path, f"lists {len(header)} tensors; a PiSA-SR checkpoint has at most {MAX_TENSORS}.", FIX_RECONVERT)
-    for key, info in header.items():  # bound every allocation the library would make from the header
-        shape = info.get("shape") if isinstance(info, dict) else None
-        if not isinstance(shape, list) or info.get("dtype") not in _ST_DTYPES or len(shape) not in (2, 4) or not all(
-                type(s) is int and 0 < s <= MAX_DIM for s in shape):
-            raise _fail(path, f"tensor {_describe(key)} has a malformed header entry (only F16, BF16 and F32 "
-                              "matrices are allowed).", FIX_RECONVERT)
+        raise _fail(path, f"lists {len(header)} tensors; a PiSA-SR checkpoint has at most {MAX_TENSORS}.",
+                    FIX_RECONVERT)
     try:
         from safetensors.torch import load
 
@@ -529,38 +357,3 @@ def load_bytes(data: bytes, path: str) -> PisaLoras:
 def load_checkpoint(path: str) -> PisaLoras:
     """Read ``.pkl``/``.pt``/``.pth`` (scanned, then weights-only torch zip) or ``.safetensors`` and validate it."""
     return load_bytes(read_file(path), path)
-
-
-def to_release_dict(loras: PisaLoras) -> dict[str, Any]:
-    """The release layout of ``loras`` (what ``pisa_sr.pkl`` holds)."""
-    sd: dict[str, Any] = {"state_dict_unet": {}}
-    for s in loras.sets():
-        sd[f"lora_rank_unet_{s.kind}"] = s.rank
-        for p in PARTS:
-            sd[f"unet_lora_{p}_modules_{s.kind}"] = [m for m, part in s.parts.items() if part == p]
-        for m, pair in s.pairs.items():
-            for ab, t in (("A", pair.down), ("B", pair.up)):
-                sd["state_dict_unet"][f"{m}.lora_{ab}.default_{s.parts[m]}_{s.kind}.weight"] = t
-    return sd
-
-
-def safetensors_bytes(loras: PisaLoras) -> bytes:
-    """The conversion as bytes: the release's tensors and key names, lists and ranks as metadata; same input, same
-    bytes (keys sorted, written here because the library orders metadata by a randomly seeded hash map)."""
-    sd = to_release_dict(loras)
-    meta = {"format": SAFETENSORS_FORMAT, "version": SAFETENSORS_VERSION}
-    for k in KINDS:
-        meta[f"lora_rank_unet_{k}"] = str(sd[f"lora_rank_unet_{k}"])
-        for p in PARTS:
-            meta[f"unet_lora_{p}_modules_{k}"] = json.dumps(sd[f"unet_lora_{p}_modules_{k}"])
-    header: dict[str, Any] = {"__metadata__": meta}
-    blobs, at = [], 0
-    for key in sorted(sd["state_dict_unet"]):
-        t = sd["state_dict_unet"][key].detach().contiguous()
-        blobs.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        header[key] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + len(blobs[-1])]}
-        at += len(blobs[-1])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
-    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
-

@@ -17,16 +17,54 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
+import struct
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
-from .checkpoint import PARTS, CheckpointError, PisaLoras, load_bytes, load_checkpoint, safetensors_bytes
+from .checkpoint import (KINDS, PARTS, SAFETENSORS_FORMAT, SAFETENSORS_VERSION, CheckpointError, PisaLoras, load_bytes,
+                         load_checkpoint)
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_WRITE = 0, 1, 2, 3
+_ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+def to_release_dict(loras: PisaLoras) -> dict[str, Any]:
+    """The release layout of ``loras`` (what ``pisa_sr.pkl`` holds)."""
+    sd: dict[str, Any] = {"state_dict_unet": {}}
+    for s in loras.sets():
+        sd[f"lora_rank_unet_{s.kind}"] = s.rank
+        for p in PARTS:
+            sd[f"unet_lora_{p}_modules_{s.kind}"] = [m for m, part in s.parts.items() if part == p]
+        for m, pair in s.pairs.items():
+            for ab, t in (("A", pair.down), ("B", pair.up)):
+                sd["state_dict_unet"][f"{m}.lora_{ab}.default_{s.parts[m]}_{s.kind}.weight"] = t
+    return sd
+
+
+def safetensors_bytes(loras: PisaLoras) -> bytes:
+    """The conversion as bytes: the release's tensors and key names, lists and ranks as metadata; same input, same
+    bytes (keys sorted, written here because the library orders metadata by a randomly seeded hash map)."""
+    sd = to_release_dict(loras)
+    meta = {"format": SAFETENSORS_FORMAT, "version": SAFETENSORS_VERSION}
+    for k in KINDS:
+        meta[f"lora_rank_unet_{k}"] = str(sd[f"lora_rank_unet_{k}"])
+        for p in PARTS:
+            meta[f"unet_lora_{p}_modules_{k}"] = json.dumps(sd[f"unet_lora_{p}_modules_{k}"])
+    header: dict[str, Any] = {"__metadata__": meta}
+    blobs, at = [], 0
+    for key in sorted(sd["state_dict_unet"]):
+        t = sd["state_dict_unet"][key].detach().contiguous()
+        blobs.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        header[key] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + len(blobs[-1])]}
+        at += len(blobs[-1])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
 
 
 class VerifyError(Exception):

@@ -35,7 +35,8 @@ def world():
 @pytest.fixture(scope="session")
 def pisa_files(world):
     """The synthetic checkpoint as models/pisa_sr/tiny_pisa.pkl and its .safetensors conversion."""
-    from pisa_sr.checkpoint import parse_release_dict, safetensors_bytes
+    from pisa_sr.checkpoint import parse_release_dict
+    from pisa_sr.convert import safetensors_bytes
 
     folder = host.BASE_DIR / "models" / "pisa_sr"
     pkl = folder / "tiny_pisa.pkl"

@@ -11,7 +11,8 @@ import zipfile
 
 import torch
 
-from pisa_sr.checkpoint import parse_release_dict, safetensors_bytes
+from pisa_sr.checkpoint import parse_release_dict
+from pisa_sr.convert import safetensors_bytes
 
 SMALL_MODULES = {  # part -> [(module, weight shape)]: one conv, one linear, one 1x1 conv
     "encoder": [("down_blocks.0.resnets.0.conv1", (8, 4, 3, 3))],

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from hostile_files import (CODE_PICKLE, DIFFERENTIAL, PAYLOADS, Op, conversion_bytes, dag_key_pickle, hand_torch_zip,
+from hostile_files import (DIFFERENTIAL, PAYLOADS, Op, conversion_bytes, dag_key_pickle, hand_torch_zip,
                            make_zip, small_release_dict, torch_save_bytes, zip_entries)
 from pisa_sr import checkpoint as ckpt
 from pisa_sr import convert as conv
-from pisa_sr.checkpoint import CheckpointError, PisaLoras, load_checkpoint, parse_release_dict, to_release_dict
+from pisa_sr.checkpoint import CheckpointError, PisaLoras, load_checkpoint, parse_release_dict
+from pisa_sr.convert import to_release_dict
+from pisa_sr.pickle_scan import MAX_OPS
 
 REPO = Path(__file__).resolve().parent.parent
 PY = os.environ.get("PISA_HOST_PYTHON", sys.executable)
@@ -187,7 +189,7 @@ def test_pickle_structure_beyond_a_tensor_file_is_refused_before_torch_load(tmp_
         "deep": (Op.LIST + Op.MARK) * 20 + Op.APPENDS * 20,
         "int_key": Op.DICT + Op.int(1) + Op.int(2) + b"s",
         "set": Op.MARK + Op.int(1) + b"\x91",
-        "op_flood": Op.DICT + b"N" * (ckpt.MAX_PICKLE_OPS + 1),
+        "op_flood": Op.DICT + b"N" * (MAX_OPS + 1),
     }[case]
     data = make_zip({"archive/data.pkl": Op.PROTO + body + Op.STOP, "archive/version": b"3\n"})
     refused(write(tmp_path, f"{case}.pkl", data), needle)
@@ -197,7 +199,8 @@ def load_in_child(path: str) -> str:
     """``load_checkpoint`` in a child process: a hang there (torch hashes in C with the GIL held, so no signal can
     stop it) fails the test instead of freezing the run."""
     code = ("import sys\nfrom pisa_sr.checkpoint import CheckpointError, load_checkpoint\ntry:\n"
-            "    load_checkpoint(sys.argv[1])\n    print('LOADED')\nexcept CheckpointError as e:\n    print('REFUSED', e)")
+            "    load_checkpoint(sys.argv[1])\n    print('LOADED')\n"
+            "except CheckpointError as e:\n    print('REFUSED', e)")
     try:
         run = subprocess.run([PY, "-c", code, path], cwd=REPO, capture_output=True, text=True, timeout=120,
                              env=CHILD_ENV)
@@ -299,12 +302,14 @@ def test_convert_refuses_bad_input_and_writes_nothing(tmp_path):
 def test_convert_reports_a_failed_verification(tmp_path, monkeypatch):
     src = write(tmp_path, "pisa_sr.pkl", torch_save_bytes(small_release_dict()))
 
+    real = conv.safetensors_bytes
+
     def corrupting(loras):  # flips one weight's sign on the way out
         pair = loras.pix.pairs["down_blocks.0.resnets.0.conv1"]
         bad = ckpt.LoraPair(down=-pair.down, up=pair.up, scale=pair.scale)
         pix = ckpt.LoraSet("pix", loras.pix.rank, {**loras.pix.pairs, "down_blocks.0.resnets.0.conv1": bad},
                            dict(loras.pix.parts))
-        return ckpt.safetensors_bytes(PisaLoras(pix, loras.sem))
+        return real(PisaLoras(pix, loras.sem))
 
     monkeypatch.setattr(conv, "safetensors_bytes", corrupting)
     out = io.StringIO()
@@ -360,7 +365,7 @@ def test_convert_cli_subprocess_without_comfy(tmp_path):
                          timeout=120, env=CHILD_ENV)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "verified bit-identical" in run.stdout
-    assert Path(dst).read_bytes() == ckpt.safetensors_bytes(load_checkpoint(src))  # same bytes in every process
+    assert Path(dst).read_bytes() == conv.safetensors_bytes(load_checkpoint(src))  # same bytes in every process
     # --check on a missing file: exit 1, a clear message, and the CLI never imported ComfyUI.
     check = subprocess.run(
         [PY, "-c", "import sys, runpy; sys.argv=['convert', '--check', sys.argv[1]]\n"

@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 
 from pisa_sr import checkpoint as ckpt
 from pisa_sr.checkpoint import CheckpointError, PisaLoras, load_checkpoint, parse_release_dict
+from pisa_sr.pickle_scan import MAX_OPS, is_dense
 from hostile_files import (DIFFERENTIAL, Op, conversion_bytes, dag_key_pickle, hand_torch_zip, make_zip,
                            small_release_dict, torch_save_bytes, zip_entries)
 
@@ -269,7 +270,7 @@ def _valid_replacement(key: str, t) -> bool:
         return False
     if t.dtype != ref.dtype or t.dim() != ref.dim() or t.is_neg() or t.is_conj():
         return False
-    if not ckpt._is_dense(tuple(t.shape), tuple(t.stride())) or any(s <= 0 or s > ckpt.MAX_DIM for s in t.shape):
+    if not is_dense(tuple(t.shape), tuple(t.stride())) or any(s <= 0 or s > ckpt.MAX_DIM for s in t.shape):
         return False
     if ".lora_A." in key:
         shape_ok = t.shape[0] == BASE_RANK and (t.dim() == 2 or max(t.shape[2:]) <= ckpt.MAX_KERNEL)
@@ -675,7 +676,7 @@ def test_pickle_with_huge_memo_index_does_not_allocate():
 
 def test_pickle_that_builds_millions_of_objects_is_stopped_early():
     # 4M one-byte EMPTY_LIST opcodes would build ~250 MB of lists in any unpickler; the scan stops at its budget.
-    flood = Op.PROTO + Op.LIST * (20 * ckpt.MAX_PICKLE_OPS) + Op.STOP
+    flood = Op.PROTO + Op.LIST * (20 * MAX_OPS) + Op.STOP
     load_bytes("fixed_adversaries", make_zip({"archive/data.pkl": flood, "archive/version": b"3\n"}), ".pkl", True)
 
 
