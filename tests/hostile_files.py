@@ -1,7 +1,7 @@
 """Checkpoint files for the loader tests, valid and hostile, built in memory (no ComfyUI needed).
 
-Hand-made pickles are assembled from opcodes and only ever handed to our loader (or, to show a hazard, to torch.load
-in a child process), never to ``pickle``.
+Hand-made pickles are assembled from opcodes and only ever handed to our loader, never to ``pickle`` (the tests that
+could hang an unpatched loader run it in a child process).
 """
 from __future__ import annotations
 

@@ -361,21 +361,6 @@ def test_fuzz_dict_single_mutation(case):
     outcome("dict_single", "fuzz_case.pkl", lambda: parse_release_dict(sd, "fuzz_case.pkl"), must_refuse)
 
 
-@SETTINGS
-@given(st.lists(single_mutation(), min_size=2, max_size=4), st.randoms(use_true_random=False))
-def test_fuzz_dict_stacked_mutations(cases, rnd):
-    """Several mutations merged into one dict (taking top-level entries from each): refused, or valid."""
-    sd = fresh()
-    for _, m, _ in cases:
-        if isinstance(m, dict) and not isinstance(m, Weird):
-            sd = sd if isinstance(sd, dict) else fresh()
-            for k in rnd.sample(list(m), k=min(len(m), 3)):
-                sd[k] = m[k]
-        else:
-            sd = m
-    outcome("dict_stacked", "fuzz_case.pkl", lambda: parse_release_dict(sd, "fuzz_case.pkl"), False)
-
-
 # ------------------------------------------------------------------------------------------------ file properties
 PKL = torch_save_bytes(BASE)
 PKL16 = torch_save_bytes(small_release_dict(dtype=torch.float16, seed=1))
