@@ -1,10 +1,10 @@
 """Load PiSA LoRAs: read pisa_sr.pkl / .safetensors and merge both LoRA sets into a clone of the user's MODEL."""
 from __future__ import annotations
 
-import os
+import hashlib
 import threading
 
-from ..pisa_sr.checkpoint import CheckpointError, PisaLoras, load_checkpoint
+from ..pisa_sr.checkpoint import CheckpointError, PisaLoras, load_bytes, read_file
 from ..pisa_sr.errors import PisaError
 from . import compat
 from .base_model import check_sd2_eps
@@ -13,19 +13,20 @@ from .errors import names_refusals
 from .pisa_model import ATTACHMENT_KEY, PisaModelInfo, attached_info
 
 NODE = "Load PiSA LoRAs"
-_cache: dict[tuple[str, int, int], PisaLoras] = {}
+_cache: dict[bytes, PisaLoras] = {}
 _cache_lock = threading.Lock()
 
 
 def read_loras(path: str) -> PisaLoras:
-    """Validated LoRAs, cached per (path, size, mtime) so re-queued prompts skip the disk."""
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    """Validated LoRAs, cached by a hash of the bytes read: a replaced file is reloaded whatever its size and mtime,
+    and re-queued prompts skip the validation."""
+    data = read_file(path)
+    key = hashlib.blake2b(data, digest_size=32).digest()
     with _cache_lock:
         hit = _cache.get(key)
     if hit is not None:
         return hit
-    loras = load_checkpoint(path)
+    loras = load_bytes(data, path)
     with _cache_lock:
         _cache.clear()  # one checkpoint at a time is the norm; keep memory flat
         _cache[key] = loras

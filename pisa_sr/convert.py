@@ -5,9 +5,10 @@ Run from the pack folder::
     python -m pisa_sr.convert pisa_sr.pkl pisa_sr.safetensors     # convert, verify, print a summary
     python -m pisa_sr.convert --check pisa_sr.safetensors          # validate only
 
-The input goes through the same checked loader as the node (no code from the file runs). The output is written
-next to its destination under a temporary name, re-read with that loader, compared bit for bit with the input and
-only then moved into place, so a failed conversion never leaves a half-written file under the final name.
+The input goes through the same checked loader as the node (no code from the file runs). The conversion is built in
+memory, re-read with that loader and compared bit for bit with the input, written next to its destination under a
+temporary name (mode from the umask), read back, and only then moved into place, so a failed conversion never leaves
+a half-written file under the final name. The same input always gives the same bytes.
 
 Exit codes: 0 success, 1 the input was refused, 2 bad command line, 3 the output could not be written or did not
 verify.
@@ -15,16 +16,55 @@ verify.
 from __future__ import annotations
 
 import argparse
+import errno
+import json
 import os
+import struct
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
-from .checkpoint import PARTS, CheckpointError, PisaLoras, load_checkpoint, save_safetensors
+from .checkpoint import (KINDS, PARTS, SAFETENSORS_FORMAT, SAFETENSORS_VERSION, CheckpointError, PisaLoras, load_bytes,
+                         load_checkpoint)
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_WRITE = 0, 1, 2, 3
+_ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+def to_release_dict(loras: PisaLoras) -> dict[str, Any]:
+    """The release layout of ``loras`` (what ``pisa_sr.pkl`` holds)."""
+    sd: dict[str, Any] = {"state_dict_unet": {}}
+    for s in loras.sets():
+        sd[f"lora_rank_unet_{s.kind}"] = s.rank
+        for p in PARTS:
+            sd[f"unet_lora_{p}_modules_{s.kind}"] = [m for m, part in s.parts.items() if part == p]
+        for m, pair in s.pairs.items():
+            for ab, t in (("A", pair.down), ("B", pair.up)):
+                sd["state_dict_unet"][f"{m}.lora_{ab}.default_{s.parts[m]}_{s.kind}.weight"] = t
+    return sd
+
+
+def safetensors_bytes(loras: PisaLoras) -> bytes:
+    """The conversion as bytes: the release's tensors and key names, lists and ranks as metadata; same input, same
+    bytes (keys sorted, written here because the library orders metadata by a randomly seeded hash map)."""
+    sd = to_release_dict(loras)
+    meta = {"format": SAFETENSORS_FORMAT, "version": SAFETENSORS_VERSION}
+    for k in KINDS:
+        meta[f"lora_rank_unet_{k}"] = str(sd[f"lora_rank_unet_{k}"])
+        for p in PARTS:
+            meta[f"unet_lora_{p}_modules_{k}"] = json.dumps(sd[f"unet_lora_{p}_modules_{k}"])
+    header: dict[str, Any] = {"__metadata__": meta}
+    blobs, at = [], 0
+    for key in sorted(sd["state_dict_unet"]):
+        t = sd["state_dict_unet"][key].detach().contiguous()
+        blobs.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        header[key] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + len(blobs[-1])]}
+        at += len(blobs[-1])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
 
 
 class VerifyError(Exception):
@@ -88,21 +128,29 @@ def convert(src: str, dst: str, force: bool = False, out: TextIO = sys.stdout) -
     except CheckpointError as e:
         print(f"refused: {e}", file=out)
         return EXIT_REFUSED
-    folder = os.path.dirname(os.path.abspath(dst))
-    tmp = os.path.join(folder, f".{os.path.basename(dst)}.{os.getpid()}.partial.safetensors")
+    data = safetensors_bytes(loras)
     try:
-        save_safetensors(loras, tmp)
-        again = load_checkpoint(tmp)
+        again = load_bytes(data, dst)
         verify_identical(loras, again)
+    except (CheckpointError, VerifyError) as e:
+        print(f"error: the conversion did not verify, nothing was written: {e}", file=out)
+        return EXIT_WRITE
+    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.{os.getpid()}.partial")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        with open(tmp, "rb") as f:
+            if f.read() != data:
+                raise OSError(errno.EIO, "the file read back differs from what was written")
         os.replace(tmp, dst)
-    except (OSError, CheckpointError, VerifyError) as e:
-        print(f"error: the conversion could not be written or did not verify: {e}", file=out)
+    except OSError as e:
+        print(f"error: cannot write '{dst}': {e.strerror or e}. Check that its folder exists, is writable and has "
+              f"{-(-len(data) // 1024**2)} MB free.", file=out)
         return EXIT_WRITE
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    print(f"converted '{src}' -> '{dst}' ({os.path.getsize(dst):,} bytes); re-read and verified bit-identical.",
-          file=out)
+    print(f"converted '{src}' -> '{dst}' ({len(data):,} bytes); re-read and verified bit-identical.", file=out)
     print(summary(again), file=out)
     return EXIT_OK
 

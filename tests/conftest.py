@@ -83,13 +83,14 @@ def world():
 def pisa_files(world):
     """The synthetic checkpoint as models/pisa_sr/tiny_pisa.pkl and its .safetensors conversion."""
     import host
-    from pisa_sr.checkpoint import parse_release_dict, save_safetensors
+    from pisa_sr.checkpoint import parse_release_dict
+    from pisa_sr.convert import safetensors_bytes
 
     folder = host.BASE_DIR / "models" / "pisa_sr"
     pkl = folder / "tiny_pisa.pkl"
     torch.save(world.ckpt, pkl)
     st = folder / "tiny_pisa.safetensors"
-    save_safetensors(parse_release_dict(world.ckpt), str(st))
+    st.write_bytes(safetensors_bytes(parse_release_dict(world.ckpt)))
     return {"pkl": pkl.name, "safetensors": st.name}
 
 
