@@ -39,8 +39,6 @@ from pisa_sr.pickle_scan import MAX_OPS, is_dense
 from hostile_files import (DIFFERENTIAL, Op, conversion_bytes, dag_key_pickle, hand_torch_zip, make_zip,
                            small_release_dict, torch_save_bytes, zip_entries)
 
-pytestmark = pytest.mark.core
-
 EXAMPLES = int(os.environ.get("PISA_FUZZ_EXAMPLES", "50"))
 TIME_LIMIT_S = 10.0  # per example; the slowest legitimate case here takes milliseconds
 MEM_LIMIT_MB = 128  # per example peak RSS growth; the inputs are a few KB, their lies claim gigabytes or more
@@ -49,7 +47,8 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
                     derandomize=os.environ.get("PISA_FUZZ_RANDOM") != "1",
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much])
-pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")  # reprs of 1 MB inputs
+pytestmark = [pytest.mark.core,
+              pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")]  # reprs of 1 MB inputs
 COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 CANARY: list = []
 WORK = tempfile.mkdtemp(prefix="pisa-fuzz-")
