@@ -40,7 +40,7 @@ from hostile_files import (DIFFERENTIAL, Op, conversion_bytes, dag_key_pickle, h
                            small_release_dict, torch_save_bytes, zip_entries)
 
 EXAMPLES = int(os.environ.get("PISA_FUZZ_EXAMPLES", "50"))
-TIME_LIMIT_S = 10.0  # per example; the slowest legitimate case here takes milliseconds
+TIME_LIMIT_S = 60.0  # hang guard per example: the slowest (the step-limit flood) takes 1-4 s on a loaded 2-core machine
 MEM_LIMIT_MB = 128  # per example peak RSS growth; the inputs are a few KB, their lies claim gigabytes or more
 FIX_WORDS = ("download", "convert", "rename", "permissions")
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
