@@ -40,33 +40,13 @@ def test_replaced_file_is_reloaded_even_with_the_same_size_and_mtime(tmp_path):
     assert read_loras(str(p)) is b  # unchanged bytes: served from the cache
 
 
-def test_refusal_names_the_node_once(tmp_path):
-    p = tmp_path / "empty.pkl"
+def test_refusal_names_the_node_once():
+    p = host.BASE_DIR / "models" / "pisa_sr" / "empty.pkl"
     p.write_bytes(b"")
     err = host.pack("pisa_sr.checkpoint").CheckpointError
-    with pytest.raises(err, match=r"^Load PiSA LoRAs: PiSA-SR checkpoint 'empty.pkl': is empty") as ei:
-        host.pack("nodes.load_loras").read_loras(str(p))
-    assert str(ei.value).count("Load PiSA LoRAs") == 1
-
-
-def test_converted_file_gives_bit_identical_node_output(world, pisa_files, pisa_model):
-    """The README's advice (convert once) is free: same bits through Load -> Sample -> Decode."""
-    folder = host.BASE_DIR / "models" / "pisa_sr"
-    cli_out = folder / "tiny_pisa_cli.safetensors"
-    if cli_out.exists():
-        cli_out.unlink()
-    assert conv.main([str(folder / pisa_files["pkl"]), str(cli_out)], io.StringIO()) == conv.EXIT_OK
-    assert cli_out.read_bytes() == (folder / pisa_files["safetensors"]).read_bytes()  # one conversion, one file
-    (st_model,) = run_node("PiSA_LoadLoRAs", model=world.model, lora_name=cli_out.name)
-    # A small latent keeps this fast on 2 shared cores; the LoRA file only reaches the sampler's model.
-    lat = {"samples": torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(5))}
-    outs = {}
-    for lp, ls in [(1.0, 1.0), (1.0, 0.0), (0.5, 1.5)]:  # merged, pix-only and two-pass paths
-        for name, model in (("pkl", pisa_model), ("st", st_model)):
-            (outs[name],) = run_node("PiSA_Sample", model=model, positive=world.conditioning, latent=lat,
-                                     lambda_pix=lp, lambda_sem=ls, tile_size=96, tile_overlap=32)
-        assert torch.equal(outs["pkl"]["samples"], outs["st"]["samples"]), (lp, ls)
-        assert not torch.equal(outs["pkl"]["samples"], lat["samples"])  # the LoRAs did something
-    images = [run_node("PiSA_Decode", latent=outs[n], vae=world.comfy_vae, color_fix="none")[0] for n in outs]
-    assert torch.equal(images[0], images[1]) and float(images[0].std()) > 0.01
-    cli_out.unlink()
+    try:
+        with pytest.raises(err, match=r"^Load PiSA LoRAs: PiSA-SR checkpoint 'empty.pkl': is empty") as ei:
+            run_node("PiSA_LoadLoRAs", model=None, lora_name="empty.pkl")
+        assert str(ei.value).count("Load PiSA LoRAs") == 1
+    finally:
+        p.unlink()
