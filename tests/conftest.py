@@ -34,7 +34,6 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "core: pure-torch core test; never boots ComfyUI (run alone with --core)")
-    config.addinivalue_line("markers", "slow: long-running (server, soak, browser); run in CI")
     if config.getoption("core"):
         os.environ["PISA_TEST_TIER"] = "core"  # tests/host.py refuses to boot in this tier
     config.pluginmanager.register(_RepoRootIsAFolder(), "pisa-repo-root")
