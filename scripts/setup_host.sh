@@ -39,5 +39,14 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/python" -m pip install -q -r "$req" >&2
   touch "$venv/.complete"
 fi
+# The newest front end on PyPI, for the browser matrix (tests/test_browser.py serves it with --front-end-root).
+fe="$cache/frontend-1.58.1"
+if [ ! -f "$fe/.complete" ]; then
+  echo "setup_host: installing comfyui-frontend-package 1.58.1 into $fe" >&2
+  rm -rf "$fe"
+  "$venv/bin/python" -m pip install -q --no-deps --target "$fe" comfyui-frontend-package==1.58.1 >&2
+  touch "$fe/.complete"
+fi
+
 echo "PISA_HOST_PYTHON=$venv/bin/python"
 echo "PISA_COMFY_DIR=$comfy"
