@@ -76,6 +76,15 @@ function redraw(node, w) {
   w?.triggerDraw?.();
 }
 
+// The Vue-nodes renderer draws each custom widget on a canvas of its own. Before 1.33 its pointer events bubbled to
+// the node, which then dragged the node away from under the pointer after the first move: keep them on the widget.
+function ownPointer(ctx) {
+  const el = ctx?.canvas;
+  if (!el || el === app.canvas?.canvas || el.pisaOwnPointer) return;
+  el.pisaOwnPointer = true;
+  for (const type of ["pointerdown", "pointermove", "pointerup"]) el.addEventListener(type, (e) => e.stopPropagation());
+}
+
 // The pointer protocol both widgets share: a press inside starts a drag, moves while dragging apply the pointer
 // position. The release position is ignored: the Vue-nodes renderer reports it in graph coordinates (relative to the
 // node) while press and moves come in the widget's own canvas coordinates, which set lambda_pix to its minimum.
@@ -167,6 +176,7 @@ function makePad(node) {
 
     draw(ctx, _node, width, y, H, lowQuality) {
       try {
+        ownPointer(ctx);
         this.drawPad(ctx, width, y, lowQuality);
       } catch (e) {
         warn("pad draw", e);
@@ -372,6 +382,7 @@ function makeCompare(node) {
 
     draw(ctx, _node, width, y, H, lowQuality) {
       try {
+        ownPointer(ctx);
         this.drawCompare(ctx, width, y, lowQuality);
       } catch (e) {
         warn("compare draw", e);
