@@ -48,5 +48,18 @@ if [ ! -f "$fe/.complete" ]; then
   touch "$fe/.complete"
 fi
 
+# ComfyUI-Manager 4.3 (its command line cm-cli) for tests/test_install.py, in a venv of its own that also sees the
+# host venv's packages (a .pth file): what the Manager installs for a pack lands there, not in the host venv.
+mgr="$venv-manager-4.3"
+if [ ! -f "$mgr/.complete" ]; then
+  echo "setup_host: installing comfyui-manager 4.3 into $mgr" >&2
+  rm -rf "$mgr"
+  "$py" -m venv "$mgr"
+  "$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
+    "$("$mgr/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pisa_host.pth"
+  "$mgr/bin/python" -m pip install -q comfyui-manager==4.3 >&2
+  touch "$mgr/.complete"
+fi
+
 echo "PISA_HOST_PYTHON=$venv/bin/python"
 echo "PISA_COMFY_DIR=$comfy"
