@@ -533,8 +533,11 @@ def test_queue_from_browser_and_compare_slider(page, shots):
     assert state["after"][0][:2] == [4 * INPUT[0], 4 * INPUT[1]] and state["before"][0][:2] == state["after"][0][:2]
     assert dec["pisa_lq"][0]["filename"] in state["before"][0][2]
     assert dec["images"][0]["filename"] in state["after"][0][2]
-    # one preview, not two: no canvas image preview widget (classic), no image preview element (Vue nodes)
-    assert "$$canvas-image-preview" not in state["widgets"] and state["imgs"] == 0, state
+    # one preview, not two: no canvas image preview widget (classic), no image preview element (Vue nodes). The Vue
+    # nodes of 1.32.9 offer an extension no way to hide a node's image preview (1.58.1 honours node.hideOutputImages):
+    # there the result also shows under the slider.
+    assert "$$canvas-image-preview" not in state["widgets"], state
+    assert state["imgs"] == (1 if page.vue and page.version == PINNED else 0), state
 
     fit_all(page)
     page.wait_for_function("(id) => { const i = app.graph.getNodeById(id).imgs ?? [];"

@@ -1,4 +1,5 @@
-// ComfyUI-PiSA-SR front-end extension (ComfyUI frontend 1.x, public extension API only).
+// ComfyUI-PiSA-SR front-end extension (ComfyUI frontend 1.x, public extension API only), for both node renderers:
+// the classic canvas and "Vue nodes" (which draws each custom widget on a canvas of its own).
 //
 //  * Fidelity / perception pad on Dual-Guided One-Step Sample (any node with lambda_pix and lambda_sem number
 //    widgets): x = lambda_sem (semantic detail), y = lambda_pix (pixel-level cleanup). Dragging sets both widgets,
@@ -506,8 +507,8 @@ function showComparison(node, output) {
 }
 
 function setupCompare(node) {
-  // The compare widget is the decoder's preview: the Vue-nodes renderer (1.5x) must not add its own image preview.
-  // Set before the first run, as that renderer decides when the output arrives.
+  // The compare widget is the decoder's preview: the Vue-nodes renderer must not add its own image preview. Set
+  // before the first run, as that renderer decides when the output arrives (older front ends ignore the flag).
   node.hideOutputImages = true;
   const origExecuted = node.onExecuted;
   node.onExecuted = function (output) {
