@@ -86,6 +86,21 @@ function ownPointer(ctx) {
   for (const type of ["pointerdown", "pointermove", "pointerup"]) el.addEventListener(type, (e) => e.stopPropagation());
 }
 
+// Draw in the coordinates pointer positions come in. The Vue nodes of 1.53 size a custom widget's canvas from its
+// zoomed on-screen width (so away from 100% zoom the drawing came out scaled and spilled out of the node) while
+// pointer positions are in unzoomed CSS pixels: pin the canvas to the widget's height and scale back. Returns the
+// width to draw at.
+function cssWidth(ctx, width, height) {
+  const el = ctx?.canvas;
+  if (!el || el === app.canvas?.canvas || !el.clientWidth) return width;
+  const k = width / el.clientWidth;
+  if (Math.abs(k - 1) > 0.01 && height > 0) {
+    el.style.height = `${height + 2}px`;
+    ctx.scale(k, 1);
+  }
+  return el.clientWidth;
+}
+
 // The pointer protocol both widgets share: a press inside starts a drag, moves while dragging apply the pointer
 // position. The release position is ignored: the Vue-nodes renderer reports it in graph coordinates (relative to the
 // node) while press and moves come in the widget's own canvas coordinates, which set lambda_pix to its minimum.
@@ -178,7 +193,9 @@ function makePad(node) {
     draw(ctx, _node, width, y, H, lowQuality) {
       try {
         ownPointer(ctx);
-        this.drawPad(ctx, width, y, lowQuality);
+        ctx.save();
+        this.drawPad(ctx, cssWidth(ctx, width, H), y, lowQuality);
+        ctx.restore();
       } catch (e) {
         warn("pad draw", e);
       }
@@ -384,7 +401,9 @@ function makeCompare(node) {
     draw(ctx, _node, width, y, H, lowQuality) {
       try {
         ownPointer(ctx);
-        this.drawCompare(ctx, width, y, lowQuality);
+        ctx.save();
+        this.drawCompare(ctx, cssWidth(ctx, width, H), y, lowQuality);
+        ctx.restore();
       } catch (e) {
         warn("compare draw", e);
       }
