@@ -421,7 +421,8 @@ def test_workflow_loads_cleanly(page, shots, name):
     # Every sampler carries the pad.
     pads = page.evaluate("""() => app.graph.nodes.filter(n => n.type === 'PiSA_Sample')
         .map(n => n.widgets.some(w => w.name === 'pisa_sr_pad'))""")
-    assert pads and all(pads), pads
+    samplers = sum(n["type"] == "PiSA_Sample" for n in workflow_for_server(page.server, name)["nodes"])
+    assert len(pads) == samplers and all(pads), pads
     fit_all(page)
     screenshot(page, shots / f"{page.version}_{page.vue}_{name}_loaded.png")
     assert not pisa_console_problems(page), pisa_console_problems(page)
