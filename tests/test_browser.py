@@ -391,6 +391,16 @@ def wait_for_prompt(page, timeout_s: float) -> dict:
     raise TimeoutError(f"the prompt did not finish in {timeout_s}s")
 
 
+def wait_for_preview(page, nid: int) -> None:
+    """Wait until the front end's own image preview of a node shows one loaded image: node.imgs (classic, and Vue
+    nodes of 1.58) or an image element in the node (Vue nodes of 1.32 leave node.imgs unset)."""
+    page.wait_for_function("""(id) => {
+        const ok = (i) => i.length === 1 && i[0].complete && i[0].naturalWidth > 0;
+        const el = document.querySelector(`[data-node-id="${id}"]`);
+        return ok(app.graph.getNodeById(id).imgs ?? []) || (el !== null && ok([...el.querySelectorAll('img')]));
+    }""", arg=nid, timeout=60_000)
+
+
 # ------------------------------------------------------------------------------------------------ tests
 def test_front_end_and_renderer_are_the_ones_asked_for(page):
     assert page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__") == page.version
@@ -541,9 +551,7 @@ def test_queue_from_browser_and_compare_slider(page, shots):
     assert state["imgs"] == (1 if page.vue and page.version == PINNED else 0), state
 
     fit_all(page)
-    page.wait_for_function("(id) => { const i = app.graph.getNodeById(id).imgs ?? [];"
-                           " return i.length === 1 && i[0].complete && i[0].naturalWidth > 0; }",
-                           arg=save_id, timeout=60_000)  # the Save Image node's own preview, for the screenshot
+    wait_for_preview(page, save_id)  # the Save Image node's own preview, for the screenshot
     page.wait_for_timeout(500)
     done = shots / f"{QUEUED}_done{'_vue' if page.vue else ''}.png"
     screenshot(page, done)
@@ -598,10 +606,7 @@ def test_graph_works_without_the_extension(page, browser, shots):
         outputs = wait_for_prompt(pg, PROMPT_TIMEOUT_S)
         assert outputs[str(did)]["images"]
         # the front end's ordinary preview shows the result on the decoder
-        pg.wait_for_function("(id) => (app.graph.getNodeById(id).imgs ?? []).length === 1", arg=did, timeout=60_000)
-        if pg.vue:
-            pg.wait_for_function("(id) => document.querySelectorAll(`[data-node-id=\"${id}\"] img`).length === 1",
-                                 arg=did, timeout=60_000)
+        wait_for_preview(pg, did)
         screenshot(pg, shots / "without_extension.png")
     finally:
         pg.context.close()
