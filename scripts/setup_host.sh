@@ -39,5 +39,27 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/python" -m pip install -q -r "$req" >&2
   touch "$venv/.complete"
 fi
+# The newest front end on PyPI, for the browser matrix (tests/test_browser.py serves it with --front-end-root).
+fe="$cache/frontend-1.58.1"
+if [ ! -f "$fe/.complete" ]; then
+  echo "setup_host: installing comfyui-frontend-package 1.58.1 into $fe" >&2
+  rm -rf "$fe"
+  "$venv/bin/python" -m pip install -q --no-deps --target "$fe" comfyui-frontend-package==1.58.1 >&2
+  touch "$fe/.complete"
+fi
+
+# ComfyUI-Manager 4.3 (its command line cm-cli) for tests/test_install.py, in a venv of its own that also sees the
+# host venv's packages (a .pth file): what the Manager installs for a pack lands there, not in the host venv.
+mgr="$venv-manager-4.3"
+if [ ! -f "$mgr/.complete" ]; then
+  echo "setup_host: installing comfyui-manager 4.3 into $mgr" >&2
+  rm -rf "$mgr"
+  "$py" -m venv "$mgr"
+  "$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
+    "$("$mgr/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pisa_host.pth"
+  "$mgr/bin/python" -m pip install -q comfyui-manager==4.3 >&2
+  touch "$mgr/.complete"
+fi
+
 echo "PISA_HOST_PYTHON=$venv/bin/python"
 echo "PISA_COMFY_DIR=$comfy"

@@ -1,12 +1,20 @@
-"""Install the pack like a user and ComfyUI-Manager would, into a fresh ComfyUI base, and use it.
+"""Install the pack with the real ComfyUI-Manager (comfyui-manager 4.3, its command line cm-cli) into a fresh ComfyUI
+0.3.75 folder, from a git URL of a clone of this repo, then start that ComfyUI and use the pack.
 
-The pack folder is COPIED (not linked) into custom_nodes, its requirements.txt is installed line by line with the host
-python the way ComfyUI-Manager does, then a real server starts: every node of the pack is registered with tooltips and
-its category, the web extension and the example workflows (with thumbnails) are served, and the adjustable and
-large-image examples' API twins run on the tiny model (pisa_sr_basic's twin runs in test_server.py).
+The URL is http://127.0.0.1:<port>/ComfyUI-PiSA-SR.git: a bare clone of this repo's HEAD served over git's dumb HTTP
+protocol by a local web server, the closest real path to the GitHub URL users paste. cm-cli refuses a plain path and
+a file:///... URL (it takes any string without a host for a registry id and looks it up). cm-cli needs no security
+level for a git URL; ComfyUI 0.3.75 has no --enable-manager (newer ComfyUI's switch for the Manager's web UI), and
+the command line needs none. The Manager runs in its own venv (setup_host.sh) that also sees the host venv; the server
+runs with that venv's python, so it sees whatever the Manager installed.
+
+What the real Manager cannot reach here, and so stays a static check: the Comfy Registry install path (a zip of the
+git-tracked files plus `includes`, fetched from api.comfy.org). That everything the pack needs is git-tracked is
+proven by the clone working; the metadata is read by ComfyUI's and the Manager's own readers.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -14,7 +22,9 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -30,10 +40,11 @@ from run_example import example_image  # noqa: E402
 CATEGORY = "image/upscaling/PiSA-SR"
 CORE_NODES = ["PiSA_LoadLoRAs", "PiSA_EncodeLQ", "PiSA_Sample", "PiSA_Decode"]
 WORKFLOWS = sorted(p.stem for p in (host.REPO / "example_workflows").glob("*.json"))
-# ComfyUI-Manager never installs these from a pack's requirements.txt (they come with ComfyUI's own install).
+# ComfyUI-Manager never installs these from a pack's requirements.txt (cm_global.pip_blacklist).
 MANAGER_SKIPS = {"torch", "torchvision", "torchaudio", "torchsde"}
-NOT_SHIPPED = {".git", "tests", "out", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache"}
 PYPROJECT = tomllib.loads((host.REPO / "pyproject.toml").read_text())
+MANAGER_VENV = Path(os.environ.get("PISA_HOST_PYTHON", sys.executable)).parents[1]
+MANAGER_VENV = MANAGER_VENV.with_name(MANAGER_VENV.name + "-manager-4.3")  # built by scripts/setup_host.sh
 
 
 def requirement_lines(text: str) -> list[str]:
@@ -51,11 +62,8 @@ def requirement_name(line: str) -> str:
     return m.group(0).lower().replace("_", "-") if m else ""
 
 
-def ignore_unshipped(folder: str, names: list[str]) -> set[str]:
-    ignored = {n for n in names if n in NOT_SHIPPED}
-    if os.path.basename(folder) == "bench":
-        ignored |= {"out"}
-    return ignored
+def git(*args: str, cwd: Path | None = None) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 # ------------------------------------------------------------------------------------------------ packaging metadata
@@ -91,36 +99,52 @@ def test_requirements_never_pin_torch():
     assert not any(line.startswith(("-", "git+", "http")) for line in lines), lines  # plain PyPI names only
 
 
-# ------------------------------------------------------------------------------------------------ installed copy
+# ------------------------------------------------------------------------------------------------ installed by the Manager
 @pytest.fixture(scope="module")
-def installed():
+def git_url(tmp_path_factory):
+    """This repo's HEAD as a bare git repository behind a local web server (git's dumb HTTP protocol)."""
+    root = tmp_path_factory.mktemp("git-http")
+    bare = root / f"{PACK_NAME}.git"
+    git("clone", "--quiet", "--bare", str(host.REPO), str(bare))
+    git("update-server-info", cwd=bare)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}/{PACK_NAME}.git"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory, git_url):
+    assert (MANAGER_VENV / ".complete").exists(), f"{MANAGER_VENV} is missing: scripts/setup_host.sh builds it"
+    comfy = tmp_path_factory.mktemp("fresh") / "ComfyUI"
+    shutil.copytree(host.COMFY_DIR, comfy, ignore=shutil.ignore_patterns("user", "__pycache__", PACK_NAME))
+    env = dict(os.environ, COMFYUI_PATH=str(comfy))
+    r = subprocess.run([str(MANAGER_VENV / "bin" / "cm-cli"), "install", git_url, "--mode", "local"],
+                       cwd=comfy, env=env, capture_output=True, text=True, timeout=900)
     ckpt, lora = make_tiny_weights.make(make_tiny_weights.cache_dir())
-    srv = ComfyServer(link_pack=False, models={"checkpoints": [ckpt], "pisa_sr": [lora]})
+    srv = ComfyServer(comfy_dir=str(comfy), python=str(MANAGER_VENV / "bin" / "python"), base=str(comfy),
+                      link_pack=False, models={"checkpoints": [ckpt], "pisa_sr": [lora]})
     srv.tiny = (Path(ckpt).name, Path(lora).name)
-    pack = srv.base / "custom_nodes" / PACK_NAME
-    shutil.copytree(host.REPO, pack, ignore=ignore_unshipped, symlinks=False)
-    # ComfyUI-Manager's install step: `pip install <line>` per requirements.txt line, torch family skipped,
-    # then install.py if the pack has one.
-    srv.pip_runs = []
-    for line in requirement_lines((pack / "requirements.txt").read_text()):
-        if requirement_name(line) in MANAGER_SKIPS:
-            continue
-        r = subprocess.run([srv.python, "-m", "pip", "install", line], capture_output=True, text=True)
-        srv.pip_runs.append((line, r.returncode, r.stdout[-2000:] + r.stderr[-2000:]))
-    if (pack / "install.py").exists():
-        r = subprocess.run([srv.python, "install.py"], cwd=pack, capture_output=True, text=True)
-        srv.pip_runs.append(("install.py", r.returncode, r.stdout[-2000:] + r.stderr[-2000:]))
-    srv.pack = pack
+    srv.cm_cli = r
+    srv.git_url = git_url
+    srv.pack = comfy / "custom_nodes" / PACK_NAME
+    assert r.returncode == 0 and "[INSTALLED]" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     with srv:
         yield srv
-    srv.cleanup()
+    srv.stop()
+    shutil.rmtree(comfy, ignore_errors=True)
 
 
 @pytest.mark.slow
-def test_copy_installs_and_registers_every_node(installed):
-    assert all(rc == 0 for _, rc, _ in installed.pip_runs), installed.pip_runs
-    assert not installed.pack.is_symlink() and (installed.pack / "__init__.py").is_file()
-    assert not (installed.pack / "tests").exists() and not (installed.pack / ".git").exists()
+def test_manager_installs_and_every_node_registers(installed):
+    # cm-cli cloned the URL into custom_nodes: this repo's HEAD, a real git checkout the Manager can update later
+    pack = installed.pack
+    assert git("rev-parse", "HEAD", cwd=pack) == git("rev-parse", "HEAD", cwd=host.REPO)
+    assert git("remote", "get-url", "origin", cwd=pack) == installed.git_url
+    assert not git("status", "--porcelain", cwd=pack), "the Manager's install left changes in the checkout"
     log = installed.log_path.read_text(errors="replace")
     assert "IMPORT FAILED" not in "\n".join(line for line in log.splitlines() if PACK_NAME in line), log[-3000:]
     info = installed.get("/object_info")
@@ -139,15 +163,34 @@ def test_copy_installs_and_registers_every_node(installed):
 
 
 @pytest.mark.slow
+def test_manager_reads_the_registry_metadata(installed, tmp_path):
+    """The Manager's reader of a registry-installed pack (cnr_utils.read_cnr_info, which needs the .tracking file a
+    registry install writes) sees the node id, version and repository of pyproject.toml."""
+    pack = tmp_path / PACK_NAME
+    shutil.copytree(installed.pack, pack, ignore=shutil.ignore_patterns(".git"))
+    (pack / ".tracking").write_text("")
+    code = ("import json, sys; from comfyui_manager.common import cnr_utils; "
+            "print(json.dumps(cnr_utils.read_cnr_info(sys.argv[1])))")
+    r = subprocess.run([str(MANAGER_VENV / "bin" / "python"), "-c", code, str(pack)], cwd=installed.comfy_dir,
+                       env=dict(os.environ, COMFYUI_PATH=str(installed.comfy_dir), PYTHONPATH=str(installed.comfy_dir)),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cnr = json.loads(r.stdout.strip().splitlines()[-1])
+    project = PYPROJECT["project"]
+    assert cnr == {"id": project["name"], "original_name": project["name"], "version": project["version"],
+                   "url": project["urls"]["Repository"]}, cnr
+
+
+@pytest.mark.slow
 def test_web_extension_and_example_workflows_are_served(installed):
     js = installed.get_bytes(f"/extensions/{PACK_NAME}/pisa_sr.js")
-    assert js == (host.REPO / "web" / "pisa_sr.js").read_bytes()
+    assert js == (installed.pack / "web" / "pisa_sr.js").read_bytes()
     assert f"/extensions/{PACK_NAME}/pisa_sr.js" in installed.get("/extensions")  # the front end loads this list
     templates = installed.get("/workflow_templates")
     assert sorted(templates.get(PACK_NAME, [])) == sorted(WORKFLOWS)  # not the api/ twins
     for name in WORKFLOWS:
         wf = installed.get_bytes(f"/api/workflow_templates/{PACK_NAME}/{name}.json")
-        assert wf == (host.REPO / "example_workflows" / f"{name}.json").read_bytes()
+        assert wf == (installed.pack / "example_workflows" / f"{name}.json").read_bytes()
         # the template browser shows <name>.jpg beside each workflow
         thumb = installed.get_bytes(f"/api/workflow_templates/{PACK_NAME}/{name}.jpg")
         assert thumb[:3] == b"\xff\xd8\xff", f"{name}.jpg is not a JPEG"

@@ -1,4 +1,5 @@
-// ComfyUI-PiSA-SR front-end extension (ComfyUI frontend 1.x, public extension API only).
+// ComfyUI-PiSA-SR front-end extension (ComfyUI frontend 1.x, public extension API only), for both node renderers:
+// the classic canvas and "Vue nodes" (which draws each custom widget on a canvas of its own).
 //
 //  * Fidelity / perception pad on Dual-Guided One-Step Sample (any node with lambda_pix and lambda_sem number
 //    widgets): x = lambda_sem (semantic detail), y = lambda_pix (pixel-level cleanup). Dragging sets both widgets,
@@ -69,6 +70,64 @@ function setWidget(node, w, value, e) {
   if (node.graph) node.graph._version++;
 }
 
+// Redraw a widget in both renderers: the classic canvas repaints on setDirtyCanvas; the Vue-nodes renderer draws
+// each custom widget on its own small canvas and repaints it only through widget.triggerDraw.
+function redraw(node, w) {
+  node.setDirtyCanvas?.(true, true);
+  w?.triggerDraw?.();
+}
+
+// The Vue-nodes renderer draws each custom widget on a canvas of its own. Before 1.33 its pointer events bubbled to
+// the node, which then dragged the node away from under the pointer after the first move: keep them on the widget.
+function ownPointer(ctx) {
+  const el = ctx?.canvas;
+  if (!el || el === app.canvas?.canvas || el.pisaOwnPointer) return;
+  el.pisaOwnPointer = true;
+  for (const type of ["pointerdown", "pointermove", "pointerup"]) el.addEventListener(type, (e) => e.stopPropagation());
+}
+
+// Draw in the coordinates pointer positions come in. The Vue nodes of 1.53 size a custom widget's canvas from its
+// zoomed on-screen width (so away from 100% zoom the drawing came out scaled and spilled out of the node) while
+// pointer positions are in unzoomed CSS pixels: pin the canvas to the widget's height and scale back. Returns the
+// width to draw at.
+function cssWidth(ctx, width, height) {
+  const el = ctx?.canvas;
+  if (!el || el === app.canvas?.canvas || !el.clientWidth) return width;
+  const k = width / el.clientWidth;
+  if (Math.abs(k - 1) > 0.01 && height > 0) {
+    el.style.height = `${height + 2}px`;
+    ctx.scale(k, 1);
+  }
+  return el.clientWidth;
+}
+
+// The pointer protocol both widgets share: a press inside starts a drag, moves while dragging apply the pointer
+// position. The release position is ignored: the Vue-nodes renderer reports it in graph coordinates (relative to the
+// node) while press and moves come in the widget's own canvas coordinates, which set lambda_pix to its minimum.
+// press(pos) returns "drag" (start dragging and apply pos), "handled" (consumed, no drag) or false.
+function dragMouse(widget, node, what, e, pos, press, apply) {
+  try {
+    if (isDown(e)) {
+      const r = press(pos);
+      if (r !== "drag") return r === "handled";
+      widget.dragging = true;
+    } else if (isUp(e)) {
+      if (!widget.dragging) return false;
+      widget.dragging = false;
+      redraw(node, widget);
+      return true;
+    } else if (!(isMove(e) && widget.dragging)) {
+      return false;
+    }
+    apply(pos);
+    return true;
+  } catch (err) {
+    warn(what, err);
+    widget.dragging = false;
+    return false;
+  }
+}
+
 function roundRect(ctx, x, y, w, h, r) {
   ctx.beginPath();
   if (ctx.roundRect) ctx.roundRect(x, y, w, h, r);
@@ -93,9 +152,8 @@ function makePad(node) {
     serialize: false,
     y: 0,
     dragging: false,
-    box: null, // pad rectangle in node coordinates (set by draw)
+    box: null, // pad rectangle in the coordinates the renderer draws and reports pointer positions in
     resetBox: null,
-    lastEvent: null,
 
     computeSize(width) {
       return [width ?? node.size[0], PAD_HEIGHT];
@@ -128,13 +186,16 @@ function makePad(node) {
       if (!a || a.linked) return false;
       setWidget(node, a.wp, snapValue(pix, a.pLo, a.pHi), e);
       setWidget(node, a.ws, snapValue(sem, a.sLo, a.sHi), e);
-      node.setDirtyCanvas?.(true, true);
+      redraw(node, this);
       return true;
     },
 
     draw(ctx, _node, width, y, H, lowQuality) {
       try {
-        this.drawPad(ctx, width, y, lowQuality);
+        ownPointer(ctx);
+        ctx.save();
+        this.drawPad(ctx, cssWidth(ctx, width, H), y, lowQuality);
+        ctx.restore();
       } catch (e) {
         warn("pad draw", e);
       }
@@ -243,41 +304,22 @@ function makePad(node) {
     },
 
     mouse(e, pos, _node) {
-      try {
-        return this.onMouse(e, pos);
-      } catch (err) {
-        warn("pad input", err);
-        this.dragging = false;
-        return false;
-      }
-    },
-
-    onMouse(e, pos) {
-      const b = this.box;
-      if (!b) return false;
-      const [x, y] = pos;
-      this.lastEvent = e?.type;
-      if (isDown(e)) {
-        const r = this.resetBox;
+      return dragMouse(this, node, "pad input", e, pos, ([x, y]) => {
+        const b = this.box, r = this.resetBox;
+        if (!b) return false;
         if (r && x >= r.x0 && x <= r.x1 && y >= r.y0 && y <= r.y1) {
           this.setLambdas(DEFAULT.pix, DEFAULT.sem, e);
-          return true;
+          return "handled";
         }
         if (x < b.x0 - 4 || x > b.x1 + 4 || y < b.y0 - 4 || y > b.y1 + 4) return false;
         const a = this.axes();
-        if (!a || a.linked) return false;
-        this.dragging = true;
-      } else if (isUp(e)) {
-        if (!this.dragging) return false;
-        this.dragging = false;
-      } else if (!(isMove(e) && this.dragging)) {
-        return false;
-      }
-      const a = this.axes();
-      if (!a) return false;
-      const v = this.fromXY(a, x, y);
-      this.setLambdas(v.pix, v.sem, e);
-      return true;
+        return a && !a.linked ? "drag" : false;
+      }, ([x, y]) => {
+        const a = this.axes();
+        if (!a) return;
+        const v = this.fromXY(a, x, y);
+        this.setLambdas(v.pix, v.sem, e);
+      });
     },
   };
   return widget;
@@ -338,7 +380,8 @@ function makeCompare(node) {
         this.ready = false;
         this.failed = true; // the front end's ordinary preview takes over
       }
-      node.setDirtyCanvas?.(true, true);
+      if (this.failed) node.hideOutputImages = false; // the front end's ordinary preview takes over
+      redraw(node, this);
     },
 
     aspect() {
@@ -357,7 +400,10 @@ function makeCompare(node) {
 
     draw(ctx, _node, width, y, H, lowQuality) {
       try {
-        this.drawCompare(ctx, width, y, lowQuality);
+        ownPointer(ctx);
+        ctx.save();
+        this.drawCompare(ctx, cssWidth(ctx, width, H), y, lowQuality);
+        ctx.restore();
       } catch (e) {
         warn("compare draw", e);
       }
@@ -428,39 +474,22 @@ function makeCompare(node) {
     },
 
     mouse(e, pos, _node) {
-      try {
-        return this.onMouse(e, pos);
-      } catch (err) {
-        warn("compare input", err);
-        this.dragging = false;
-        return false;
-      }
-    },
-
-    onMouse(e, pos) {
-      const r = this.rect;
-      if (!this.ready || !r) return false;
-      const [x, y] = pos;
-      if (isDown(e)) {
-        const nb = this.navBox;
+      return dragMouse(this, node, "compare input", e, pos, ([x, y]) => {
+        const r = this.rect, nb = this.navBox;
+        if (!this.ready || !r) return false;
         if (nb && x >= nb.x0 && x <= nb.x1 && y >= nb.y0 && y <= nb.y1) {
           const n = this.after.length;
           this.index = (this.index + (x < (nb.x0 + nb.x1) / 2 ? n - 1 : 1)) % n;
           node.imageIndex = this.index;
-          node.setDirtyCanvas?.(true, true);
-          return true;
+          redraw(node, this);
+          return "handled";
         }
-        if (x < r.x || x > r.x + r.w || y < r.y || y > r.y + r.h) return false;
-        this.dragging = true;
-      } else if (isUp(e)) {
-        if (!this.dragging) return false;
-        this.dragging = false;
-      } else if (!(isMove(e) && this.dragging)) {
-        return false;
-      }
-      this.split = Math.min(1, Math.max(0, (x - r.x) / r.w));
-      node.setDirtyCanvas?.(true, false);
-      return true;
+        return x >= r.x && x <= r.x + r.w && y >= r.y && y <= r.y + r.h ? "drag" : false;
+      }, ([x]) => {
+        const r = this.rect;
+        this.split = Math.min(1, Math.max(0, (x - r.x) / r.w));
+        redraw(node, this);
+      });
     },
   };
   return widget;
@@ -497,6 +526,9 @@ function showComparison(node, output) {
 }
 
 function setupCompare(node) {
+  // The compare widget is the decoder's preview: the Vue-nodes renderer must not add its own image preview. Set
+  // before the first run, as that renderer decides when the output arrives (older front ends ignore the flag).
+  node.hideOutputImages = true;
   const origExecuted = node.onExecuted;
   node.onExecuted = function (output) {
     const r = origExecuted?.apply(this, arguments);
@@ -529,6 +561,21 @@ function setupCompare(node) {
 }
 
 // ------------------------------------------------------------------------------------------------ registration
+// The pad redraws when a number is typed into lambda_pix or lambda_sem (the Vue-nodes renderer repaints a custom
+// widget only when asked).
+function followEdits(node) {
+  for (const name of [PIX, SEM]) {
+    const w = findWidget(node, name);
+    if (!w) continue;
+    const orig = w.callback;
+    w.callback = function () {
+      const r = orig?.apply(this, arguments);
+      findWidget(node, PAD)?.triggerDraw?.();
+      return r;
+    };
+  }
+}
+
 function hasLambdaInputs(nodeData) {
   const req = { ...(nodeData?.input?.required ?? {}), ...(nodeData?.input?.optional ?? {}) };
   return req[PIX]?.[0] === "FLOAT" && req[SEM]?.[0] === "FLOAT";
@@ -554,6 +601,7 @@ try {
         const type = node.comfyClass ?? node.type;
         if (padTypes.has(type) && !findWidget(node, PAD)) {
           node.addCustomWidget(makePad(node));
+          followEdits(node);
           const size = node.computeSize?.();
           if (size) node.setSize?.([Math.max(node.size[0], size[0], 300), Math.max(node.size[1], size[1])]);
         }
