@@ -1,0 +1,154 @@
+"""Long batches (issue 14, items 4 and 5): peak working memory of Encode LQ, Sample and Decode for a short and a long
+batch of frames, and the frame-to-frame colour flicker of the colour fix on a synthetic clip.
+
+    $PISA_HOST_PYTHON bench/bench_batch.py                  # 4 vs 48 frames, tiny models, CPU (a few minutes)
+    $PISA_HOST_PYTHON bench/bench_batch.py --frames 2 8     # quicker
+
+Memory: the node's peak of live tensor bytes (every aten allocation counted until its storage is freed, through a
+torch dispatch mode), minus the bytes of what the node returns (the LATENT / IMAGE belong to ComfyUI). On the CPU
+that is what a GPU would have to hold; weights and the inputs existed before and are not counted.
+
+Flicker: one LQ image plus a different small Gaussian noise per frame (sigma ``--noise``), run through the three
+nodes as one batch; per frame the mean of each colour channel of the output, then the standard deviation of those
+means across frames (in 1/255), for each colour fix (and each colour-fix scope when Decode has one).
+Run with the host python (``eval "$(bash scripts/setup_host.sh)"``) so PISA_COMFY_DIR is set.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import weakref
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(1, str(REPO / "tests"))
+
+
+def live_bytes_mode():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class LiveBytes(TorchDispatchMode):
+        """Peak bytes of tensor storages allocated inside the mode and still alive."""
+
+        def __init__(self):
+            super().__init__()
+            self.live: dict[int, int] = {}
+            self.now = self.peak = 0
+
+        def _free(self, key: int) -> None:
+            self.now -= self.live.pop(key)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                    if isinstance(t, torch.Tensor)}
+            for t in tree_flatten(out)[0]:
+                if not isinstance(t, torch.Tensor):
+                    continue
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key in seen or key in self.live or st.nbytes() == 0:
+                    continue
+                self.live[key] = st.nbytes()
+                self.now += st.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(st, self._free, key)
+            return out
+
+    return LiveBytes()
+
+
+def tensor_bytes(obj) -> int:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if hasattr(obj, "lq_u8"):
+        return tensor_bytes(obj.lq_u8)
+    return 0
+
+
+def measured(node, **inputs):
+    """(result, peak working bytes beyond the result)."""
+    with live_bytes_mode() as mem:
+        out = node.execute(**inputs).result[0]
+    return out, max(0, mem.peak - tensor_bytes(out))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, nargs="*", default=[4, 48])
+    ap.add_argument("--size", type=int, default=64, help="LQ frame side in px (x4, pre-resized to 512 px)")
+    ap.add_argument("--flicker-frames", type=int, default=12)
+    ap.add_argument("--noise", type=float, default=0.02)
+    ap.add_argument("--skip-memory", action="store_true")
+    a = ap.parse_args()
+
+    import comfy_boot
+
+    comfy_boot.boot(cpu=True, pytorch_attention=True)
+    comfy_boot.load_pack()
+    import torch
+
+    torch.manual_seed(0)
+    import tiny_models
+    from helpers import make_image, pil_to_image
+
+    world = tiny_models.tiny_world(seed=0)
+    folder = comfy_boot._base / "models" / "pisa_sr"
+    torch.save(world.ckpt, folder / "bench_batch.pkl")
+    node = comfy_boot.node
+    (model,) = node("PiSA_LoadLoRAs").execute(model=world.model, lora_name="bench_batch.pkl").result
+    vae, cond = world.comfy_vae, world.conditioning
+    base = pil_to_image(make_image(a.size, a.size, 3))
+    mib = 1 / 2 ** 20
+
+    if not a.skip_memory:
+        print(f"peak working memory (MiB, live tensor bytes beyond the node's output), {a.size} px LQ frames x4, "
+              "tiny models, CPU")
+        print(f"{'frames':>6} {'Encode LQ':>10} {'Sample':>10} {'Decode':>10} {'output IMAGE':>13}")
+        for n in a.frames:
+            g = torch.Generator().manual_seed(n)
+            image = (base + 0.02 * torch.randn(n, *base.shape[1:], generator=g)).clamp(0, 1)
+            with torch.no_grad():
+                lat, enc = measured(node("PiSA_EncodeLQ"), image=image, vae=vae, upscale=4,
+                                    resize_filter="bicubic")
+                hq, smp = measured(node("PiSA_Sample"), model=model, positive=cond, latent=lat)
+                img, dec = measured(node("PiSA_Decode"), latent=hq, vae=vae, color_fix="adain")
+            print(f"{n:>6} {enc * mib:>10.1f} {smp * mib:>10.1f} {dec * mib:>10.1f} "
+                  f"{tensor_bytes(img) * mib:>13.1f}", flush=True)
+            del lat, hq, img
+
+    flicker(a, node, model, vae, cond, base)
+    return 0
+
+
+def flicker(a, node, model, vae, cond, base) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(123)
+    clip = (base + a.noise * torch.randn(a.flicker_frames, *base.shape[1:], generator=g)).clamp(0, 1)
+    (lat,) = node("PiSA_EncodeLQ").execute(image=clip, vae=vae, upscale=4, resize_filter="bicubic").result
+    (hq,) = node("PiSA_Sample").execute(model=model, positive=cond, latent=lat).result
+    inputs = {i.id for i in node("PiSA_Decode").define_schema().inputs}
+    scopes = ["frame", "clip"] if "color_fix_scope" in inputs else [None]
+    print(f"\ncolour flicker: {a.flicker_frames} frames = one image + N(0, {a.noise}) noise each; spread (std across "
+          "frames) of each channel's mean, in 1/255, max over channels")
+    lq = lat["pisa_sr"].lq_u8.float().div(255).mean((1, 2))
+    print(f"  resized LQ itself: {float(lq.std(0).max()) * 255:.3f}")
+    for fix in ("none", "adain", "wavelet"):
+        for scope in scopes if fix != "none" else [None]:
+            kw = {} if scope is None else {"color_fix_scope": scope}
+            (img,) = node("PiSA_Decode").execute(latent=hq, vae=vae, color_fix=fix, **kw).result
+            spread = float(img.mean((1, 2)).std(0).max()) * 255
+            label = fix if scope is None else f"{fix}, {scope}"
+            print(f"  {label:<16} {spread:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
