@@ -1,8 +1,8 @@
 """Long batches (issue 14, items 4 and 5): peak working memory of Encode LQ, Sample and Decode for a short and a long
 batch of frames, and the frame-to-frame colour flicker of the colour fix on a synthetic clip.
 
-    $PISA_HOST_PYTHON bench/bench_batch.py                  # 4 vs 48 frames, tiny models, CPU (a few minutes)
-    $PISA_HOST_PYTHON bench/bench_batch.py --frames 2 8     # quicker
+    $PISA_HOST_PYTHON bench/bench_batch.py                  # tiny models, CPU (a few minutes)
+    $PISA_HOST_PYTHON bench/bench_batch.py --frames 2 8 --encode-frames 1 2   # quicker
 
 Memory: the node's peak of live tensor bytes (every aten allocation counted until its storage is freed, through a
 torch dispatch mode), minus the bytes of what the node returns (the LATENT / IMAGE belong to ComfyUI). On the CPU
@@ -82,8 +82,10 @@ def measured(node, **inputs):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--frames", type=int, nargs="*", default=[4, 48])
-    ap.add_argument("--size", type=int, default=64, help="LQ frame side in px (x4, pre-resized to 512 px)")
+    ap.add_argument("--frames", type=int, nargs="*", default=[4, 48], help="Sample and Decode batch sizes")
+    ap.add_argument("--encode-frames", type=int, nargs="*", default=[2, 8],
+                    help="Encode LQ batch sizes (its frames are 512 px: the release's pre-resize)")
+    ap.add_argument("--px", type=int, default=128, help="frame side in px for Sample, Decode and the clip")
     ap.add_argument("--flicker-frames", type=int, default=12)
     ap.add_argument("--noise", type=float, default=0.02)
     ap.add_argument("--skip-memory", action="store_true")
@@ -105,42 +107,63 @@ def main() -> int:
     node = comfy_boot.node
     (model,) = node("PiSA_LoadLoRAs").execute(model=world.model, lora_name="bench_batch.pkl").result
     vae, cond = world.comfy_vae, world.conditioning
-    base = pil_to_image(make_image(a.size, a.size, 3))
+    base = pil_to_image(make_image(a.px, a.px, 3))
     mib = 1 / 2 ** 20
 
+    def clip(n: int, image: torch.Tensor, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return (image + a.noise * torch.randn(n, *image.shape[1:], generator=g)).clamp(0, 1)
+
     if not a.skip_memory:
-        print(f"peak working memory (MiB, live tensor bytes beyond the node's output), {a.size} px LQ frames x4, "
-              "tiny models, CPU")
-        print(f"{'frames':>6} {'Encode LQ':>10} {'Sample':>10} {'Decode':>10} {'output IMAGE':>13}")
-        for n in a.frames:
-            g = torch.Generator().manual_seed(n)
-            image = (base + 0.02 * torch.randn(n, *base.shape[1:], generator=g)).clamp(0, 1)
+        print("peak working memory (MiB, live tensor bytes beyond the node's output), tiny models, CPU")
+        small = pil_to_image(make_image(128, 128, 3))
+        for n in a.encode_frames:
             with torch.no_grad():
-                lat, enc = measured(node("PiSA_EncodeLQ"), image=image, vae=vae, upscale=4,
+                lat, enc = measured(node("PiSA_EncodeLQ"), image=clip(n, small, n), vae=vae, upscale=4,
                                     resize_filter="bicubic")
+            print(f"  Encode LQ, {n:>2} frames 128 -> 512 px: {enc * mib:7.1f}   (LATENT out "
+                  f"{tensor_bytes(lat) * mib:.1f})", flush=True)
+            del lat
+        for n in a.frames:
+            with torch.no_grad():
+                lat = small_latent(a.px, clip(n, base, n), vae)
                 hq, smp = measured(node("PiSA_Sample"), model=model, positive=cond, latent=lat)
                 img, dec = measured(node("PiSA_Decode"), latent=hq, vae=vae, color_fix="adain")
-            print(f"{n:>6} {enc * mib:>10.1f} {smp * mib:>10.1f} {dec * mib:>10.1f} "
-                  f"{tensor_bytes(img) * mib:>13.1f}", flush=True)
+            print(f"  {n:>2} frames of {a.px} px: Sample {smp * mib:7.2f}   Decode {dec * mib:7.2f}   (IMAGE out "
+                  f"{tensor_bytes(img) * mib:.1f})", flush=True)
             del lat, hq, img
 
-    flicker(a, node, model, vae, cond, base)
+    flicker(a, node, model, vae, cond, clip(a.flicker_frames, base, 123))
     return 0
 
 
-def flicker(a, node, model, vae, cond, base) -> None:
+def small_latent(px: int, frames, vae) -> dict:
+    """Encode LQ's LATENT for frames already at the model size (``px``, a multiple of 8; no release resize)."""
+    import comfy_boot
     import torch
 
-    g = torch.Generator().manual_seed(123)
-    clip = (base + a.noise * torch.randn(a.flicker_frames, *base.shape[1:], generator=g)).clamp(0, 1)
-    (lat,) = node("PiSA_EncodeLQ").execute(image=clip, vae=vae, upscale=4, resize_filter="bicubic").result
-    (hq,) = node("PiSA_Sample").execute(model=model, positive=cond, latent=lat).result
+    vae_ops = comfy_boot.pack("nodes.vae_ops")
+    lq_info = comfy_boot.pack("nodes.lq_info")
+    resize = comfy_boot.pack("pisa_sr.resize")
+    lq_u8 = (frames * 255).round().to(torch.uint8)
+    lq = lq_u8.float() / 255
+    z = torch.cat([vae_ops.encode(vae, lq[i:i + 1], 0) for i in range(len(lq))])
+    plan = resize.ResizePlan((px, px), None, (px, px), (px, px), (px, px))
+    return {"samples": z, "pisa_sr": lq_info.LQInfo(lq_u8=lq_u8, plan=plan)}
+
+
+def flicker(a, node, model, vae, cond, clip) -> None:
+    import torch
+
+    with torch.no_grad():
+        lat = small_latent(a.px, clip, vae)
+        (hq,) = node("PiSA_Sample").execute(model=model, positive=cond, latent=lat).result
     inputs = {i.id for i in node("PiSA_Decode").define_schema().inputs}
     scopes = ["frame", "clip"] if "color_fix_scope" in inputs else [None]
-    print(f"\ncolour flicker: {a.flicker_frames} frames = one image + N(0, {a.noise}) noise each; spread (std across "
-          "frames) of each channel's mean, in 1/255, max over channels")
+    print(f"\ncolour flicker: {len(clip)} frames of {a.px} px = one image + N(0, {a.noise}) noise each; spread (std "
+          "across frames) of each channel's mean, in 1/255, max over channels")
     lq = lat["pisa_sr"].lq_u8.float().div(255).mean((1, 2))
-    print(f"  resized LQ itself: {float(lq.std(0).max()) * 255:.3f}")
+    print(f"  the LQ frames themselves: {float(lq.std(0).max()) * 255:.3f}")
     for fix in ("none", "adain", "wavelet"):
         for scope in scopes if fix != "none" else [None]:
             kw = {} if scope is None else {"color_fix_scope": scope}
