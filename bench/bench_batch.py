@@ -10,7 +10,7 @@ that is what a GPU would have to hold; weights and the inputs existed before and
 
 Flicker: one LQ image plus a different small Gaussian noise per frame (sigma ``--noise``), run through the three
 nodes as one batch; per frame the mean of each colour channel of the output, then the standard deviation of those
-means across frames (in 1/255), for each colour fix (and each colour-fix scope when Decode has one).
+means across frames (in 1/255), for each colour fix and for AdaIN with the statistics of the whole clip.
 Run with the host python (``eval "$(bash scripts/setup_host.sh)"``) so PISA_COMFY_DIR is set.
 """
 from __future__ import annotations
@@ -153,24 +153,28 @@ def small_latent(px: int, frames, vae) -> dict:
 
 
 def flicker(a, node, model, vae, cond, clip) -> None:
+    import comfy_boot
     import torch
+
+    adain_fix = comfy_boot.pack("pisa_sr.color").adain_fix
 
     with torch.no_grad():
         lat = small_latent(a.px, clip, vae)
         (hq,) = node("PiSA_Sample").execute(model=model, positive=cond, latent=lat).result
-    inputs = {i.id for i in node("PiSA_Decode").define_schema().inputs}
-    scopes = ["frame", "clip"] if "color_fix_scope" in inputs else [None]
     print(f"\ncolour flicker: {len(clip)} frames of {a.px} px = one image + N(0, {a.noise}) noise each; spread (std "
           "across frames) of each channel's mean, in 1/255, max over channels")
     lq = lat["pisa_sr"].lq_u8.float().div(255).mean((1, 2))
     print(f"  the LQ frames themselves: {float(lq.std(0).max()) * 255:.3f}")
     for fix in ("none", "adain", "wavelet"):
-        for scope in scopes if fix != "none" else [None]:
-            kw = {} if scope is None else {"color_fix_scope": scope}
-            (img,) = node("PiSA_Decode").execute(latent=hq, vae=vae, color_fix=fix, **kw).result
-            spread = float(img.mean((1, 2)).std(0).max()) * 255
-            label = fix if scope is None else f"{fix}, {scope}"
-            print(f"  {label:<16} {spread:.3f}", flush=True)
+        (img,) = node("PiSA_Decode").execute(latent=hq, vae=vae, color_fix=fix).result
+        print(f"  {fix:<16} {float(img.mean((1, 2)).std(0).max()) * 255:.3f}", flush=True)
+    # AdaIN with clip-level statistics (all frames as one image): the option this measures before it is offered
+    lq_u8 = lat["pisa_sr"].lq_u8
+    src = torch.cat(list(lq_u8), 1).float().div(255).movedim(-1, 0)[None]
+    (raw,) = node("PiSA_Decode").execute(latent=hq, vae=vae, color_fix="none").result
+    out = torch.cat(list(torch.floor(raw * 255) / 255), 1).movedim(-1, 0)[None]
+    fixed = adain_fix(out, src).clamp(0, 1)[0].movedim(0, -1).reshape(lq_u8.shape[1], len(clip), -1, 3)
+    print(f"  {'adain, clip':<16} {float(fixed.mean((0, 2)).std(0).max()) * 255:.3f}", flush=True)
 
 
 if __name__ == "__main__":

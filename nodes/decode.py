@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..pisa_sr.checks import check_latent
-from ..pisa_sr.color import COLOR_FIX_SCOPES, COLOR_FIXES, ClipStats, adain_with, apply_color_fix, check_color_fix
+from ..pisa_sr.color import COLOR_FIXES, apply_color_fix, check_color_fix
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.resize import resize_output
@@ -17,28 +17,23 @@ from .preview import comparison_ui
 NODE = "PiSA Tiled VAE Decode"
 
 
-def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0, color_fix_scope: str = "frame") -> torch.Tensor:
+def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0) -> torch.Tensor:
     """The IMAGE [B,H,W,3], decoded and colour-fixed one frame at a time into the output, so memory does not grow
-    with the batch beyond the IMAGE itself; every frame's result is what it would be alone, except with adain over
-    the clip (``color_fix_scope`` "clip"), where one correction computed from all frames serves every frame."""
+    with the batch beyond the IMAGE itself; every frame's result is what it would be alone."""
     z = check_latent(latent, "Dual-Guided One-Step Sample")
     check_color_fix(color_fix)  # V3 combo values are not validated at queue time (ComfyUI 0.3.75)
-    if color_fix_scope not in COLOR_FIX_SCOPES:
-        raise PisaError(f"unknown color_fix_scope '{color_fix_scope}'; choose one of {', '.join(COLOR_FIX_SCOPES)}.")
     info = lq_info_of(latent)
     if info is None and color_fix != "none":
         raise PisaError(f"this LATENT does not carry the resized LQ image needed for colour fix "
                         f"'{color_fix}'. Connect the chain PiSA Encode LQ -> Sample -> this node without nodes in "
                         "between that rebuild the latent, or set color_fix to none.")
-    b, tile = z.shape[0], int(vae_tile_size)
+    b = z.shape[0]
     if info is not None and info.lq_u8.shape[0] not in (b, 1):
         raise PisaError(f"the latent batch ({b}) does not match the LQ batch ({info.lq_u8.shape[0]}). Decode the "
                         "LATENT that came from the same PiSA Encode LQ.")
-    if color_fix == "adain" and color_fix_scope == "clip" and b > 1:
-        return _decode_clip(z, vae, info, tile)
     img: torch.Tensor | None = None
     for i in range(b):
-        out = _decoded(z[i:i + 1], vae, info, i, color_fix != "none", tile)
+        out = _decoded(z[i:i + 1], vae, info, color_fix != "none", int(vae_tile_size))
         if info is not None:
             out = apply_color_fix(out, info.lq_float_bchw(i), color_fix)
         frame = _finished(out, info)
@@ -48,30 +43,7 @@ def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0, color_f
     return img
 
 
-def _decode_clip(z: torch.Tensor, vae, info, tile: int) -> torch.Tensor:
-    """AdaIN with the statistics of the whole clip: all frames are decoded (kept at the model size in the output
-    buffer) before the one correction is known, then corrected in place."""
-    b = z.shape[0]
-    src, dec = ClipStats(), ClipStats()
-    for j in range(info.lq_u8.shape[0]):
-        src.add(info.lq_float_bchw(j))
-    buf: torch.Tensor | None = None
-    for i in range(b):
-        out = _decoded(z[i:i + 1], vae, info, i, True, tile)
-        dec.add(out)
-        if buf is None:
-            buf = out.new_empty((b, *out.shape[2:], out.shape[1]))
-        buf[i:i + 1] = out.movedim(1, -1)
-    img: torch.Tensor | None = None
-    for i in range(b):
-        frame = _finished(adain_with(buf[i:i + 1].movedim(-1, 1), dec, src), info)
-        if img is None:
-            img = buf if frame.shape == buf[i:i + 1].shape else frame.new_empty((b, *frame.shape[1:]))
-        img[i:i + 1] = frame
-    return img
-
-
-def _decoded(z: torch.Tensor, vae, info, index: int, eight_bit: bool, tile: int) -> torch.Tensor:
+def _decoded(z: torch.Tensor, vae, info, eight_bit: bool, tile: int) -> torch.Tensor:
     """One frame [1,3,H,W] in [0,1], checked against its LQ reference; on the 8-bit grid when colour-fixed."""
     out = vae_ops.decode(vae, z, tile)
     if info is not None:
@@ -111,9 +83,6 @@ class PiSADecode(io.ComfyNode):
                 io.Int.Input("vae_tile_size", default=0, min=0, max=8192, step=64,
                              tooltip="VAE tile size in output px; 0 = automatic, 1..128 = the smallest (128). "
                              "Tiling never changes the result (no seams), only memory and time."),
-                io.Combo.Input("color_fix_scope", options=list(COLOR_FIX_SCOPES), default="frame", optional=True,
-                               tooltip="adain per frame (release) or one correction for the whole batch (clip): "
-                               "steadier colour across video frames. Same result for a single image."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="The upscaled image.")],
         )
@@ -121,7 +90,7 @@ class PiSADecode(io.ComfyNode):
     @classmethod
     @names_refusals(NODE)
     @trims_heap
-    def execute(cls, latent, vae, color_fix="adain", vae_tile_size=0, color_fix_scope="frame") -> io.NodeOutput:
-        img = decode_hq(latent, vae, color_fix, vae_tile_size, color_fix_scope)
+    def execute(cls, latent, vae, color_fix="adain", vae_tile_size=0) -> io.NodeOutput:
+        img = decode_hq(latent, vae, color_fix, vae_tile_size)
         # UI only: the result and the resized LQ as small temp previews, for the before/after slider of web/.
         return io.NodeOutput(img, ui=comparison_ui(img, lq_info_of(latent)))

@@ -6,11 +6,9 @@ import torch.nn.functional as F
 
 from .errors import PisaError
 
-__all__ = ["COLOR_FIXES", "COLOR_FIX_SCOPES", "adain_fix", "wavelet_fix", "check_color_fix", "apply_color_fix",
-           "ClipStats", "adain_with"]
+__all__ = ["COLOR_FIXES", "adain_fix", "wavelet_fix", "check_color_fix", "apply_color_fix"]
 
 COLOR_FIXES = ("adain", "wavelet", "none")
-COLOR_FIX_SCOPES = ("frame", "clip")
 
 
 def _mean_std(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,45 +23,6 @@ def adain_fix(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     sm, ss = _mean_std(source)
     tm, ts = _mean_std(target)
     return (target - tm) / ts * ss + sm
-
-
-class ClipStats:
-    """Per-channel mean and std of a whole clip, gathered one frame at a time (AdaIN over all frames together).
-
-    The same unbiased variance + 1e-5 as the release's per-image AdaIN, over every pixel of every frame, so a
-    one-frame clip gives exactly the per-image statistics. Frames are merged in fp64 (Chan's parallel formula).
-    """
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-    def add(self, x: torch.Tensor) -> None:
-        """Merge the frames ``x`` [B,C,H,W]."""
-        flat = x.movedim(1, 0).reshape(x.shape[1], -1).double()
-        n, mean = flat.shape[1], flat.mean(1)
-        m2 = (flat - mean[:, None]).square().sum(1)
-        if self.mean is None:
-            self.n, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.n + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta.square() * (self.n * n / total)
-        self.n = total
-
-    def mean_std(self, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-        """([1,C,1,1], [1,C,1,1]) fp32."""
-        var = self.m2 / max(1, self.n - 1) + eps
-        return (self.mean.float().reshape(1, -1, 1, 1), var.sqrt().float().reshape(1, -1, 1, 1))
-
-
-def adain_with(target: torch.Tensor, target_stats: ClipStats, source_stats: ClipStats) -> torch.Tensor:
-    """AdaIN of frames ``target`` with clip-level statistics: one affine map per channel for every frame."""
-    tm, ts = target_stats.mean_std()
-    sm, ss = source_stats.mean_std()
-    return ((target.float() - tm) / ts * ss + sm).clamp(0, 1)
 
 
 def _wavelet_blur(x: torch.Tensor, radius: int) -> torch.Tensor:

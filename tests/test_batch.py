@@ -122,35 +122,3 @@ def test_decode_refuses_a_mismatched_lq_batch(world):
     with pytest.raises(Exception, match="latent batch \\(3\\) does not match the LQ batch \\(2\\)"):
         run_node("PiSA_Decode", latent=lat, vae=world.comfy_vae, color_fix="adain")
 
-
-# ---------------------------------------------------------------------------------------------- colour-fix scope
-def test_clip_scope_is_adain_of_the_clip_as_one_image(world):
-    """Clip scope == the release's per-image AdaIN applied to all frames laid side by side as one image."""
-    color = host.pack("pisa_sr.color")
-    lat = _hq_latent(3, 3, False)
-    (clip,) = run_node("PiSA_Decode", latent=lat, vae=world.comfy_vae, color_fix="adain", color_fix_scope="clip")
-    (raw,) = run_node("PiSA_Decode", latent=lat, vae=world.comfy_vae, color_fix="none")
-    eight_bit = torch.floor(raw * 255.0) / 255.0  # the 8-bit decoder output the release colour-fixes
-    side_by_side = torch.cat(list(eight_bit), 1).movedim(-1, 0)[None]  # [1,3,H,3W]
-    lq = torch.cat(list(lat["pisa_sr"].lq_u8), 1).float().div(255).movedim(-1, 0)[None]
-    want = color.adain_fix(side_by_side, lq).clamp(0, 1)[0].movedim(0, -1)
-    got = torch.cat(list(clip), 1)
-    assert (got - want).abs().max().item() <= 1e-5  # fp64 vs fp32 statistics
-    (frame,) = run_node("PiSA_Decode", latent=lat, vae=world.comfy_vae, color_fix="adain")
-    assert not torch.allclose(frame, clip, atol=1e-3)  # the scopes really differ on a clip
-
-
-@pytest.mark.parametrize("color_fix", ["adain", "wavelet", "none"])
-def test_clip_scope_keeps_single_images_and_other_fixes(world, color_fix):
-    one = _hq_latent(1, 1, True)
-    three = _hq_latent(3, 3, False)
-    for lat in (one, three) if color_fix != "adain" else (one,):
-        a = run_node("PiSA_Decode", latent=lat, vae=world.comfy_vae, color_fix=color_fix)[0]
-        b = run_node("PiSA_Decode", latent=lat, vae=world.comfy_vae, color_fix=color_fix, color_fix_scope="clip")[0]
-        assert torch.equal(a, b)
-
-
-def test_unknown_scope_is_refused(world):
-    with pytest.raises(Exception, match="PiSA Tiled VAE Decode: unknown color_fix_scope 'video'"):
-        run_node("PiSA_Decode", latent=_hq_latent(2, 2, False), vae=world.comfy_vae, color_fix="adain",
-                 color_fix_scope="video")
