@@ -74,8 +74,8 @@ def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: f
 
     removal = sem_removal_targets(model, info) if plan in (Pass.PIX, Pass.DUAL) else []
     hooks = compat.hooks()
-    calls_per_frame = -(-tiles_per_frame // tiles_per_call) if tiles_per_frame > tiles_per_call else 1 / frames
-    total = max(1, round(calls_per_frame * b))
+    calls_per_chunk = -(-frames * tiles_per_frame // tiles_per_call)  # for one progress bar over all chunks
+    total = -(-b // frames) * calls_per_chunk
     for start in range(0, b, frames):
         part = slice(start, min(b, start + frames))
         # Contiguous NCHW whatever the LATENT's layout: a channels_last latent (ComfyUI's CPU VAEEncode gives one)
@@ -86,7 +86,7 @@ def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: f
         if plan is Pass.NONE:
             yield part, z, torch.zeros_like(z)
             continue
-        done = round(calls_per_frame * start)
+        done = start // frames * calls_per_chunk
         chunk_hooks = replace(hooks, progress=lambda d, t, done=done: hooks.progress(min(total, done + d), total))
         eps = sampling.sample_eps(z, call, removal, lambda_pix, lambda_sem, tile_size, tile_overlap,
                                   tiles_per_call=tiles_per_call, one_pass=one_pass, both=both, hooks=chunk_hooks)
