@@ -80,10 +80,14 @@ def test_sample_chunks_hold_whole_frames_per_call(monkeypatch, world, pisa_model
         return real(m, z, context, sigma)
 
     monkeypatch.setattr(unet, "unet_eps_t1", logged)
+    ticks = []
+    hooks = host.pack("pisa_sr.runtime").Hooks(progress=lambda d, t: ticks.append((d, t)))
+    monkeypatch.setattr(host.pack("nodes.compat"), "hooks", lambda: hooks)
     lat = _latent(5, 28, 40) if tiled else _latent(5, 12, 16)
     out = host.pack("nodes.sample").sample_hq(pisa_model, lat, world.conditioning, 1.0, 1.0, 16 if tiled else 0,
                                               4, tiles_per_call=tpc)
     assert seen == calls
+    assert ticks == [(i + 1, len(calls)) for i in range(len(calls))]  # one progress bar over all chunks
     assert out.shape == lat["samples"].shape and out.device.type == "cpu"
 
 
