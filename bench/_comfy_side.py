@@ -199,15 +199,15 @@ class OurPipeline:
 
 
 class UnetStepProbe:
-    """Wraps the pack's sample_eps (PiSA_Sample's UNet step): times every call and keeps the last call's arguments,
-    so its FLOPs can be counted once afterwards without another pipeline run."""
+    """Wraps the pack's sample_hq (PiSA_Sample's UNet step, with the latent's trip back to the host): times every
+    call and keeps the last call's arguments, so its FLOPs can be counted once afterwards without another run."""
 
     def __init__(self):
         self.sample = comfy_boot.pack("nodes.sample")
-        self.real = self.sample.sample_eps
+        self.real = self.sample.sample_hq
         self.times: list[float] = []
         self.last: tuple | None = None
-        self.sample.sample_eps = self._timed
+        self.sample.sample_hq = self._timed
 
     def _timed(self, *args, **kwargs):
         sync()

@@ -18,6 +18,8 @@ NODE = "PiSA Tiled VAE Decode"
 
 
 def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0) -> torch.Tensor:
+    """The IMAGE [B,H,W,3], decoded and colour-fixed one frame at a time into the output, so memory does not grow
+    with the batch beyond the IMAGE itself; every frame's result is what it would be alone."""
     z = check_latent(latent, "Dual-Guided One-Step Sample")
     check_color_fix(color_fix)  # V3 combo values are not validated at queue time (ComfyUI 0.3.75)
     info = lq_info_of(latent)
@@ -25,19 +27,38 @@ def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0) -> torc
         raise PisaError(f"this LATENT does not carry the resized LQ image needed for colour fix "
                         f"'{color_fix}'. Connect the chain PiSA Encode LQ -> Sample -> this node without nodes in "
                         "between that rebuild the latent, or set color_fix to none.")
-    out = vae_ops.decode(vae, z, int(vae_tile_size))  # [B,3,H,W] in [0,1]
+    b = z.shape[0]
+    if info is not None and info.lq_u8.shape[0] not in (b, 1):
+        raise PisaError(f"the latent batch ({b}) does not match the LQ batch ({info.lq_u8.shape[0]}). Decode the "
+                        "LATENT that came from the same PiSA Encode LQ.")
+    img: torch.Tensor | None = None
+    for i in range(b):
+        out = _decoded(z[i:i + 1], vae, info, color_fix != "none", int(vae_tile_size))
+        if info is not None:
+            out = apply_color_fix(out, info.lq_float_bchw(i), color_fix)
+        frame = _finished(out, info)
+        if img is None:
+            img = frame.new_empty((b, *frame.shape[1:]))
+        img[i:i + 1] = frame
+    return img
+
+
+def _decoded(z: torch.Tensor, vae, info, eight_bit: bool, tile: int) -> torch.Tensor:
+    """One frame [1,3,H,W] in [0,1], checked against its LQ reference; on the 8-bit grid when colour-fixed."""
+    out = vae_ops.decode(vae, z, tile)
     if info is not None:
-        src = info.lq_float_bchw()
-        if src.shape[0] != out.shape[0] and src.shape[0] != 1:
-            raise PisaError(f"the latent batch ({out.shape[0]}) does not match the LQ batch "
-                            f"({src.shape[0]}). Decode the LATENT that came from the same PiSA Encode LQ.")
-        if src.shape[-2:] != out.shape[-2:]:
+        h, w = info.lq_u8.shape[1:3]
+        if (h, w) != tuple(out.shape[-2:]):
             raise PisaError(f"the latent decodes to {out.shape[-1]}x{out.shape[-2]} px but the LQ reference "
-                            f"is {src.shape[-1]}x{src.shape[-2]}; the latent was resized between nodes.")
-        if color_fix != "none":
+                            f"is {w}x{h}; the latent was resized between nodes.")
+        if eight_bit:
             # The release colour-fixes the 8-bit (truncated) decoder output; doing the same keeps us equal to it.
             out = torch.floor(out.clamp(0, 1) * 255.0) / 255.0
-        out = apply_color_fix(out, src.expand(out.shape[0], -1, -1, -1), color_fix)
+    return out
+
+
+def _finished(out: torch.Tensor, info) -> torch.Tensor:
+    """[1,3,H,W] -> [1,H',W',3] clamped, resized back to the release's output size where its plan says so."""
     img = out.movedim(1, -1).clamp(0, 1)
     if info is not None and info.plan.resize_back:
         img = resize_output(img, info.plan.output)

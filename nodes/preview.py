@@ -7,6 +7,7 @@ draws the two with a before/after slider. Previews never change the IMAGE output
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +52,22 @@ def comparison_images(result: torch.Tensor, info: LQInfo | None,
 
 
 def comparison_ui(result: torch.Tensor, info: LQInfo | None) -> dict | None:
-    """The decode node's UI output, or None if the previews could not be written (logged, never raised)."""
+    """The decode node's UI output, or None if the previews could not be written (logged, never raised).
+
+    One frame at a time, so a long batch costs one frame's preview tensors, not a second copy of the IMAGE.
+    """
     try:
-        res, lq = comparison_images(result, info)
-        out = {"images": compat.preview_images(res)}
-        if lq is not None:
-            out[LQ_KEY] = compat.preview_images(lq)
+        images, lqs = [], []
+        for i in range(result.shape[0]):
+            one = None if info is None else replace(info, lq_u8=info.lq_u8[i:i + 1] if info.lq_u8.shape[0] > 1
+                                                    else info.lq_u8)
+            res, lq = comparison_images(result[i:i + 1], one)
+            images += compat.preview_images(res)
+            if lq is not None:
+                lqs += compat.preview_images(lq)
+        out = {"images": images}
+        if info is not None:
+            out[LQ_KEY] = lqs
         return out
     except Exception as e:  # a preview must never cost the user their result
         log.warning("PiSA-SR: could not write the before/after preview: %s", e)

@@ -1,6 +1,9 @@
 """Dual-Guided One-Step Sample: one UNet call at t=1, ``z_hq = z_lq - eps``, tiled over the latent."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import replace
+
 import torch
 
 from ..pisa_sr import sampling
@@ -8,6 +11,7 @@ from ..pisa_sr.checks import check_finite, check_latent
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.guidance import LAMBDA_MAX, LAMBDA_MIN, Pass
 from ..pisa_sr.heap import trims_heap
+from ..pisa_sr.tiling import needs_tiling, plan_tiles
 from . import compat, unet
 from .compat import io
 from .errors import names_refusals
@@ -32,12 +36,15 @@ def conditioning_context(positive, width: int | None) -> torch.Tensor:
     return ctx[:1]
 
 
-def sample_eps(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,
-               tile_overlap: int, *, precision: str = "auto", both: bool = False, one_pass: bool = True,
-               tiles_per_call: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z_lq scaled, eps [B,C,h,w] fp32), both on the model's device; the shared body of the sampler and the sweep.
+def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,
+                 tile_overlap: int, *, precision: str = "auto", both: bool = False, one_pass: bool = True,
+                 tiles_per_call: int | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """(frames, z_lq scaled, eps fp32) for successive chunks of the batch, each on the model's device.
 
-    ``both`` gives C = 8: eps_pix then eps_sem. ``tiles_per_call`` None = as many as free memory allows.
+    A chunk is as many whole frames as one UNet call takes (``tiles_per_call`` tiles; one frame when a frame has
+    more tiles), so device memory is bounded by the call, not by the number of frames, and the UNet sees the same
+    batches as when the whole latent was tiled at once. ``both`` gives C = 8: eps_pix then eps_sem.
+    ``tiles_per_call`` None = as many as free memory allows.
     """
     info = info_of(model)
     plan = sampling.plan(lambda_pix, lambda_sem, both)
@@ -49,18 +56,16 @@ def sample_eps(model, latent: dict, positive, lambda_pix: float, lambda_sem: flo
     context = conditioning_context(positive, unet.context_width(model))
     model = unet.model_for_precision(model, precision)
     dev = model.load_device
-    # Contiguous NCHW whatever the LATENT's layout: a channels_last latent (ComfyUI's CPU VAEEncode gives one) makes
-    # the whole UNet run channels_last, whose GroupNorm sums in another order; on random-weight test models that
-    # alone moved eps by 2e-4. One layout keeps tiled, untiled and batched calls on the same numerics.
-    z = model.model.process_latent_in(raw.to(dev, torch.float32)).contiguous()
-    if plan is Pass.NONE:
-        return z, torch.zeros_like(z)
-    _, _, h, w = z.shape
-    th, tw = (min(tile_size, h), min(tile_size, w)) if tile_size > 0 and h * w > tile_size ** 2 else (h, w)
-    passes = 2 if plan is Pass.DUAL else 1
-    compat.load_model(model, [passes, 4, th, tw])
+    b, _, h, w = raw.shape
+    tiled = needs_tiling(h, w, tile_size)
+    th, tw = (min(tile_size, h), min(tile_size, w)) if tiled else (h, w)
+    passes = 0 if plan is Pass.NONE else 2 if plan is Pass.DUAL else 1
+    if passes:
+        compat.load_model(model, [passes, 4, th, tw])
     if tiles_per_call is None:
-        tiles_per_call = unet.tiles_per_call_for(model, [1, 4, th, tw], passes)
+        tiles_per_call = unet.tiles_per_call_for(model, [1, 4, th, tw], passes) if passes else 1
+    tiles_per_frame = len(plan_tiles(h, w, tile_size, tile_overlap)) if tiled else 1
+    frames = max(1, tiles_per_call // tiles_per_frame)
     sigma = unet.sigma_t1(model)
     ctx = context.to(dev)
 
@@ -68,9 +73,43 @@ def sample_eps(model, latent: dict, positive, lambda_pix: float, lambda_sem: flo
         return unet.unet_eps_t1(model, x, ctx.expand(x.shape[0], -1, -1), sigma)
 
     removal = sem_removal_targets(model, info) if plan in (Pass.PIX, Pass.DUAL) else []
-    eps = sampling.sample_eps(z, call, removal, lambda_pix, lambda_sem, tile_size, tile_overlap,
-                              tiles_per_call=tiles_per_call, one_pass=one_pass, both=both, hooks=compat.hooks())
-    return z, eps
+    hooks = compat.hooks()
+    calls_per_chunk = -(-frames * tiles_per_frame // tiles_per_call)  # for one progress bar over all chunks
+    total = -(-b // frames) * calls_per_chunk
+    for start in range(0, b, frames):
+        part = slice(start, min(b, start + frames))
+        # Contiguous NCHW whatever the LATENT's layout: a channels_last latent (ComfyUI's CPU VAEEncode gives one)
+        # makes the whole UNet run channels_last, whose GroupNorm sums in another order; on random-weight test
+        # models that alone moved eps by 2e-4. One layout keeps tiled, untiled and batched calls on the same
+        # numerics.
+        z = model.model.process_latent_in(raw[part].to(dev, torch.float32)).contiguous()
+        if plan is Pass.NONE:
+            yield part, z, torch.zeros_like(z)
+            continue
+        done = start // frames * calls_per_chunk
+        chunk_hooks = replace(hooks, progress=lambda d, t, done=done: hooks.progress(min(total, done + d), total))
+        eps = sampling.sample_eps(z, call, removal, lambda_pix, lambda_sem, tile_size, tile_overlap,
+                                  tiles_per_call=tiles_per_call, one_pass=one_pass, both=both, hooks=chunk_hooks)
+        yield part, z, eps
+
+
+def sample_eps(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,
+               tile_overlap: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_lq scaled, eps [B,C,h,w] fp32) for the whole batch, both on the model's device (see frame_chunks)."""
+    parts = list(frame_chunks(model, latent, positive, lambda_pix, lambda_sem, tile_size, tile_overlap, **kw))
+    return torch.cat([z for _, z, _ in parts]), torch.cat([e for _, _, e in parts])
+
+
+def sample_hq(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,
+              tile_overlap: int, precision: str = "auto", tiles_per_call: int | None = None) -> torch.Tensor:
+    """The sampler's result ``z_lq - eps`` as a raw latent, fp32 on the CPU; each chunk leaves the device as soon
+    as it is done, so a long batch costs the device one chunk."""
+    raw = check_latent(latent, "PiSA Encode LQ")
+    out = torch.empty(raw.shape, dtype=torch.float32)
+    for part, z, eps in frame_chunks(model, latent, positive, lambda_pix, lambda_sem, tile_size, tile_overlap,
+                                     precision=precision, tiles_per_call=tiles_per_call):
+        out[part] = model.model.process_latent_out(z - eps.to(z.device)).to(torch.float32).cpu()
+    return out
 
 
 class PiSASample(io.ComfyNode):
@@ -108,8 +147,7 @@ class PiSASample(io.ComfyNode):
     @trims_heap
     def execute(cls, model, positive, latent, lambda_pix=1.0, lambda_sem=1.0, tile_size=96,
                 tile_overlap=32, precision="auto") -> io.NodeOutput:
-        z, eps = sample_eps(model, latent, positive, lambda_pix, lambda_sem, tile_size, tile_overlap,
-                            precision=precision)
         out = dict(latent)
-        out["samples"] = model.model.process_latent_out(z - eps.to(z.device)).to(torch.float32).cpu()
+        out["samples"] = sample_hq(model, latent, positive, lambda_pix, lambda_sem, tile_size, tile_overlap,
+                                   precision)
         return io.NodeOutput(out)
