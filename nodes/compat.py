@@ -195,6 +195,11 @@ def compute_dtype(model: Any) -> torch.dtype:
     return d if d is not None else base.get_dtype()
 
 
+def weight_dtype(model: Any) -> torch.dtype:
+    """The dtype the UNet's weights are stored in (UNETLoader's weight_dtype; fp8 there is computed via manual cast)."""
+    return model.model.get_dtype()
+
+
 def options_with_outer_unet_wrapper(model: Any, key: str, wrapper) -> dict:
     """transformer_options as a sampler builds them (the MODEL's own plus its patcher wrappers, merged fresh), with
     ``wrapper`` as the outermost DIFFUSION_MODEL wrapper (it sees the diffusion model's raw output)."""
