@@ -37,7 +37,7 @@ def full_unet_config() -> dict:
             "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
             "context_dim": 1024, "use_linear_in_transformer": True, "num_res_blocks": [2, 2, 2, 2],
             "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-            "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], "transformer_depth_middle": 1,
+            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
             "num_head_channels": 64, "use_temporal_resblock": False, "use_temporal_attention": False}
 
 

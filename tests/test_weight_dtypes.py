@@ -29,9 +29,11 @@ from helpers import make_image, pil_to_image
 # max |eps - eps_ref| bound per storage dtype (measured maxima in docs/errors.md; |eps| max is about 3 here):
 # fp32 keeps the equivalence contract; fp16 storage measured 4.2e-2 (full) and 3.0e-2 (novram, cast-time merge)
 BOUNDS = {torch.float32: 1e-4, torch.float16: 6e-2}
-FP16_PARTIAL = pytest.mark.xfail(strict=True, reason="open defect: a PARTIAL load (--lowvram) of fp16-stored "
-                                 "weights measured max |eps - ref| = 4.4, while full and novram loads of the same "
-                                 "weights are within 6e-2 and fp32 partial loads within 1e-4; cause not found yet")
+FP16_PARTIAL = pytest.mark.xfail(strict=True, reason="open defect: with fp16-stored weights, the FIRST run after a "
+                                 "partial (--lowvram) load is within 3.0e-2, but once ComfyUI re-loads the partially "
+                                 "loaded model for the next run, eps is off by 2.2 (fp32 storage: 4.5e-5 throughout). "
+                                 "Cause not found; on the CPU the simulation loads to the offload device itself")
+PAIRS = [(0.5, 1.5), (1.0, 1.0), (0.5, 1.5)]  # both passes, the merged default, then a re-run (re-queue)
 VARIANTS = [(torch.float32, "lowvram"), (torch.float32, "novram"), (torch.float16, "full"),
             (torch.float16, "novram"), pytest.param(torch.float16, "lowvram", marks=FP16_PARTIAL)]
 
@@ -65,8 +67,9 @@ def _load_as(monkeypatch, compat, mode: str):
             if mode == "lowvram":
                 need = compat.memory_required(model, shape)
                 mp.setattr(mm, "minimum_inference_memory", lambda: need)
+                free = lambda: size // 2 + need - model.loaded_size()  # noqa: E731  (the same device every run)
                 mp.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False:
-                           (size // 2 + need, size // 2 + need) if torch_free_too else size // 2 + need)
+                           (free(), free()) if torch_free_too else free())
             orig(model, shape)
         assert model.lowvram_patch_counter() > 0, "the load was not partial"
         if mode == "lowvram":
@@ -84,11 +87,13 @@ def test_eps_within_bound(world, pisa_files, ref, latent, monkeypatch, dtype, mo
     _load_as(monkeypatch, compat, mode)
     worst = 0.0
     with torch.no_grad():
-        for lp, ls in [(0.5, 1.5)]:  # both passes: merged pix+sem and the sem-removal bypass
+        for lp, ls in PAIRS:
             z, eps = sample.sample_eps(model, latent, world.conditioning, lp, ls, 96, 32)
-            want = ref.eps(z.cpu(), default=False, lambda_pix=lp, lambda_sem=ls)
+            want = ref.eps(z.cpu(), default=(lp, ls) == (1.0, 1.0), lambda_pix=lp, lambda_sem=ls)
             assert want.abs().max() > 0.1
-            worst = max(worst, (eps.cpu() - want).abs().max().item())
+            err = (eps.cpu() - want).abs().max().item()
+            print(f"  ({lp},{ls}) {err:.3e}")
+            worst = max(worst, err)
     print(f"weights {dtype} {mode}: max |eps - ref| = {worst:.3e}")
     assert worst <= BOUNDS[dtype]
 
