@@ -11,7 +11,8 @@ device). Loading is ComfyUI's own ``load_models_gpu`` with its VRAM state set as
 * ``novram``: NO_VRAM, every layer patched at cast time (LowVramPatch), the LoRA delta computed in the weight's own
   dtype: the same application as the dynamic-VRAM patcher's (issue 13), so this also measures that;
 * ``lowvram``: LOW_VRAM with free memory for about half the weights on every run: a partial load, half of each;
-* ``grow``: as lowvram for the first run, then memory for all of it: ComfyUI re-loads the partial model fully.
+* ``grow``: as lowvram for the first run, then half the weights' worth more free memory: ComfyUI loads the rest of
+  the partially loaded model (a second partial load that adds layers).
 
 eps is compared with the fp32 diffusers + peft reference. The bounds are measured on these weights (printed by
 ``-s``) with about 1.5x headroom, and stated in docs/errors.md; fp32 storage keeps the 1e-4 contract in every mode.
@@ -31,8 +32,9 @@ from helpers import make_image, pil_to_image
 # fp32 keeps the equivalence contract; fp16 storage measured 4.2e-2 (full) and 3.0e-2 (novram, cast-time merge)
 BOUNDS = {torch.float32: 1e-4, torch.float16: 6e-2}
 FP16_GROW = pytest.mark.xfail(strict=True, reason="open defect: fp16-stored weights loaded partially (--lowvram), "
-                              "then fully once more memory is free: ComfyUI's partial-to-full re-load leaves eps off "
-                              "by 2.2 (fp32 storage: 4.5e-5; fp16 staying partial: 3.0e-2). Cause not found")
+                              "then the rest loaded by a second partial load once memory frees up: eps off by 2.2 "
+                              "(fp32 storage: 4.5e-5; fp16 staying partial: 3.0e-2; 2x the memory: 4.2e-2). "
+                              "Cause not found")
 PAIRS = [(0.5, 1.5), (1.0, 1.0), (0.5, 1.5)]  # both passes, the merged default, then a re-run (re-queue)
 VARIANTS = [(torch.float32, "lowvram"), (torch.float32, "novram"), (torch.float32, "grow"), (torch.float16, "full"),
             (torch.float16, "novram"), (torch.float16, "lowvram"), pytest.param(torch.float16, "grow", marks=FP16_GROW)]
@@ -70,8 +72,10 @@ def _load_as(monkeypatch, compat, mode: str):
             if mode in ("lowvram", "grow"):
                 need = compat.memory_required(model, shape)
                 mp.setattr(mm, "minimum_inference_memory", lambda: need)
-                room = size // 2 if partial else 2 * size
-                free = lambda: room + need - model.loaded_size()  # noqa: E731  (the same device every run)
+                # lowvram: the same device every run; grow: the same free memory again after the first run, on
+                # top of what is loaded (what ComfyUI sees when other models were evicted meanwhile)
+                free = (lambda: size // 2 + need - model.loaded_size()) if mode == "lowvram" or partial \
+                    else (lambda: size // 2 + need)
                 mp.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False:
                            (free(), free()) if torch_free_too else free())
             orig(model, shape)
@@ -79,8 +83,9 @@ def _load_as(monkeypatch, compat, mode: str):
             assert model.lowvram_patch_counter() > 0, "the load was not partial"
         if partial:
             assert 0 < model.loaded_size() < size
+            calls[0] = model.loaded_size()
         elif mode == "grow":
-            assert model.loaded_size() == size
+            assert model.loaded_size() > calls[0]  # the second load added layers to the partial model
 
     monkeypatch.setattr(compat, "load_model", load)
 
