@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--timeout", type=float, default=900, help="hang guard per workflow run")
     a = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops the servers (finally blocks)
     import torch
 
     if not a.cpu and not torch.cuda.is_available():
