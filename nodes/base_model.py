@@ -48,3 +48,15 @@ def check_sd2_eps(model: Any) -> None:
     if not same:
         raise PisaError("the model's noise schedule was changed (e.g. a ModelSamplingDiscrete node with zsnr). "
                         f"Connect the model straight from Load Checkpoint. {EXPECTED}")
+
+
+FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+              if hasattr(torch, n)}
+
+
+def check_weight_dtype(model: Any) -> None:
+    """Refuse fp8-stored UNet weights: rounding the merged LoRA into fp8 moved eps by as much as eps itself on the
+    test models (docs/errors.md), so the result would be silently wrong."""
+    if compat.weight_dtype(model) in FP8_DTYPES:
+        raise PisaError("the UNet is stored in fp8 (UNETLoader weight_dtype fp8_*), which is too coarse to hold "
+                        "PiSA-SR's LoRAs. Load it with weight_dtype default, or use Load Checkpoint.")

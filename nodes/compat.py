@@ -4,6 +4,7 @@ Node files import ComfyUI only through this module, so a host upgrade is fixed i
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from typing import Any
@@ -104,10 +105,26 @@ def add_lora_patches(model: Any, pairs: dict[str, Any], module_map: dict[str, st
 
 
 # ---------------------------------------------------------------- memory
+# Newer-ComfyUI branches below are feature-detected, never version-compared. Upstream reference: issue 13's reading of
+# ComfyUI master (comfy/model_patcher.py ModelPatcherDynamic, comfy/model_management.py, main.py). The stored index
+# this pack was written against holds comfy/model_patcher.py only at e73c9170197ccbd63f202958ef8371c0299dcc5c and
+# 000a21a0c1b6d300b31c27e1202d61ca787f3fac, both older than ModelPatcherDynamic: these branches were READ from the
+# issue, not run. tests/test_compat_branches.py drives each with a stand-in shaped as described there.
+def is_dynamic(model: Any) -> bool:
+    """True for ComfyUI's dynamic-VRAM patcher (ModelPatcherDynamic.is_dynamic(); absent in 0.3.75)."""
+    check = getattr(model, "is_dynamic", None)
+    return bool(check()) if callable(check) else False
+
+
 def load_model(model: Any, batch_shape: list[int]) -> None:
-    """Claim device memory through ComfyUI's manager (applies patches, evicts other models as needed)."""
+    """Claim device memory through ComfyUI's manager (applies patches, evicts other models as needed), then run the
+    patcher's pre_run callbacks as ComfyUI's own samplers do before calling the UNet (0.3.75 model_patcher.py
+    ModelPatcher.pre_run; the dynamic patcher binds its per-call state there)."""
     need = memory_required(model, batch_shape)
     mm.load_models_gpu([model], memory_required=need, minimum_memory_required=need)
+    pre_run = getattr(model, "pre_run", None)
+    if callable(pre_run):
+        pre_run()
 
 
 def memory_required(model: Any, shape: list[int]) -> int:
@@ -117,8 +134,29 @@ def memory_required(model: Any, shape: list[int]) -> int:
         return int(torch.Size(shape).numel() * 4 * 1024)
 
 
-def free_memory(device: torch.device) -> int:
-    return int(mm.get_free_memory(device))
+def per_item_memory(model: Any, shape: list[int]) -> tuple[int, int]:
+    """(fixed, per-item) bytes of one UNet call on ``shape`` with batch n: ``fixed + n * per_item``.
+
+    Taken as the slope between batch 1 and 2, so a constant pad in ``memory_required`` (the dynamic patcher adds
+    1 GiB and scales by 1.3, issue 13) is counted once per call, not once per tile; 0.3.75's estimate is linear.
+    """
+    one = memory_required(model, [shape[0]] + list(shape[1:]))
+    two = memory_required(model, [2 * shape[0]] + list(shape[1:]))
+    per = max(two - one, 1)
+    return max(one - per, 0), per
+
+
+def free_memory(model: Any) -> int:
+    """Free device memory for ``model``'s UNet. The dynamic patcher's own query counts what it can evict (issue 13);
+    mm.get_free_memory (0.3.75) does not know that."""
+    dev = torch.device(model.load_device)
+    getter = getattr(model, "get_free_memory", None)
+    if is_dynamic(model) and callable(getter):
+        try:
+            return int(getter(dev))
+        except Exception:
+            pass
+    return int(mm.get_free_memory(dev))
 
 
 def vae_load(vae: Any, shape: list[int], encode: bool) -> None:
@@ -126,6 +164,13 @@ def vae_load(vae: Any, shape: list[int], encode: bool) -> None:
     dt = vae.vae_dtype
     need = vae.memory_used_encode(shape, dt) if encode else vae.memory_used_decode(shape, dt)
     mm.load_models_gpu([vae.patcher], memory_required=need, force_full_load=getattr(vae, "disable_offload", False))
+
+
+def vae_device_context(vae: Any):
+    """The context core VAE.encode/decode run in on newer ComfyUI (``mm.cuda_device_context(vae.device)``: a VAE
+    placed on a second GPU); a no-op on 0.3.75, which has no such call."""
+    ctx = getattr(mm, "cuda_device_context", None)
+    return ctx(vae.device) if callable(ctx) else contextlib.nullcontext()
 
 
 def vae_free_memory(vae: Any) -> int:
@@ -148,6 +193,11 @@ def compute_dtype(model: Any) -> torch.dtype:
     else:
         d = base.model_config.manual_cast_dtype  # not base.manual_cast_dtype: another clone may have patched it
     return d if d is not None else base.get_dtype()
+
+
+def weight_dtype(model: Any) -> torch.dtype:
+    """The dtype the UNet's weights are stored in (UNETLoader's weight_dtype; fp8 there is computed via manual cast)."""
+    return model.model.get_dtype()
 
 
 def options_with_outer_unet_wrapper(model: Any, key: str, wrapper) -> dict:

@@ -7,7 +7,7 @@ import threading
 from ..pisa_sr.checkpoint import CheckpointError, PisaLoras, load_bytes, read_file
 from ..pisa_sr.errors import PisaError
 from . import compat
-from .base_model import check_sd2_eps
+from .base_model import check_sd2_eps, check_weight_dtype
 from .compat import io
 from .errors import names_refusals
 from .pisa_model import ATTACHMENT_KEY, PisaModelInfo, attached_info
@@ -39,6 +39,7 @@ def apply_pisa_loras(model, loras: PisaLoras, file_name: str = ""):
         raise PisaError("this MODEL already carries PiSA-SR LoRAs (Load PiSA LoRAs is chained twice); applying them "
                         "again would stack them. Connect Load Checkpoint's MODEL straight to this node.")
     check_sd2_eps(model)
+    check_weight_dtype(model)
     module_map = compat.diffusers_to_comfy_modules(model)
     shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
     for lset in loras.sets():

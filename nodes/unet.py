@@ -97,6 +97,6 @@ def model_for_precision(model: Any, precision: str) -> Any:
 
 def tiles_per_call_for(model: Any, tile_shape: list[int], passes: int) -> int:
     """As many tiles per UNet call as free memory allows (at least 1, at most MAX_TILES_PER_CALL)."""
-    per_tile = compat.memory_required(model, [passes] + tile_shape[1:])
-    free = compat.free_memory(model.load_device)
-    return max(1, min(MAX_TILES_PER_CALL, int(0.8 * free // max(per_tile, 1))))
+    fixed, per_tile = compat.per_item_memory(model, [passes] + tile_shape[1:])
+    free = compat.free_memory(model)
+    return max(1, min(MAX_TILES_PER_CALL, int((0.8 * free - fixed) // per_tile)))

@@ -41,7 +41,8 @@ class ComfyServer:
 
     def __init__(self, comfy_dir: str | None = None, python: str | None = None, base: str | None = None,
                  models: dict[str, list[str]] | None = None, inputs: list[str] | None = None,
-                 extra_args: list[str] | None = None, pack_dir: Path = REPO, link_pack: bool = True):
+                 extra_args: list[str] | None = None, pack_dir: Path = REPO, link_pack: bool = True,
+                 cpu: bool = True):
         self.comfy_dir = Path(comfy_dir or os.environ["PISA_COMFY_DIR"])
         self.python = python or os.environ.get("PISA_HOST_PYTHON") or sys.executable
         self._own_base = base is None
@@ -51,6 +52,7 @@ class ComfyServer:
         self.client_id = uuid.uuid4().hex
         self.proc: subprocess.Popen | None = None
         self.extra_args = extra_args or []
+        self.cpu = cpu  # False: ComfyUI picks the accelerator (scripts/gpu_check.py)
         for sub in ("custom_nodes", "input", "output", "user/default", "models/checkpoints", "models/pisa_sr"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         if link_pack:
@@ -72,7 +74,7 @@ class ComfyServer:
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     def start(self, timeout: float = HANG_GUARD_S) -> "ComfyServer":
-        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:", "--disable-api-nodes",
                "--dont-print-server", *self.extra_args]
         self._log = open(self.log_path, "ab")

@@ -18,6 +18,8 @@ sys.path.insert(1, os.path.join(os.path.dirname(HERE), "tests"))  # synthetic_we
 VERSION = "2"  # bump when the generated weights change
 CKPT_NAME = f"pisa_tiny_sd2_v{VERSION}.safetensors"
 LORA_NAME = f"pisa_tiny_lora_v{VERSION}.pkl"
+FULL_CKPT_NAME = f"pisa_full_sd21base_random_v{VERSION}.safetensors"  # gpu_check.py: full-size random weights
+FULL_LORA_NAME = f"pisa_full_lora_v{VERSION}.pkl"
 
 
 def unet_config() -> dict:
@@ -27,6 +29,16 @@ def unet_config() -> dict:
             "context_dim": 1024, "use_linear_in_transformer": True, "num_res_blocks": [1, 1],
             "channel_mult": [1, 1], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
             "transformer_depth_middle": -2, "use_temporal_resblock": False, "use_temporal_attention": False}
+
+
+def full_unet_config() -> dict:
+    """SD 2.1-base's UNet (865 M): 320/640/1280/1280 channels, 2 res blocks a level, 64-channel heads."""
+    return {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+            "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+            "context_dim": 1024, "use_linear_in_transformer": True, "num_res_blocks": [2, 2, 2, 2],
+            "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
+            "num_head_channels": 64, "use_temporal_resblock": False, "use_temporal_attention": False}
 
 
 def release_lora_dict(unet_cfg: dict, shapes: dict, seed: int = 7) -> dict:
@@ -41,9 +53,11 @@ def release_lora_dict(unet_cfg: dict, shapes: dict, seed: int = 7) -> dict:
     return lora_dict(named, seed, rank=4, strength=0.3, dtype=torch.float16)
 
 
-def make(out_dir: str) -> tuple[str, str]:
+def make(out_dir: str, full: bool = False) -> tuple[str, str]:
+    """(checkpoint, LoRA file) paths, built once into ``out_dir``; ``full`` = the SD 2.1-base UNet (GPU checks)."""
     os.makedirs(out_dir, exist_ok=True)
-    ckpt_path, lora_path = os.path.join(out_dir, CKPT_NAME), os.path.join(out_dir, LORA_NAME)
+    names = (FULL_CKPT_NAME, FULL_LORA_NAME) if full else (CKPT_NAME, LORA_NAME)
+    ckpt_path, lora_path = (os.path.join(out_dir, n) for n in names)
     if os.path.exists(ckpt_path) and os.path.exists(lora_path):
         return ckpt_path, lora_path
     from comfy_boot import boot
@@ -58,7 +72,7 @@ def make(out_dir: str) -> tuple[str, str]:
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     t0 = time.time()
-    cfg = unet_config()
+    cfg = full_unet_config() if full else unet_config()
     mc = comfy.supported_models.SD20(cfg)
     mc.set_inference_dtype(torch.float32, None)
     base = mc.get_model({})

@@ -48,13 +48,17 @@ def comfy_unet_config() -> dict:
 
 
 def comfy_model_from_diffusers(unet, model_class=comfy.supported_models.SD20, model_type=None,
-                               unet_overrides: dict | None = None):
-    """A ComfyUI ModelPatcher holding exactly ``unet``'s weights (converted with ComfyUI's own key map)."""
+                               unet_overrides: dict | None = None, weight_dtype: torch.dtype = torch.float32):
+    """A ComfyUI ModelPatcher holding exactly ``unet``'s weights (converted with ComfyUI's own key map).
+
+    ``weight_dtype`` other than fp32 stores the weights in it and computes in fp32 through ComfyUI's manual cast
+    (what UNETLoader's weight_dtype or an fp16 checkpoint give on a device that computes in another dtype).
+    """
     cfg = comfy_unet_config()
     cfg.update(unet_overrides or {})
     mc = model_class(cfg)
     mc.unet_config["num_head_channels"] = CHANNELS[0] // HEADS[0]
-    mc.set_inference_dtype(torch.float32, None)
+    mc.set_inference_dtype(weight_dtype, None if weight_dtype == torch.float32 else torch.float32)
     if model_type is None:
         base = mc.get_model({})
     else:
