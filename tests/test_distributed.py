@@ -90,9 +90,9 @@ def batch_prompt(c: dict, prefix: str, participants: int = 3) -> dict:
     return p
 
 
-def distributed_queue(master: ComfyServer, prompt: dict, workers: tuple[str, ...] = WORKERS) -> str:
+def distributed_queue(master: ComfyServer, prompt: dict) -> str:
     return master.post("/distributed/queue", {"prompt": prompt, "client_id": master.client_id,
-                                              "enabled_worker_ids": list(workers)})["prompt_id"]
+                                              "enabled_worker_ids": list(WORKERS)})["prompt_id"]
 
 
 def pixels(paths: list[Path]) -> list[np.ndarray]:
@@ -129,8 +129,7 @@ def test_all_come_back_in_order_then_every_losing_case_fails_loudly(cluster):
     assert np.abs(got[0] - ref[1]).max() > 1 and np.abs(got[1] - ref[2]).max() > 1  # the images really differ
 
     # 1. A worker without the LoRA file refuses the prompt at queue time, naming the file and the folder; the
-    #    distributed queue fails as a whole and the master queues nothing. (Only w2 is enabled here so that w1 does
-    #    not spend CPU time on a share nobody collects; w2 is refused the same way with both enabled.)
+    #    distributed queue fails as a whole and the master queues nothing.
     w2 = workers["w2"]
     lora = w2.base / "models" / "pisa_sr" / cluster["lora"]
     lora.rename(lora.with_suffix(".off"))
@@ -141,7 +140,7 @@ def test_all_come_back_in_order_then_every_losing_case_fails_loudly(cluster):
         assert "-> 400" in msg and f"Load PiSA LoRAs: '{cluster['lora']}' is not in models/pisa_sr" in msg, msg
         assert str(w2.base / "models" / "pisa_sr") in msg, msg
         with pytest.raises(PromptFailed) as ei:
-            distributed_queue(master, batch_prompt(cluster, "no_weights"), workers=("w2",))
+            distributed_queue(master, batch_prompt(cluster, "no_weights"))
         assert f"'{cluster['lora']}' is not in models/pisa_sr" in str(ei.value), str(ei.value)
     finally:
         lora.with_suffix(".off").rename(lora)
