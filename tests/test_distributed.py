@@ -90,6 +90,17 @@ def batch_prompt(c: dict, prefix: str, participants: int = 3) -> dict:
     return p
 
 
+def video_prompt(c: dict) -> dict:
+    """The shipped example pisa_sr_distributed_video with the tiny weights; its input video is absent here."""
+    p = json.loads((host.REPO / "example_workflows" / "api" / "pisa_sr_distributed_video.json").read_text())
+    for node in p.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["inputs"]["ckpt_name"] = c["ckpt"]
+        elif node["class_type"] == "PiSA_LoadLoRAs":
+            node["inputs"]["lora_name"] = c["lora"]
+    return p
+
+
 def distributed_queue(master: ComfyServer, prompt: dict) -> str:
     return master.post("/distributed/queue", {"prompt": prompt, "client_id": master.client_id,
                                               "enabled_worker_ids": list(WORKERS)})["prompt_id"]
@@ -156,3 +167,10 @@ def test_all_come_back_in_order_then_every_losing_case_fails_loudly(cluster):
     msg = check_frames_error(master, distributed_queue(master, batch_prompt(cluster, "offline")))
     assert msg.startswith("PiSA Check Frames: 2 of 3 frames came back; frames not found among them: 3."), msg
     assert "offline" in msg and saved(master, "offline") == []
+
+    # The video example is a valid prompt for a server with both packs: it is accepted and first fails where the
+    # missing input video is read (running it needs a video file and 3 more sampler runs).
+    with pytest.raises(PromptFailed) as ei:
+        master.wait(master.queue(video_prompt(cluster)), timeout=900)
+    errors = [m[1] for m in ei.value.entry["status"]["messages"] if m[0] == "execution_error"]
+    assert len(errors) == 1 and errors[0]["node_type"] in ("LoadVideo", "GetVideoComponents"), errors
