@@ -91,7 +91,13 @@ def test_replaced_lora_file_reruns_the_loader_through_the_executor(server):
     from pisa_sr.convert import safetensors_bytes
 
     release = torch.load(make_tiny_weights.make(make_tiny_weights.cache_dir())[1], weights_only=True)
-    flipped = {k: -v if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in release.items()}
+
+    def flip(v):  # every weight negated: same layout and byte size, other content
+        if isinstance(v, dict):
+            return {k: flip(x) for k, x in v.items()}
+        return -v if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    flipped = flip(release)
     first, second = (safetensors_bytes(parse_release_dict(d)) for d in (release, flipped))
     assert len(first) == len(second) and first != second
     path = server.base / "models" / "pisa_sr" / "replaced_pisa.safetensors"
