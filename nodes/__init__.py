@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .compat import ComfyExtension, io, register_model_folder
 from .decode import PiSADecode
+from .distributed import PiSACheckFrames, PiSADistributedSlice
 from .encode_lq import PiSAEncodeLQ
 from .load_loras import PiSALoadLoRAs
 from .sample import PiSASample
@@ -11,7 +12,8 @@ from .sweep import PiSALambdaSweep
 from .grid import PiSALabelledGrid
 
 NODE_LIST: list[type[io.ComfyNode]] = [PiSALoadLoRAs, PiSAEncodeLQ, PiSASample, PiSADecode,
-                                       PiSALambdaSweep, PiSALabelledGrid, PiSAQualityScore]
+                                       PiSALambdaSweep, PiSALabelledGrid, PiSAQualityScore,
+                                       PiSADistributedSlice, PiSACheckFrames]
 
 
 class PiSAExtension(ComfyExtension):

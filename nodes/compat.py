@@ -55,6 +55,12 @@ def lora_file_choices() -> list[str]:
     return names + [n for n in extra if n not in names]
 
 
+def lora_folder_hint() -> str:
+    """Where a LoRA file is looked for, as a user reads it: models/pisa_sr with its full path(s), or models/loras."""
+    paths = folder_paths.get_folder_paths(MODEL_FOLDER) if MODEL_FOLDER in folder_paths.folder_names_and_paths else []
+    return f"models/pisa_sr ({', '.join(paths) or 'not registered'}) or models/loras"
+
+
 def lora_file_path(name: str) -> str | None:
     for folder in (MODEL_FOLDER, "loras"):
         try:

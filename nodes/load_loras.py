@@ -17,11 +17,22 @@ _cache: dict[bytes, PisaLoras] = {}
 _cache_lock = threading.Lock()
 
 
+def content_key(data: bytes) -> bytes:
+    """The one identity of a LoRA file: a hash of its bytes (not its name, size or mtime)."""
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def missing_file_message(lora_name: str) -> str:
+    """Why a LoRA name does not resolve here, naming the file and the folder to put it in."""
+    return (f"{NODE}: '{lora_name}' is not in {compat.lora_folder_hint()} on this ComfyUI. Download pisa_sr.pkl from "
+            "the PiSA-SR release into that folder under that exact name (each Distributed worker needs its own copy).")
+
+
 def read_loras(path: str) -> PisaLoras:
     """Validated LoRAs, cached by a hash of the bytes read: a replaced file is reloaded whatever its size and mtime,
     and re-queued prompts skip the validation."""
     data = read_file(path)
-    key = hashlib.blake2b(data, digest_size=32).digest()
+    key = content_key(data)
     with _cache_lock:
         hit = _cache.get(key)
     if hit is not None:
@@ -86,10 +97,25 @@ class PiSALoadLoRAs(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, lora_name: str) -> bool | str:
+        """At queue time (POST /prompt answers 400): 0.3.75 does not check a V3 combo against its options, so a
+        server without the file (a Distributed worker included) would otherwise accept the prompt and fail mid-run."""
+        return True if compat.lora_file_path(lora_name) else missing_file_message(lora_name)
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name: str, **_) -> str:
+        """Keyed on the file's content, so the output cache re-runs this node when the file was replaced, even with
+        the same size and mtime."""
+        path = compat.lora_file_path(lora_name)
+        try:
+            return content_key(read_file(path)).hex() if path else lora_name
+        except PisaError:
+            return lora_name  # execute refuses it with the loader's message; failures are never cached
+
+    @classmethod
     @names_refusals(NODE)
     def execute(cls, model, lora_name) -> io.NodeOutput:
         path = compat.lora_file_path(lora_name)
         if path is None:
-            raise PisaError(f"'{lora_name}' was not found in models/pisa_sr or models/loras. Download "
-                            "pisa_sr.pkl from the PiSA-SR release into ComfyUI/models/pisa_sr/ and refresh.")
+            raise PisaError(missing_file_message(lora_name).removeprefix(f"{NODE}: "))
         return io.NodeOutput(apply_pisa_loras(model, read_loras(path), lora_name))

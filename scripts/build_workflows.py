@@ -41,8 +41,23 @@ SIGS: dict[str, tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]] 
     "PiSA_LabelledGrid": ([("images", "IMAGE"), ("labels", "STRING"), ("scores", "STRING")], ["columns", "font_size"],
                           [("IMAGE", "IMAGE")]),
     "PreviewAny": ([("source", "*")], [], []),
+    "ImageBatch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [], [("IMAGE", "IMAGE")]),
+    "LoadVideo": ([], ["file", "upload"], [("VIDEO", "VIDEO")]),
+    "GetVideoComponents": ([("video", "VIDEO")], [], [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")]),
+    "CreateVideo": ([("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")], ["fps"], [("VIDEO", "VIDEO")]),
+    "SaveVideo": ([("video", "VIDEO")], ["filename_prefix", "format", "codec"], []),
+    # ComfyUI-Distributed 1.4.4 (a separate custom-node pack, installed on the master and every worker)
+    "DistributedValue": ([], ["default_value", "worker_values"], [("value", "*")]),
+    "DistributedCollector": ([("images", "IMAGE"), ("audio", "AUDIO")], ["load_balance"],
+                             [("images", "IMAGE"), ("audio", "AUDIO")]),
+    "PiSA_DistributedSlice": ([("images", "IMAGE"), ("participant", "INT")], ["participants"],
+                              [("IMAGE", "IMAGE")]),
+    "PiSA_CheckFrames": ([("images", "IMAGE"), ("source", "IMAGE")], [], [("IMAGE", "IMAGE"), ("report", "STRING")]),
 }
-UI_ONLY_WIDGETS = {"upload"}  # front-end widgets that are not prompt inputs
+UI_ONLY_WIDGETS = {"upload"}
+EXAMPLE_VIDEO = "pisa_sr_example.mp4"
+# Participant index for PiSA Distributed Slice: 0 on the master (default_value), k on the k-th worker.
+WORKER_VALUES = json.dumps({"_type": "INT", "1": "1", "2": "2"})  # front-end widgets that are not prompt inputs
 UI_ONLY_NODES = {"MarkdownNote": ([], ["text"], [])}  # front-end nodes (notes): UI format only, not in the API twin
 # UI sizes where the default would clip a widget: the sampler carries the fidelity/perception pad of web/, the
 # decoder grows its before/after preview after a run, the loaders show their preview.
@@ -124,6 +139,58 @@ def sweep_graph(settings="pix=0.5:1.5:0.5 sem=0.5:1.5:0.5", choose_best="sharpne
     return nodes
 
 
+DISTRIBUTED_NOTE = (
+    "## Spread over GPUs and machines (ComfyUI-Distributed)\n"
+    "Install ComfyUI-Distributed, this pack and the same model files under the same names on the master and every "
+    "worker, add the workers in the Distributed panel, then queue with **Queue Distributed** (plain Queue runs the "
+    "master's share only and is refused by PiSA Check Frames).\n\n"
+    "- **PiSA Distributed Slice** gives each participant its share: `participants` = 1 + workers; the "
+    "DistributedValue says who is who (0 = master, worker values 1, 2, ... in the panel's order)\n"
+    "- **PiSA Check Frames** passes the collected frames on only if every one came back, in order; otherwise the "
+    "run stops with an error naming what is missing and nothing is saved")
+
+
+def distributed_graph(video: bool) -> list[Node]:
+    """Source frames -> this participant's share -> the four PiSA nodes -> Distributed Collector -> Check Frames."""
+    nodes = [n for n in basic_graph() if n.id in (1, 2, 4)]
+    if video:
+        nodes += [Node(3, "LoadVideo", (20, 420), {"file": EXAMPLE_VIDEO, "upload": "video"}, title="Low-quality video"),
+                  Node(16, "GetVideoComponents", (20, 760), {}, {"video": (3, 0)})]
+        frames = (16, 0)
+    else:
+        nodes += [Node(3, "LoadImage", (20, 420), {"image": EXAMPLE_IMAGE, "upload": "image"}, title="Image 1"),
+                  Node(13, "LoadImage", (20, 760), {"image": EXAMPLE_IMAGE, "upload": "image"}, title="Image 2"),
+                  Node(14, "LoadImage", (20, 1100), {"image": EXAMPLE_IMAGE, "upload": "image"}, title="Image 3"),
+                  Node(15, "ImageBatch", (20, 1440), {}, {"image1": (3, 0), "image2": (13, 0)}),
+                  Node(16, "ImageBatch", (20, 1540), {}, {"image1": (15, 0), "image2": (14, 0)}, title="All images")]
+        frames = (16, 0)
+    nodes += [
+        Node(10, "DistributedValue", (400, 250), {"default_value": "0", "worker_values": WORKER_VALUES},
+             title="Participant (0 = master)"),
+        Node(11, "PiSA_DistributedSlice", (400, 420), {"participants": 3}, {"images": frames, "participant": (10, 0)}),
+        Node(5, "PiSA_EncodeLQ", (400, 600), {"upscale": 4, "resize_filter": "bicubic", "vae_tile_size": 0},
+             {"image": (11, 0), "vae": (1, 2)}),
+        Node(6, "PiSA_Sample", (780, 80), {"lambda_pix": 1.0, "lambda_sem": 1.0, "tile_size": 96, "tile_overlap": 32},
+             {"model": (4, 0), "positive": (2, 0), "latent": (5, 0)}),
+        Node(7, "PiSA_Decode", (1160, 80), {"color_fix": "adain", "vae_tile_size": 0},
+             {"latent": (6, 0), "vae": (1, 2)}),
+        Node(12, "DistributedCollector", (1160, 300), {"load_balance": False}, {"images": (7, 0)}),
+        Node(17, "PiSA_CheckFrames", (1540, 300), {}, {"images": (12, 0), "source": frames}),
+        Node(18, "PreviewAny", (1540, 480), {}, {"source": (17, 1)}, title="Frames report"),
+    ]
+    if video:  # the source's own audio and fps: the collector's audio would repeat it once per participant
+        nodes += [Node(19, "CreateVideo", (1920, 300), {"fps": 30.0},
+                       {"images": (17, 0), "audio": (16, 1), "fps": (16, 2)}),
+                  Node(8, "SaveVideo", (2300, 300), {"filename_prefix": "video/PiSA-SR", "format": "auto",
+                                                     "codec": "auto"}, {"video": (19, 0)})]
+    else:
+        nodes.append(Node(8, "SaveImage", (1920, 300), {"filename_prefix": "PiSA-SR_distributed"},
+                          {"images": (17, 0)}))
+    nodes.append(Node(9, "MarkdownNote", (780, 640), {"text": DISTRIBUTED_NOTE + "\n\n" + WEIGHTS_NOTE},
+                      title="Read me"))
+    return nodes
+
+
 WORKFLOWS = {
     "pisa_sr_basic": basic_graph(),
     # Adjustable mode: less pixel-level cleanup, more semantic detail than the release default (1, 1).
@@ -153,6 +220,9 @@ WORKFLOWS = {
              "fixed size (e.g. 1024) caps memory and gives the same image."),
     # Lambda sweep: every setting from one adjustable pass, a labelled contact sheet, and the quality-guided choice.
     "pisa_sr_lambda_sweep": sweep_graph(),
+    # Many images or video frames over a master and workers (ComfyUI-Distributed); nothing lost, or a loud failure.
+    "pisa_sr_distributed_batch": distributed_graph(video=False),
+    "pisa_sr_distributed_video": distributed_graph(video=True),
 }
 
 
@@ -192,7 +262,8 @@ def to_ui(nodes: list[Node]) -> dict:
             "id": n.id, "type": n.type, "pos": list(n.pos),
             "size": SIZES.get(n.type, [320, 60 + 26 * (len(widget_names) + 1)]),
             "flags": {}, "order": order, "mode": 0,
-            "inputs": [{"name": name, "type": typ, "link": in_link.get((n.id, name))} for name, typ in link_inputs],
+            "inputs": [{"name": name, "type": typ, "link": in_link.get((n.id, name)),
+                        **({"widget": {"name": name}} if name in widget_names else {})} for name, typ in link_inputs],
             "outputs": [{"name": name, "type": typ, "links": out_links.get((n.id, i), []), "slot_index": i}
                         for i, (name, typ) in enumerate(outputs)],
             "properties": {} if n.type in UI_ONLY_NODES else {"Node name for S&R": n.type},

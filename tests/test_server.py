@@ -83,6 +83,44 @@ def test_sweep_workflow_runs_on_real_server(server):
     assert "4 setting(s)" in report and "choose_best: sharpness" in report and "chosen: pix " in report, report
 
 
+def test_replaced_lora_file_reruns_the_loader_through_the_executor(server):
+    """Load PiSA LoRAs' fingerprint is the file's content: ComfyUI's output cache keeps the node while the file is
+    unchanged and re-runs it when the file was replaced by one of the same size and mtime."""
+    import torch
+    from pisa_sr.checkpoint import parse_release_dict
+    from pisa_sr.convert import safetensors_bytes
+
+    release = torch.load(make_tiny_weights.make(make_tiny_weights.cache_dir())[1], weights_only=True)
+
+    def flip(v):  # every weight negated: same layout and byte size, other content
+        if isinstance(v, dict):
+            return {k: flip(x) for k, x in v.items()}
+        return -v if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    flipped = flip(release)
+    first, second = (safetensors_bytes(parse_release_dict(d)) for d in (release, flipped))
+    assert len(first) == len(second) and first != second
+    path = server.base / "models" / "pisa_sr" / "replaced_pisa.safetensors"
+    path.write_bytes(first)
+    stamp = path.stat()
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": server.tiny[0]}},
+              "2": {"class_type": "PiSA_LoadLoRAs", "inputs": {"model": ["1", 0], "lora_name": path.name}},
+              "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+
+    def loader_was_cached() -> bool:
+        entry = server.run(prompt)
+        cached = [m[1]["nodes"] for m in entry["status"]["messages"] if m[0] == "execution_cached"]
+        return "2" in sum(cached, [])
+
+    loader_was_cached()
+    assert loader_was_cached()  # same file: the executor keeps the loader's output
+    path.write_bytes(second)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert path.stat().st_size == stamp.st_size and path.stat().st_mtime_ns == stamp.st_mtime_ns
+    assert not loader_was_cached()  # same name, size and mtime, new content: re-run
+    assert loader_was_cached()
+
+
 def test_example_workflow_runs_on_real_server(server):
     prompt = json.loads((host.REPO / "example_workflows" / "api" / "pisa_sr_basic.json").read_text())
     image = example_image(str(server.base / "input" / "pisa_sr_example.png"), 96, 80)
@@ -95,3 +133,4 @@ def test_example_workflow_runs_on_real_server(server):
     pid = server.pid
     server.stop()
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/status").read().find("zombie") >= 0
+
