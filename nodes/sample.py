@@ -147,7 +147,5 @@ class PiSASample(io.ComfyNode):
     @trims_heap
     def execute(cls, model, positive, latent, lambda_pix=1.0, lambda_sem=1.0, tile_size=96,
                 tile_overlap=32, precision="auto") -> io.NodeOutput:
-        out = dict(latent)
-        out["samples"] = sample_hq(model, latent, positive, lambda_pix, lambda_sem, tile_size, tile_overlap,
-                                   precision)
-        return io.NodeOutput(out)
+        samples = sample_hq(model, latent, positive, lambda_pix, lambda_sem, tile_size, tile_overlap, precision)
+        return io.NodeOutput(dict(latent, samples=samples))
