@@ -568,6 +568,10 @@ def test_queue_from_browser_and_compare_slider(page, shots):
     clip = {"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0}
     before = screenshot(page, shots / "compare_mid.png", clip=clip)
     mid_y = r["y"] + r["h"] * 0.75
+    sx, sy = to_screen(g, r["x"] + r["w"] * state["split"], mid_y)
+    print("DIAG", g, page.evaluate("""([x, y, id]) => { const e = document.elementFromPoint(x, y);
+        const cs = [...document.querySelector(`[data-node-id="${id}"]`).querySelectorAll('canvas')].map(c => { const b = c.getBoundingClientRect(); return [b.left, b.top, b.width, b.height, c.width, c.height, c.clientWidth]; });
+        return [e?.tagName, e?.className?.toString?.(), e?.outerHTML?.slice(0, 300), cs]; }""", [sx, sy, did]))
     drag(page, to_screen(g, r["x"] + r["w"] * state["split"], mid_y), to_screen(g, r["x"] + r["w"] * 0.15, mid_y))
     split = page.evaluate("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'pisa_sr_compare').split", did)
     assert abs(split - 0.15) < 0.02, split
