@@ -553,7 +553,7 @@ def test_queue_from_browser_and_compare_slider(page, shots):
 
     fit_all(page)
     wait_for_preview(page, save_id)  # the Save Image node's own preview, for the screenshot
-    page.mouse.move(5, 5)  # no tooltip over the graph
+    page.mouse.move(800, 870)  # empty canvas at the bottom: no tooltip or tab preview over the graph
     page.wait_for_timeout(500)
     done = shots / f"{QUEUED}_done{'_vue' if page.vue else ''}.png"
     screenshot(page, done)
