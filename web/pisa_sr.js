@@ -85,7 +85,7 @@ function ownPointer(ctx) {
   el.pisaOwnPointer = true;
   // 1.32.9's Vue nodes lay their own output preview over the lower part of a tall custom widget's canvas, which then
   // took the pointer (the compare slider could not be dragged there): keep the widget's canvas on top.
-  el.style.position = "relative";
+  if (getComputedStyle(el).position === "static") el.style.position = "relative";
   el.style.zIndex = "1";
   for (const type of ["pointerdown", "pointermove", "pointerup"]) el.addEventListener(type, (e) => e.stopPropagation());
 }
