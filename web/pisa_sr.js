@@ -83,6 +83,10 @@ function ownPointer(ctx) {
   const el = ctx?.canvas;
   if (!el || el === app.canvas?.canvas || el.pisaOwnPointer) return;
   el.pisaOwnPointer = true;
+  // 1.32.9's Vue nodes lay their own output preview over the lower part of a tall custom widget's canvas, which then
+  // took the pointer (the compare slider could not be dragged there): keep the widget's canvas on top.
+  if (getComputedStyle(el).position === "static") el.style.position = "relative";
+  el.style.zIndex = "1";
   for (const type of ["pointerdown", "pointermove", "pointerup"]) el.addEventListener(type, (e) => e.stopPropagation());
 }
 
