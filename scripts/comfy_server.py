@@ -30,6 +30,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def use_files(prompt: dict, ckpt: str, pisa: str, image: str) -> dict:
+    """Point an example API prompt's loaders at these files (by base name, as ComfyUI lists them); in place."""
+    names = {"CheckpointLoaderSimple": ("ckpt_name", ckpt), "PiSA_LoadLoRAs": ("lora_name", pisa),
+             "LoadImage": ("image", image)}
+    for node in prompt.values():
+        if node["class_type"] in names:
+            key, path = names[node["class_type"]]
+            node["inputs"][key] = os.path.basename(path)
+    return prompt
+
+
 class PromptFailed(RuntimeError):
     def __init__(self, message: str, entry: dict | None = None):
         super().__init__(message)

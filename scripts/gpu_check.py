@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from comfy_server import REPO, ComfyServer  # noqa: E402
+from comfy_server import REPO, ComfyServer, use_files  # noqa: E402
 
 MIN_PSNR_DB = 40.0  # issue 13: fp16 (and lower-memory loads) against fp32, same graph, same device
 GPU_SETTINGS = {"default": [], "lowvram": ["--lowvram"], "novram": ["--novram"]}
@@ -45,14 +45,7 @@ def workflow_names() -> list[str]:
 
 def prepared(name: str, ckpt: str, pisa: str, image: str) -> dict:
     prompt = json.loads((REPO / "example_workflows" / "api" / f"{name}.json").read_text())
-    for node in prompt.values():
-        ins = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
-            ins["ckpt_name"] = os.path.basename(ckpt)
-        elif node["class_type"] == "PiSA_LoadLoRAs":
-            ins["lora_name"] = os.path.basename(pisa)
-        elif node["class_type"] == "LoadImage":
-            ins["image"] = os.path.basename(image)
+    use_files(prompt, ckpt, pisa, image)
     return prompt
 
 

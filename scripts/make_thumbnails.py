@@ -19,7 +19,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from build_workflows import OUT_API, OUT_UI  # noqa: E402
-from comfy_server import ComfyServer  # noqa: E402
+from comfy_server import ComfyServer, use_files  # noqa: E402
 from run_example import example_image  # noqa: E402
 
 # Per workflow: caption, and the generated input's size (the large one is tiled: 160x128 at x4 -> 640x512 px, a latent
@@ -99,14 +99,7 @@ def main() -> int:
                 else:
                     image = example_image(str(srv.base / "input" / f"lq_{w}x{h}.png"), w, h)
                 prompt = json.load(open(os.path.join(OUT_API, name + ".json")))
-                for node in prompt.values():
-                    ins = node["inputs"]
-                    if node["class_type"] == "CheckpointLoaderSimple":
-                        ins["ckpt_name"] = os.path.basename(ckpt)
-                    elif node["class_type"] == "PiSA_LoadLoRAs":
-                        ins["lora_name"] = os.path.basename(pisa)
-                    elif node["class_type"] == "LoadImage":
-                        ins["image"] = os.path.basename(image)
+                use_files(prompt, ckpt, pisa, image)
                 t0 = time.time()
                 outs = srv.output_images(srv.run(prompt, timeout=a.timeout))
                 if not outs:

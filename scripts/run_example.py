@@ -17,7 +17,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from comfy_server import REPO, ComfyServer  # noqa: E402
+from comfy_server import REPO, ComfyServer, use_files  # noqa: E402
 
 
 def example_image(path: str, w: int = 128, h: int = 128) -> str:
@@ -71,14 +71,7 @@ def main() -> int:
     image = a.image or example_image(str(srv.base / "input" / "pisa_sr_example.png"))
     if a.image:
         shutil.copy(a.image, srv.base / "input" / os.path.basename(a.image))
-    for node in prompt.values():
-        ins = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
-            ins["ckpt_name"] = os.path.basename(ckpt)
-        elif node["class_type"] == "PiSA_LoadLoRAs":
-            ins["lora_name"] = os.path.basename(pisa)
-        elif node["class_type"] == "LoadImage":
-            ins["image"] = os.path.basename(image)
+    use_files(prompt, ckpt, pisa, image)
     for nid, name, v in parse_set(a.set):
         prompt[nid]["inputs"][name] = v
     t0 = time.time()
