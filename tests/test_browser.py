@@ -379,6 +379,13 @@ def is_dot(px) -> bool:
     return px[0] > 200 and 140 < px[1] < 215 and px[2] < 120
 
 
+def fresh_run(server) -> None:
+    """Empty the server's output cache (POST /free, as the front end's "Unload models" does) so the next prompt runs
+    every node again: a cached node sends no ``executed`` event, and these tests read the decoder's UI output."""
+    server.post("/free", {"free_memory": True, "unload_models": True})
+    time.sleep(2)  # the worker wakes on the flag at once and resets its caches before it takes the next prompt
+
+
 def wait_for_prompt(page, timeout_s: float) -> dict:
     """Wait for execution_success (or fail on error); returns {node id: executed output}."""
     deadline = time.time() + timeout_s
@@ -506,7 +513,7 @@ def test_pad_sets_lambdas_by_pointer(page, shots):
 
 def test_queue_from_browser_and_compare_slider(page, shots):
     """The adjustable workflow, its setting dialled in on the pad from the release default, queued from the browser.
-    The queued prompt is the same in both renderers: the second one is answered from the server's cache."""
+    Every queued run starts from an empty output cache (fresh_run), so the decoder really runs in each renderer."""
     load_workflow(page, QUEUED)
     sid, did = node_id(page, "PiSA_Sample"), node_id(page, "PiSA_Decode")
     save_id = node_id(page, "SaveImage")
@@ -519,6 +526,7 @@ def test_queue_from_browser_and_compare_slider(page, shots):
 
     page.evaluate("() => { window.__t.events = []; }")
     page.posted.clear()
+    fresh_run(page.server)
     page.evaluate("() => { app.queuePrompt(0); }")
     outputs = wait_for_prompt(page, PROMPT_TIMEOUT_S)
     assert page.evaluate("() => app.lastNodeErrors") in (None, {})
@@ -588,7 +596,7 @@ def test_queue_from_browser_and_compare_slider(page, shots):
 
 def test_graph_works_without_the_extension(page, browser, shots):
     """With pisa_sr.js blocked the workflow still loads and runs, and the decoder shows the front end's own preview.
-    The prompt is the one the queue test sent: the server answers from its cache (with the same UI outputs)."""
+    It runs from an empty output cache (fresh_run), so the decoder's own preview comes from a real run."""
     pg = open_front_end(browser, page.server, page.vue, block_extension=True)
     try:
         assert pg.blocked, "the extension was not requested"
@@ -603,6 +611,7 @@ def test_graph_works_without_the_extension(page, browser, shots):
             for k, v in node["inputs"].items():
                 assert prompt[nid]["inputs"].get(k) == v
         fit_all(pg)
+        fresh_run(pg.server)
         pg.evaluate("() => { app.queuePrompt(0); }")
         outputs = wait_for_prompt(pg, PROMPT_TIMEOUT_S)
         assert outputs[str(did)]["images"]
