@@ -20,3 +20,4 @@ import comfy_boot  # noqa: E402
 from comfy_boot import PACK_NAME, load_pack, node, pack  # noqa: E402,F401  (the test-facing API)
 
 BASE_DIR = comfy_boot.boot(base_dir=os.environ.get("PISA_TEST_BASE"), cpu=True, pytorch_attention=True)
+COMFY_DIR = Path(os.environ["PISA_COMFY_DIR"])  # the ComfyUI 0.3.75 folder booted above

@@ -54,7 +54,7 @@ PROMPT_TIMEOUT_S = 1200  # hang guard only: an honest run takes 20-250 s on a lo
 def front_end_args(version: str) -> list[str]:
     if version == PINNED:
         return []
-    static = Path(os.environ["PISA_COMFY_DIR"]).parent / f"frontend-{version}" / "comfyui_frontend_package" / "static"
+    static = host.COMFY_DIR.parent / f"frontend-{version}" / "comfyui_frontend_package" / "static"
     assert static.is_dir(), f"{static} is missing: scripts/setup_host.sh installs it"
     return ["--front-end-root", str(static)]
 
