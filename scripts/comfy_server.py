@@ -4,13 +4,16 @@ Used by the example runner and by the real-server tests. Standard library only.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +25,25 @@ PACK_NAME = "ComfyUI-PiSA-SR"
 # Last-resort hang guards only, far above any honest run on a busy machine: a slow machine must never fail a test.
 HANG_GUARD_S = 3600.0
 HTTP_GUARD_S = 600.0
+_LIVE: set[subprocess.Popen] = set()  # servers still running, killed when this process ends
+
+
+def _kill_live() -> None:
+    for proc in list(_LIVE):
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _on_sigterm(signum, frame) -> None:
+    """A killed test run takes its servers with it (no orphaned main.py holding ports and GiBs)."""
+    _kill_live()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+atexit.register(_kill_live)
+if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def free_port() -> int:
@@ -90,8 +112,8 @@ class ComfyServer:
                "--dont-print-server", *self.extra_args]
         self._log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        _LIVE.add(self.proc)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -112,6 +134,8 @@ class ComfyServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
+        if self.proc is not None:
+            _LIVE.discard(self.proc)
         self.proc = None
         if getattr(self, "_log", None):
             self._log.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import sys
 import time
@@ -379,11 +378,12 @@ def is_dot(px) -> bool:
     return px[0] > 200 and 140 < px[1] < 215 and px[2] < 120
 
 
-def fresh_run(server) -> None:
-    """Empty the server's output cache (POST /free, as the front end's "Unload models" does) so the next prompt runs
-    every node again: a cached node sends no ``executed`` event, and these tests read the decoder's UI output."""
-    server.post("/free", {"free_memory": True, "unload_models": True})
-    time.sleep(2)  # the worker wakes on the flag at once and resets its caches before it takes the next prompt
+def run_setting(page, test: str) -> tuple[float, float]:
+    """The (lambda_pix, lambda_sem) a test queues with: different for every run on one server, so the executor
+    re-runs the sampler and the decoder (a cached node sends no ``executed`` event, and these tests read the
+    decoder's UI output) while the checkpoint, text and LQ encodings stay cached from the server's first run."""
+    return {("queue", False): (0.8, 1.5), ("queue", True): (0.7, 1.4),
+            ("plain", False): (2, 2), ("plain", True): (2, 3)}[(test, page.vue)]
 
 
 def wait_for_prompt(page, timeout_s: float) -> dict:
@@ -513,7 +513,7 @@ def test_pad_sets_lambdas_by_pointer(page, shots):
 
 def test_queue_from_browser_and_compare_slider(page, shots):
     """The adjustable workflow, its setting dialled in on the pad from the release default, queued from the browser.
-    Every queued run starts from an empty output cache (fresh_run), so the decoder really runs in each renderer."""
+    Each renderer queues its own setting (run_setting), so the decoder really runs in each."""
     load_workflow(page, QUEUED)
     sid, did = node_id(page, "PiSA_Sample"), node_id(page, "PiSA_Decode")
     save_id = node_id(page, "SaveImage")
@@ -521,19 +521,19 @@ def test_queue_from_browser_and_compare_slider(page, shots):
     g, lam = geometry(page, sid, PAD), lambdas(page, sid)
     click_mid(page, g, g["resetBox"])
     assert_lambdas(page, sid, 1.0, 1.0)
-    drag(page, pad_point(g, lam, 1.0, 1.0), pad_point(g, lam, 0.8, 1.5))
-    assert_lambdas(page, sid, 0.8, 1.5)
+    pix, sem = run_setting(page, "queue")
+    drag(page, pad_point(g, lam, 1.0, 1.0), pad_point(g, lam, pix, sem))
+    assert_lambdas(page, sid, pix, sem)
 
     page.evaluate("() => { window.__t.events = []; }")
     page.posted.clear()
-    fresh_run(page.server)
     page.evaluate("() => { app.queuePrompt(0); }")
     outputs = wait_for_prompt(page, PROMPT_TIMEOUT_S)
     assert page.evaluate("() => app.lastNodeErrors") in (None, {})
     # the prompt the front end sent carries the values the pad set
     assert len(page.posted) == 1, page.posted
     sent = page.posted[0]["prompt"][str(sid)]["inputs"]
-    assert (sent["lambda_pix"], sent["lambda_sem"]) == (0.8, 1.5), sent
+    assert (sent["lambda_pix"], sent["lambda_sem"]) == (pix, sem), sent
 
     # the saved output image exists, at x4 the input size
     saved = outputs[str(save_id)]["images"]
@@ -596,7 +596,7 @@ def test_queue_from_browser_and_compare_slider(page, shots):
 
 def test_graph_works_without_the_extension(page, browser, shots):
     """With pisa_sr.js blocked the workflow still loads and runs, and the decoder shows the front end's own preview.
-    It runs from an empty output cache (fresh_run), so the decoder's own preview comes from a real run."""
+    Its setting is typed into the plain number widgets (run_setting), so the decoder's preview comes from a real run."""
     pg = open_front_end(browser, page.server, page.vue, block_extension=True)
     try:
         assert pg.blocked, "the extension was not requested"
@@ -610,10 +610,19 @@ def test_graph_works_without_the_extension(page, browser, shots):
         for nid, node in api_twin_for_server(pg.server, QUEUED).items():
             for k, v in node["inputs"].items():
                 assert prompt[nid]["inputs"].get(k) == v
+        sid = node_id(pg, "PiSA_Sample")
+        focus(pg, sid, 1.4)
+        pix, sem = run_setting(pg, "plain")
+        type_number(pg, sid, "lambda_pix", str(pix))
+        type_number(pg, sid, "lambda_sem", str(sem))
+        assert_lambdas(pg, sid, pix, sem)
         fit_all(pg)
-        fresh_run(pg.server)
+        pg.posted.clear()
         pg.evaluate("() => { app.queuePrompt(0); }")
         outputs = wait_for_prompt(pg, PROMPT_TIMEOUT_S)
+        assert len(pg.posted) == 1, pg.posted
+        sent = pg.posted[0]["prompt"][str(sid)]["inputs"]
+        assert (sent["lambda_pix"], sent["lambda_sem"]) == (pix, sem), sent
         assert outputs[str(did)]["images"]
         # the front end's ordinary preview shows the result on the decoder
         wait_for_preview(pg, did)

@@ -1,7 +1,6 @@
 """The checkpoint as Load PiSA LoRAs uses it (ComfyUI host tier): the file cache and the converted file's output."""
 from __future__ import annotations
 
-import io
 import os
 
 import pytest

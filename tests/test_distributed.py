@@ -1,12 +1,12 @@
-"""A real master and 2 workers with ComfyUI-Distributed 1.4.4 on loopback (issue 14): every image comes back in order,
-equal to a single-process run, and each way of losing a share ends in a loud failure instead of a partial result.
+"""A real master and 2 workers with ComfyUI-Distributed 1.4.4 on loopback (issue 14): every image of the batch example
+comes back in order, equal to a single-process run; the video example saves every frame with the source's frame rate
+and audio; and each way of losing a share ends in a loud failure instead of a partial result.
 
 Each participant is a ComfyUI server (scripts/comfy_server.py) with its own unmodified copy of ComfyUI-Distributed,
 extracted from the pinned tarball in ``<repo>/../shared/third_party/`` (override: PISA_THIRD_PARTY), and this pack.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     "archive there (see shared/third_party/README.md) or set PISA_THIRD_PARTY")]
 WORKERS = ("w1", "w2")
 SIZE = 32  # LQ side: 128 px results, quick on a CPU
+CLIP_FPS = 8
 
 
 def install_distributed(srv: ComfyServer, config: dict | None = None) -> None:
@@ -51,7 +52,10 @@ def cluster(tmp_path_factory):
     for i in range(3):
         images.append(str(folder / f"lq_{i}.png"))
         make_image(SIZE, SIZE, seed=10 + i).save(images[-1])
-    servers = [ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [lora]}, inputs=images) for _ in range(3)]
+    clip = write_clip(folder / "clip.mp4", [make_image(SIZE, SIZE, seed=20 + i) for i in range(3)])
+    # workers of type "local" read their own input/ folder (ComfyUI-Distributed uploads media to remote ones only)
+    servers = [ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [lora]}, inputs=images + [clip])
+               for _ in range(3)]
     master, *workers = servers
     install_distributed(master, {
         "master": {"host": "127.0.0.1"},
@@ -64,11 +68,41 @@ def cluster(tmp_path_factory):
         with ThreadPoolExecutor(3) as pool:
             list(pool.map(ComfyServer.start, servers))
         yield {"master": master, "workers": dict(zip(WORKERS, workers)), "ckpt": Path(ckpt).name,
-               "lora": Path(lora).name, "images": [Path(p).name for p in images]}
+               "lora": Path(lora).name, "images": [Path(p).name for p in images], "clip": Path(clip).name}
     finally:
         for s in servers:
             s.cleanup()
         print(f"\ndistributed cluster: {time.perf_counter() - t0:.1f} s wall in all")
+
+
+def write_clip(path: Path, frames: list[Image.Image]) -> str:
+    """An H.264 + AAC mp4 at CLIP_FPS with a tone as long as the frames, like a phone clip."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=CLIP_FPS)
+        video.width, video.height, video.pix_fmt = SIZE, SIZE, "yuv420p"
+        audio = out.add_stream("aac", rate=16000)
+        for frame in frames:
+            out.mux(video.encode(av.VideoFrame.from_image(frame.convert("RGB"))))
+        out.mux(video.encode())
+        t = np.arange(16000 * len(frames) // CLIP_FPS) / 16000
+        tone = av.AudioFrame.from_ndarray((0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None],
+                                          format="fltp", layout="mono")
+        tone.sample_rate = 16000
+        out.mux(audio.encode(tone))
+        out.mux(audio.encode())
+    return str(path)
+
+
+def read_clip(path: Path) -> dict:
+    import av
+
+    with av.open(str(path)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        return {"frames": frames, "fps": c.streams.video[0].average_rate, "audio": len(c.streams.audio),
+                "audio_s": float(c.streams.audio[0].duration * c.streams.audio[0].time_base) if c.streams.audio
+                else 0.0}
 
 
 def batch_prompt(c: dict, prefix: str, participants: int = 3) -> dict:
@@ -90,14 +124,19 @@ def batch_prompt(c: dict, prefix: str, participants: int = 3) -> dict:
     return p
 
 
-def video_prompt(c: dict) -> dict:
-    """The shipped example pisa_sr_distributed_video with the tiny weights; its input video is absent here."""
+def video_prompt(c: dict, prefix: str) -> dict:
+    """The shipped example pisa_sr_distributed_video with the tiny weights and the test clip."""
     p = json.loads((host.REPO / "example_workflows" / "api" / "pisa_sr_distributed_video.json").read_text())
     for node in p.values():
-        if node["class_type"] == "CheckpointLoaderSimple":
-            node["inputs"]["ckpt_name"] = c["ckpt"]
-        elif node["class_type"] == "PiSA_LoadLoRAs":
-            node["inputs"]["lora_name"] = c["lora"]
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = c["ckpt"]
+        elif kind == "PiSA_LoadLoRAs":
+            inputs["lora_name"] = c["lora"]
+        elif kind == "LoadVideo":
+            inputs["file"] = c["clip"]
+        elif kind == "SaveVideo":
+            inputs["filename_prefix"] = prefix
     return p
 
 
@@ -157,23 +196,28 @@ def test_all_come_back_in_order_then_every_losing_case_fails_loudly(cluster):
         lora.with_suffix(".off").rename(lora)
     assert saved(master, "no_weights") == []
 
-    # 2. An offline worker is skipped by the orchestrator: its share is missing. (The
-    #    shares of the master and w1 come from the output cache of the run above.)
+    # The video example, all participants up: every frame back in order (Check Frames passed), the video saved at
+    # x4 with the source's frame rate and its audio.
+    entry = master.wait(distributed_queue(master, video_prompt(cluster, "video/all")), timeout=900)
+    (saved_clip,) = master.output_images(entry)
+    src, out = read_clip(master.base / "input" / cluster["clip"]), read_clip(saved_clip)
+    assert len(out["frames"]) == len(src["frames"]) == 3
+    assert all(f.shape == (4 * SIZE, 4 * SIZE, 3) for f in out["frames"])
+    assert out["fps"] == src["fps"] == CLIP_FPS
+    assert out["audio"] == 1 and abs(out["audio_s"] - src["audio_s"]) < 0.1, (out["audio_s"], src["audio_s"])
+    report = [v for v in entry["outputs"].values() if "text" in v]
+    assert any("all 3 frames came back in order" in " ".join(r["text"]) for r in report), report
+
+    # 2. An offline worker is skipped by the orchestrator: its share is missing. (The shares of the master and w1
+    #    come from the output cache of the run above.)
     w2.stop()
-    msg = check_frames_error(master, distributed_queue(master, batch_prompt(cluster, "offline")))
+    msg = check_frames_error(master, distributed_queue(master, video_prompt(cluster, "video/offline")))
     # Which frames are named comes from matching content; the tiny random weights' outputs do not resemble their
     # inputs, so only the count is asserted here (naming is tested in test_frames.py).
     assert msg.startswith("PiSA Check Frames: 2 of 3 frames came back; frames not found among them: "), msg
-    assert "offline" in msg and saved(master, "offline") == []
+    assert "offline" in msg and saved(master, "video/offline") == []
 
     # 3. Plain /prompt: the collector passes the master's share only.
-    msg = check_frames_error(master, master.queue(batch_prompt(cluster, "plain")))
+    msg = check_frames_error(master, master.queue(video_prompt(cluster, "video/plain")))
     assert msg.startswith("PiSA Check Frames: 1 of 3 frames came back; frames not found among them: "), msg
-    assert saved(master, "plain") == []
-
-    # The video example is a valid prompt for a server with both packs: its only refusal is the missing input video
-    # (core LoadVideo checks the file when the prompt is queued; running it needs a video file and 3 more sampler runs).
-    with pytest.raises(PromptFailed) as ei:
-        master.wait(master.queue(video_prompt(cluster)), timeout=900)
-    msg = str(ei.value)
-    assert "-> 400" in msg and "Invalid video file" in msg and "LoadVideo" in msg, msg
+    assert saved(master, "video/plain") == []

@@ -13,7 +13,7 @@ import host
 
 sys.path.insert(0, str(host.REPO / "scripts"))
 import make_tiny_weights  # noqa: E402
-from comfy_server import ComfyServer  # noqa: E402
+from comfy_server import ComfyServer, use_files  # noqa: E402
 from run_example import example_image  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -49,38 +49,27 @@ def test_nodes_registered_with_tooltips(server):
     assert server.tiny[1] in options
 
 
-def _tiny(prompt: dict, server, image: str) -> dict:
-    for node in prompt.values():
-        if node["class_type"] == "CheckpointLoaderSimple":
-            node["inputs"]["ckpt_name"] = server.tiny[0]
-        elif node["class_type"] == "PiSA_LoadLoRAs":
-            node["inputs"]["lora_name"] = server.tiny[1]
-        elif node["class_type"] == "LoadImage":
-            node["inputs"]["image"] = os.path.basename(image)
-    return prompt
-
-
 def test_sweep_workflow_runs_on_real_server(server):
-    """The sweep example as shipped, but 2x2 settings instead of 3x3 (every full-size VAE decode costs seconds on a
+    """The sweep example as shipped, but 2 settings instead of 3x3 (every full-size VAE decode costs seconds on a
     CPU): settings -> labelled grid from the sweep's own decodes, the chosen setting decoded alone, and the report."""
     prompt = json.loads((host.REPO / "example_workflows" / "api" / "pisa_sr_lambda_sweep.json").read_text())
     ids = {node["_meta"]["title"]: nid for nid, node in prompt.items()}
     (sweep,) = [n for n in prompt.values() if n["class_type"] == "PiSA_LambdaSweep"]
     assert sweep["inputs"]["settings"] == "pix=0.5:1.5:0.5 sem=0.5:1.5:0.5"  # the shipped 3x3
-    sweep["inputs"]["settings"] = "pix=0.5:1.5:1 sem=0.5:1.5:1"
+    sweep["inputs"]["settings"] = "pix=0.5:1.5:1 sem=1"
     (grid_node,) = [n for n in prompt.values() if n["class_type"] == "PiSA_LabelledGrid"]
     grid_node["inputs"]["columns"] = 2
     assert not [n for n in prompt.values() if n["class_type"] == "PiSA_Decode" and n["inputs"]["latent"][1] == 0]
     image = example_image(str(server.base / "input" / "pisa_sr_example.png"), 96, 80)
-    entry = server.run(_tiny(prompt, server, image))
+    entry = server.run(use_files(prompt, *server.tiny, image))
     by_node = {nid: server.output_images({"outputs": {nid: out}}) for nid, out in entry["outputs"].items()}
     (grid,) = by_node[ids["Save grid"]]
     (best,) = by_node[ids["Save best"]]
     assert Image.open(best).size == (96 * 4, 80 * 4)
     pad = 4  # the grid's gap between and around tiles
-    assert Image.open(grid).size == (2 * 96 * 4 + 3 * pad, 2 * 80 * 4 + 3 * pad)
+    assert Image.open(grid).size == (2 * 96 * 4 + 3 * pad, 80 * 4 + 2 * pad)
     report = " ".join(entry["outputs"][ids["Sweep report"]]["text"])
-    assert "4 setting(s)" in report and "choose_best: sharpness" in report and "chosen: pix " in report, report
+    assert "2 setting(s)" in report and "choose_best: sharpness" in report and "chosen: pix " in report, report
 
 
 def test_replaced_lora_file_reruns_the_loader_through_the_executor(server):
@@ -124,7 +113,7 @@ def test_replaced_lora_file_reruns_the_loader_through_the_executor(server):
 def test_example_workflow_runs_on_real_server(server):
     prompt = json.loads((host.REPO / "example_workflows" / "api" / "pisa_sr_basic.json").read_text())
     image = example_image(str(server.base / "input" / "pisa_sr_example.png"), 96, 80)
-    entry = server.run(_tiny(prompt, server, image))
+    entry = server.run(use_files(prompt, *server.tiny, image))
     outs = server.output_images(entry)
     assert len(outs) == 1 and outs[0].exists()
     # 96x80 at x4: short side 80 < 128, so the release pre-resizes to 153x128, works at 612x512 -> 608x512,

@@ -1,8 +1,8 @@
 """Isolation through a real server: after PiSA graphs ran (one completed, one interrupted with /interrupt), a plain
-KSampler graph on the same base checkpoint gives bit-identical pixels to a server that never ran PiSA."""
+KSampler graph on the same loaded base MODEL (the checkpoint loader's cached output, shared with the PiSA graphs)
+gives bit-identical pixels to its run before any PiSA graph."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -16,14 +16,16 @@ import host
 
 sys.path.insert(0, str(host.REPO / "scripts"))
 import make_tiny_weights  # noqa: E402
-from comfy_server import HANG_GUARD_S, ComfyServer, PromptFailed  # noqa: E402
+from comfy_server import HANG_GUARD_S, ComfyServer, PromptFailed, use_files  # noqa: E402
 from run_example import example_image  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-def ksampler_graph(ckpt: str) -> dict:
-    return {
+def ksampler_graph(ckpt: str, repeat_latent: bool = False) -> dict:
+    """``repeat_latent``: the same latent through RepeatLatentBatch(amount=1), so the executor runs the sampler
+    again (another input link) on the same cached MODEL, CLIP and VAE."""
+    graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
@@ -34,20 +36,17 @@ def ksampler_graph(ckpt: str) -> dict:
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "plain"}},
     }
+    if repeat_latent:
+        graph["8"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["4", 0], "amount": 1}}
+        graph["5"]["inputs"]["latent_image"] = ["8", 0]
+    return graph
 
 
 def pisa_graph(ckpt: str, lora: str, image: str, **sample) -> dict:
     prompt = json.loads((host.REPO / "example_workflows" / "api" / "pisa_sr_basic.json").read_text())
-    for node in prompt.values():
-        ins = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
-            ins["ckpt_name"] = ckpt
-        elif node["class_type"] == "PiSA_LoadLoRAs":
-            ins["lora_name"] = lora
-        elif node["class_type"] == "LoadImage":
-            ins["image"] = image
-        elif node["class_type"] == "PiSA_Sample":
-            ins.update(sample)
+    for node in use_files(prompt, ckpt, lora, image).values():
+        if node["class_type"] == "PiSA_Sample":
+            node["inputs"].update(sample)
     return prompt
 
 
@@ -65,12 +64,10 @@ def weights():
 def test_plain_graph_unchanged_after_pisa_and_interrupt(weights):
     ckpt, lora = weights
     cn, ln = os.path.basename(ckpt), os.path.basename(lora)
-    with ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [lora]}) as fresh:
-        want = pixels(fresh, fresh.run(ksampler_graph(cn)))
-    fresh.cleanup()
-
     srv = ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [lora]})
     with srv:
+        # 0. the plain graph before any PiSA graph ran
+        want = pixels(srv, srv.run(ksampler_graph(cn, repeat_latent=True)))
         img = os.path.basename(example_image(str(srv.base / "input" / "lq.png"), 64, 64))
         # 1. a completed adjustable-mode run (bypass hooks on the shared UNet modules during the call)
         srv.run(pisa_graph(cn, ln, img, lambda_pix=0.7, lambda_sem=1.4))
@@ -88,8 +85,11 @@ def test_plain_graph_unchanged_after_pisa_and_interrupt(weights):
         msgs = json.dumps(exc.value.entry["status"]["messages"])
         assert "execution_interrupted" in msgs, msgs
         print(f"interrupted run stopped {stopped_after:.1f}s after /interrupt")
-        # 3. the plain graph on the same checkpoint, same server
-        got = pixels(srv, srv.run(ksampler_graph(cn)))
+        # 3. the plain graph again, on the same loaded MODEL (its loader is cached, its sampler runs again)
+        entry = srv.run(ksampler_graph(cn))
+        cached = sum((m[1]["nodes"] for m in entry["status"]["messages"] if m[0] == "execution_cached"), [])
+        assert "1" in cached and "5" not in cached, cached
+        got = pixels(srv, entry)
         # 4. and PiSA still works after the interruption
         again = srv.run(pisa_graph(cn, ln, img))
         assert srv.output_images(again)

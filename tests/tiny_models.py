@@ -70,7 +70,7 @@ def comfy_model_from_diffusers(unet, model_class=comfy.supported_models.SD20, mo
         for dk, ck in mapping.items():
             if dk in sd:
                 new[ck] = sd[dk]
-        missing, unexpected = base.diffusion_model.load_state_dict(new, strict=True), None
+        base.diffusion_model.load_state_dict(new, strict=True)
         assert len(new) == len(sd), f"{len(sd) - len(new)} diffusers keys did not map"
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
