@@ -249,6 +249,7 @@ _LEARNED: dict[str, _LearnedSpec] = {
 _lock = threading.Lock()
 _metric_cache: dict[tuple[str, str], object] = {}
 _sha_cache: dict[tuple[str, int, int], str] = {}
+_tensors_only_cache: dict[tuple[str, int, int], bool] = {}
 
 
 def _pyiqa_installed() -> bool:
@@ -280,6 +281,20 @@ def _sha256(path: str) -> str:
                 h.update(chunk)
         _sha_cache[key] = h.hexdigest()
     return _sha_cache[key]
+
+
+def _tensors_only(path: str) -> bool:
+    """Whether torch loads ``path`` with ``weights_only=True``. pyiqa unpickles its checkpoints without that guard,
+    so a file is handed to it only when the guarded load (tensors and plain containers, no code) accepts it."""
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _tensors_only_cache:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            _tensors_only_cache[key] = True
+        except Exception:  # noqa: BLE001  (any refusal or corruption: not handed to pyiqa)
+            _tensors_only_cache[key] = False
+    return _tensors_only_cache[key]
 
 
 def _hub_cached(repo_id: str) -> Optional[str]:
@@ -330,6 +345,10 @@ def learned_metric_status(name: str) -> tuple[bool, str]:
         path = os.path.join(_pyiqa_cache_dir(), filename)
         if not os.path.isfile(path):
             missing.append(path)
+        elif not _tensors_only(path):
+            return False, (
+                f"the '{key}' weight file {path} is refused: it holds more than tensors (loading it could run code) "
+                "or is damaged. Delete it and fetch it again with pyiqa outside ComfyUI.")
     if spec.clip_file is not None:
         filename, sha = spec.clip_file
         path = os.path.join(_torch_hub_dir(), "clip", filename)
@@ -410,8 +429,9 @@ def learned_score(img: torch.Tensor, name: str) -> torch.Tensor:
     """Learned no-reference score ``[B]`` (float64) from pyiqa: MUSIQ, CLIP-IQA or MANIQA, higher is better.
 
     Raises ``PisaError`` (a ValueError) saying what is missing and how to get it when pyiqa or the weights are not
-    present; never downloads. The built metric is cached per device. Note that pyiqa unpickles its checkpoints
-    (``weights_only=False``); only files pyiqa itself fetched into its cache are used.
+    present; never downloads. The built metric is cached per device. pyiqa unpickles its checkpoints without
+    ``weights_only``, so each one must first pass torch's ``weights_only=True`` load; OpenAI's CLIP file (a
+    TorchScript archive) is accepted only with its published SHA-256.
     """
     _check_image(img)
     key = name.lower()

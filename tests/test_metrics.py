@@ -328,7 +328,7 @@ def test_learned_metric_with_pyiqa_but_missing_weights_builds_nothing(fake_pyiqa
 def test_learned_metric_with_local_weights_builds_offline_and_scores(fake_pyiqa, monkeypatch, no_network):
     hub = fake_pyiqa
     (hub / "pyiqa").mkdir()
-    (hub / "pyiqa" / "musiq_koniq_ckpt-e95806b9.pth").write_bytes(b"weights")
+    torch.save({"params": {"w": torch.ones(2)}}, hub / "pyiqa" / "musiq_koniq_ckpt-e95806b9.pth")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     import huggingface_hub.constants as hub_constants
 
@@ -352,4 +352,22 @@ def test_learned_metric_with_local_weights_builds_offline_and_scores(fake_pyiqa,
     assert download_util.download_url_to_file is not metrics._refuse_download
     score(img, "musiq")
     assert len(pyiqa.calls) == 1
+    assert no_network == []
+
+
+def test_learned_metric_weights_that_need_code_are_refused(fake_pyiqa, no_network):
+    """pyiqa unpickles with weights_only=False: a checkpoint holding more than tensors never reaches it."""
+    import argparse
+
+    hub = fake_pyiqa
+    (hub / "pyiqa").mkdir()
+    path = hub / "pyiqa" / "musiq_koniq_ckpt-e95806b9.pth"
+    torch.save({"params": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1.0)}, path)
+    ok, reason = metrics.learned_metric_status("musiq")
+    assert not ok and str(path) in reason and "refused" in reason and "\n" not in reason
+    with pytest.raises(ValueError, match="holds more than tensors"):
+        metrics.learned_score(torch.rand(1, 16, 16, 3), "musiq")
+    path.write_bytes(b"not a checkpoint")  # damaged: refused the same way
+    assert not metrics.learned_metric_status("musiq")[0]
+    assert "pyiqa" not in sys.modules or sys.modules["pyiqa"].calls == []
     assert no_network == []
