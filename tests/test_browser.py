@@ -386,6 +386,11 @@ def run_setting(page, test: str) -> tuple[float, float]:
             ("plain", False): (2, 2), ("plain", True): (2, 3)}[(test, page.vue)]
 
 
+# Without the extension the queued prompt and the decoder's preview are the front end's alone, the same in both
+# renderers: one run per front end, in a different renderer each (every cell still types and checks the prompt).
+RUN_WITHOUT_EXTENSION = {f"{PINNED}-vue", f"{NEWEST}-classic"}
+
+
 def wait_for_prompt(page, timeout_s: float) -> dict:
     """Wait for execution_success (or fail on error); returns {node id: executed output}."""
     deadline = time.time() + timeout_s
@@ -595,8 +600,9 @@ def test_queue_from_browser_and_compare_slider(page, shots):
 
 
 def test_graph_works_without_the_extension(page, browser, shots):
-    """With pisa_sr.js blocked the workflow still loads and runs, and the decoder shows the front end's own preview.
-    Its setting is typed into the plain number widgets (run_setting), so the decoder's preview comes from a real run."""
+    """With pisa_sr.js blocked the workflow loads, its plain number widgets take typed values, and (one renderer per
+    front end) it runs and the decoder shows the front end's own preview. The typed setting (run_setting) differs
+    from every other run on the server, so that preview comes from a real run."""
     pg = open_front_end(browser, page.server, page.vue, block_extension=True)
     try:
         assert pg.blocked, "the extension was not requested"
@@ -616,6 +622,10 @@ def test_graph_works_without_the_extension(page, browser, shots):
         type_number(pg, sid, "lambda_pix", str(pix))
         type_number(pg, sid, "lambda_sem", str(sem))
         assert_lambdas(pg, sid, pix, sem)
+        prompt = pg.evaluate("async () => (await app.graphToPrompt()).output")
+        assert (prompt[str(sid)]["inputs"]["lambda_pix"], prompt[str(sid)]["inputs"]["lambda_sem"]) == (pix, sem)
+        if f"{page.version}-{'vue' if page.vue else 'classic'}" not in RUN_WITHOUT_EXTENSION:
+            return
         fit_all(pg)
         pg.posted.clear()
         pg.evaluate("() => { app.queuePrompt(0); }")
