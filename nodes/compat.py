@@ -18,7 +18,9 @@ import comfy.patcher_extension
 import comfy.utils
 import folder_paths
 from comfy.model_base import ModelType  # noqa: F401
-try:  # the V3 API version this pack targets; newer releases still ship it, `latest` is the fallback
+# the V3 API version this pack targets; upstream: comfyanonymous/ComfyUI comfy_api/version_list.py @ 17ca834fd57c
+# still lists v0_0_2 (with v0_0_3 and latest); `latest` is the fallback should it ever be dropped
+try:
     from comfy_api.v0_0_2 import ComfyExtension, io, ui  # noqa: F401
 except ImportError:  # pragma: no cover
     from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401
@@ -111,27 +113,36 @@ def add_lora_patches(model: Any, pairs: dict[str, Any], module_map: dict[str, st
 
 
 # ---------------------------------------------------------------- memory
-# Newer-ComfyUI branches below are feature-detected, never version-compared. Upstream reference: issue 13's reading of
-# ComfyUI master (comfy/model_patcher.py ModelPatcherDynamic, comfy/model_management.py, main.py). The stored index
-# this pack was written against holds comfy/model_patcher.py only at e73c9170197ccbd63f202958ef8371c0299dcc5c and
-# 000a21a0c1b6d300b31c27e1202d61ca787f3fac, both older than ModelPatcherDynamic: these branches were READ from the
-# issue, not run. tests/test_compat_branches.py drives each with a stand-in shaped as described there.
-def is_dynamic(model: Any) -> bool:
-    """True for ComfyUI's dynamic-VRAM patcher (ModelPatcherDynamic.is_dynamic(); absent in 0.3.75)."""
-    check = getattr(model, "is_dynamic", None)
-    return bool(check()) if callable(check) else False
-
-
+# Newer-ComfyUI branches below are feature-detected, never version-compared. Run: 0.3.75 (CPU). Read only, from the
+# stored public index (one stored version per file, so the commits differ per file; none of them was run):
+#   Comfy-Org/ComfyUI comfy/model_patcher.py @ 08d0e510f4e5   (ModelPatcher, ModelPatcherDynamic)
+#   Comfy-Org/ComfyUI comfy/model_management.py @ 02b2b3886164 (cuda_device_context, is_oom, get_free_memory)
+#   Comfy-Org/ComfyUI comfy/samplers.py @ 311c01406130         (CFGGuider.outer_sample, _calc_cond_batch)
+#   Comfy-Org/ComfyUI comfy/sampler_helpers.py @ 53757775fa60  (estimate_memory, prepare_sampling)
+#   Comfy-Org/ComfyUI comfy/sd.py @ 033046cc4fac               (VAE.encode / VAE.decode)
+#   comfyanonymous/ComfyUI main.py @ 002f2bedd6e4              (ModelPatcherDynamic becomes CoreModelPatcher on NVIDIA)
+# tests/test_compat_branches.py drives each branch with a stand-in shaped like the object named in its comment.
 def load_model(model: Any, batch_shape: list[int]) -> None:
-    """Claim device memory through ComfyUI's manager (applies patches, evicts other models as needed), then run the
-    patcher's pre_run callbacks as ComfyUI's own samplers do before calling the UNet (0.3.75 model_patcher.py
-    ModelPatcher.pre_run; the dynamic patcher binds its per-call state there)."""
+    """Claim device memory through ComfyUI's manager (applies patches, evicts other models as needed)."""
+    # upstream: Comfy-Org/ComfyUI comfy/sampler_helpers.py @ 53757775fa60 (prepare_sampling calls
+    # load_models_gpu(models, memory_required=, minimum_memory_required=) as 0.3.75 does; unchanged signature)
     need = memory_required(model, batch_shape)
     mm.load_models_gpu([model], memory_required=need, minimum_memory_required=need)
     drop_double_lowvram_patches(model)
-    pre_run = getattr(model, "pre_run", None)
-    if callable(pre_run):
-        pre_run()
+
+
+@contextlib.contextmanager
+def unet_session(model: Any):
+    """Bracket the UNet calls as ComfyUI's sampler does: the patcher's pre_run() before (binds
+    ``model.model.current_patcher``, runs ON_PRE_RUN callbacks), its cleanup() after (ON_CLEANUP callbacks)."""
+    # upstream: Comfy-Org/ComfyUI comfy/samplers.py @ 311c01406130 (CFGGuider.outer_sample: pre_run() inside
+    # cuda_device_context(load_device), cleanup() in its finally); the same pair in 0.3.75 without the context
+    with device_context(model.load_device):
+        model.pre_run()
+    try:
+        yield
+    finally:
+        model.cleanup()
 
 
 def drop_double_lowvram_patches(model: Any) -> int:
@@ -161,8 +172,13 @@ def drop_double_lowvram_patches(model: Any) -> int:
 
 
 def memory_required(model: Any, shape: list[int]) -> int:
+    """Bytes one UNet call on ``shape`` needs, by the diffusion model's own estimate (what ComfyUI's sampler uses)."""
+    # upstream: Comfy-Org/ComfyUI comfy/sampler_helpers.py @ 53757775fa60 (estimate_memory) and comfy/samplers.py
+    # @ 311c01406130 (_calc_cond_batch) ask the BaseModel, not the patcher; ModelPatcherDynamic.memory_required
+    # (comfy/model_patcher.py @ 08d0e510f4e5) pads that x1.3 + 1 GiB for mixed-patcher loads only. On 0.3.75
+    # ModelPatcher.memory_required forwards to the same BaseModel call.
     try:
-        return int(model.memory_required(shape))
+        return int(model.model.memory_required(input_shape=list(shape)))
     except Exception:
         return int(torch.Size(shape).numel() * 4 * 1024)
 
@@ -170,8 +186,8 @@ def memory_required(model: Any, shape: list[int]) -> int:
 def per_item_memory(model: Any, shape: list[int]) -> tuple[int, int]:
     """(fixed, per-item) bytes of one UNet call on ``shape`` with batch n: ``fixed + n * per_item``.
 
-    Taken as the slope between batch 1 and 2, so a constant pad in ``memory_required`` (the dynamic patcher adds
-    1 GiB and scales by 1.3, issue 13) is counted once per call, not once per tile; 0.3.75's estimate is linear.
+    Taken as the slope between batch 1 and 2, so a constant term in the estimate counts once per call, not once per
+    tile (0.3.75's and the newest BaseModel estimates are linear: fixed is 0 there).
     """
     one = memory_required(model, [shape[0]] + list(shape[1:]))
     two = memory_required(model, [2 * shape[0]] + list(shape[1:]))
@@ -179,17 +195,21 @@ def per_item_memory(model: Any, shape: list[int]) -> tuple[int, int]:
     return max(one - per, 0), per
 
 
+def patcher_free_memory(patcher: Any, device: Any) -> int:
+    """Free memory on ``device`` as ``patcher`` sees it: newer ComfyUI counts what dynamic VRAM can evict."""
+    # upstream: Comfy-Org/ComfyUI comfy/model_patcher.py @ 08d0e510f4e5 (ModelPatcher.get_free_memory(device) on
+    # every patcher: mm.get_free_memory + comfy_aimdo's evictable VRAM); comfy/model_management.py @ 02b2b3886164
+    # (its get_free_memory comment says to ask the patcher). 0.3.75 patchers have no such method.
+    dev = torch.device(device)
+    getter = getattr(patcher, "get_free_memory", None)
+    return int(getter(dev)) if callable(getter) else int(mm.get_free_memory(dev))
+
+
 def free_memory(model: Any) -> int:
-    """Free device memory for ``model``'s UNet. The dynamic patcher's own query counts what it can evict (issue 13);
-    mm.get_free_memory (0.3.75) does not know that."""
-    dev = torch.device(model.load_device)
-    getter = getattr(model, "get_free_memory", None)
-    if is_dynamic(model) and callable(getter):
-        try:
-            return int(getter(dev))
-        except Exception:
-            pass
-    return int(mm.get_free_memory(dev))
+    """Free device memory for ``model``'s UNet calls."""
+    # upstream: Comfy-Org/ComfyUI comfy/samplers.py @ 311c01406130 (_calc_cond_batch sizes its batch with
+    # model.current_patcher.get_free_memory(x_in.device))
+    return patcher_free_memory(model, model.load_device)
 
 
 def vae_load(vae: Any, shape: list[int], encode: bool) -> None:
@@ -199,22 +219,21 @@ def vae_load(vae: Any, shape: list[int], encode: bool) -> None:
     mm.load_models_gpu([vae.patcher], memory_required=need, force_full_load=getattr(vae, "disable_offload", False))
 
 
-def vae_device_context(vae: Any):
-    """The context core VAE.encode/decode run in on newer ComfyUI (``mm.cuda_device_context(vae.device)``: a VAE
-    placed on a second GPU); a no-op on 0.3.75, which has no such call."""
+def device_context(device: Any):
+    """The current-CUDA-device context core runs model work in on newer ComfyUI (a model placed on a second GPU);
+    a no-op on 0.3.75, which has no such call."""
+    # upstream: Comfy-Org/ComfyUI comfy/model_management.py @ 02b2b3886164 (cuda_device_context(device): sets
+    # torch.cuda's current device to a cuda device with an index, restores it after); comfy/sd.py @ 033046cc4fac
+    # (VAE.encode/decode run load, batch sizing and the model inside cuda_device_context(self.device));
+    # comfy/samplers.py @ 311c01406130 (sampling inside cuda_device_context(model_patcher.load_device))
     ctx = getattr(mm, "cuda_device_context", None)
-    return ctx(vae.device) if callable(ctx) else contextlib.nullcontext()
+    return ctx(torch.device(device)) if callable(ctx) else contextlib.nullcontext()
 
 
 def vae_free_memory(vae: Any) -> int:
-    dev = torch.device(vae.device)
-    getter = getattr(vae.patcher, "get_free_memory", None)  # newer ComfyUI: counts what it could free
-    if callable(getter):
-        try:
-            return int(getter(dev))
-        except Exception:
-            pass
-    return int(mm.get_free_memory(dev))
+    # upstream: Comfy-Org/ComfyUI comfy/sd.py @ 033046cc4fac (VAE.decode/encode size batches with
+    # self.patcher.get_free_memory(self.device))
+    return patcher_free_memory(vae.patcher, vae.device)
 
 
 # ---------------------------------------------------------------- UNet internals
@@ -255,7 +274,9 @@ def blocked(message: str) -> Any:
 
 # ---------------------------------------------------------------- progress, interruption, OOM, previews
 def is_oom(exc: BaseException) -> bool:
-    check = getattr(mm, "is_oom", None)  # newer ComfyUI also recognises accelerator OOM errors
+    # upstream: Comfy-Org/ComfyUI comfy/model_management.py @ 02b2b3886164 (is_oom(e): OOM_EXCEPTION, or a
+    # torch.AcceleratorError with error_code 2 or "out of memory" in its message); 0.3.75 has no is_oom
+    check = getattr(mm, "is_oom", None)
     if callable(check):
         try:
             if check(exc):

@@ -1,6 +1,7 @@
 """Dual-Guided One-Step Sample: one UNet call at t=1, ``z_hq = z_lq - eps``, tiled over the latent."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -70,27 +71,31 @@ def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: f
     ctx = context.to(dev)
 
     def call(x: torch.Tensor) -> torch.Tensor:
-        return unet.unet_eps_t1(model, x, ctx.expand(x.shape[0], -1, -1), sigma)
+        with compat.device_context(dev):
+            return unet.unet_eps_t1(model, x, ctx.expand(x.shape[0], -1, -1), sigma)
 
     removal = sem_removal_targets(model, info) if plan in (Pass.PIX, Pass.DUAL) else []
     hooks = compat.hooks()
     calls_per_chunk = -(-frames * tiles_per_frame // tiles_per_call)  # for one progress bar over all chunks
     total = -(-b // frames) * calls_per_chunk
-    for start in range(0, b, frames):
-        part = slice(start, min(b, start + frames))
-        # Contiguous NCHW whatever the LATENT's layout: a channels_last latent (ComfyUI's CPU VAEEncode gives one)
-        # makes the whole UNet run channels_last, whose GroupNorm sums in another order; on random-weight test
-        # models that alone moved eps by 2e-4. One layout keeps tiled, untiled and batched calls on the same
-        # numerics.
-        z = model.model.process_latent_in(raw[part].to(dev, torch.float32)).contiguous()
-        if plan is Pass.NONE:
-            yield part, z, torch.zeros_like(z)
-            continue
-        done = start // frames * calls_per_chunk
-        chunk_hooks = replace(hooks, progress=lambda d, t, done=done: hooks.progress(min(total, done + d), total))
-        eps = sampling.sample_eps(z, call, removal, lambda_pix, lambda_sem, tile_size, tile_overlap,
-                                  tiles_per_call=tiles_per_call, one_pass=one_pass, both=both, hooks=chunk_hooks)
-        yield part, z, eps
+    with compat.unet_session(model) if passes else contextlib.nullcontext():
+        for start in range(0, b, frames):
+            part = slice(start, min(b, start + frames))
+            # Contiguous NCHW whatever the LATENT's layout: a channels_last latent (ComfyUI's CPU VAEEncode gives
+            # one) makes the whole UNet run channels_last, whose GroupNorm sums in another order; on random-weight
+            # test models that alone moved eps by 2e-4. One layout keeps tiled, untiled and batched calls on the
+            # same numerics.
+            z = model.model.process_latent_in(raw[part].to(dev, torch.float32)).contiguous()
+            if plan is Pass.NONE:
+                yield part, z, torch.zeros_like(z)
+                continue
+            done = start // frames * calls_per_chunk
+            chunk_hooks = replace(hooks, progress=lambda d, t, done=done: hooks.progress(min(total, done + d),
+                                                                                         total))
+            eps = sampling.sample_eps(z, call, removal, lambda_pix, lambda_sem, tile_size, tile_overlap,
+                                      tiles_per_call=tiles_per_call, one_pass=one_pass, both=both,
+                                      hooks=chunk_hooks)
+            yield part, z, eps
 
 
 def sample_eps(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,

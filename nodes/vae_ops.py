@@ -40,7 +40,7 @@ def _run(vae, fn, size_wh: tuple[int, int], tile_override: int, is_decoder: bool
     hooks = compat.hooks()
     while True:
         try:
-            with compat.vae_device_context(vae):
+            with compat.device_context(vae.device):
                 return fn(tile, offload, hooks)
         except Exception as e:
             if not hooks.is_oom(e):

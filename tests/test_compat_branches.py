@@ -1,11 +1,13 @@
-"""Each newer-ComfyUI branch of nodes/compat.py, driven by a stand-in shaped like that version's object (issue 13).
+"""Each newer-ComfyUI branch of nodes/compat.py, driven by a stand-in shaped like the upstream object it follows.
 
-The newest backend (ModelPatcherDynamic, default on NVIDIA) could only be read, not run here; these tests pin what
-the pack does when it meets those objects, and that the 0.3.75 path (the real host) is unchanged.
+The newest backend (ModelPatcherDynamic, default on NVIDIA) could only be read, not run here. Each stand-in names the
+upstream file and commit it mimics (the stored public index holds one version per file, so the commits differ); the
+tests pin what the pack does when it meets those objects, and that the 0.3.75 path (the real host) is unchanged.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -13,10 +15,10 @@ import torch
 import comfy.model_management as mm
 import comfy.patcher_extension
 import host
-from conftest import run_node
-from helpers import make_image, pil_to_image
+from helpers import make_image, pil_to_image, run_node
 
 GIB = 1 << 30
+CUDA1 = torch.device("cuda", 1)  # a device object only: nothing is allocated on it
 
 
 @pytest.fixture(scope="module")
@@ -24,80 +26,195 @@ def compat():
     return host.pack("nodes.compat")
 
 
-class DynamicPatcher:
-    """Shaped like ModelPatcherDynamic as issue 13 reads it: is_dynamic(), its own get_free_memory(device), and a
-    memory_required padded by x1.3 + 1 GiB."""
+class NewestBaseModel:
+    """Shaped like BaseModel in Comfy-Org/ComfyUI comfy/model_base.py @ 094c74c1b7f9: memory_required(input_shape,
+    cond_shapes={}) is linear in batch x latent area (0.15 MiB x memory_usage_factor per latent pixel without
+    flash attention); current_patcher is what the patcher's pre_run/cleanup set."""
 
-    load_device = torch.device("cpu")
+    memory_usage_factor = 2.0
 
-    def __init__(self, per_item: int, free: int):
-        self.per_item, self.free, self.asked = per_item, free, []
+    def __init__(self):
+        self.current_patcher = None
+
+    def memory_required(self, input_shape, cond_shapes={}):  # noqa: B006  (upstream's signature)
+        return input_shape[0] * math.prod(input_shape[2:]) * 0.15 * self.memory_usage_factor * (1024 * 1024)
+
+
+class NewestPatcher:
+    """Shaped like ModelPatcher in Comfy-Org/ComfyUI comfy/model_patcher.py @ 08d0e510f4e5: is_dynamic() -> False,
+    get_free_memory(device) (mm.get_free_memory plus comfy_aimdo's evictable VRAM), memory_required(input_shape)
+    forwarding to the BaseModel, pre_run() / cleanup() setting and clearing model.current_patcher."""
+
+    def __init__(self, free: int, load_device=CUDA1):
+        self.model, self.load_device, self.free = NewestBaseModel(), load_device, free
+        self.asked: list = []  # devices get_free_memory was asked about
+        self.padded_asked: list = []  # shapes the patcher's own memory_required was asked about
+        self.events: list[str] = []
 
     def is_dynamic(self) -> bool:
-        return True
+        return False
 
     def get_free_memory(self, device):
         self.asked.append(device)
         return self.free
 
-    def memory_required(self, shape):
-        return int(1.3 * shape[0] * self.per_item) + GIB
+    def memory_required(self, input_shape):
+        self.padded_asked.append(list(input_shape))
+        return self.model.memory_required(input_shape=input_shape)
+
+    def pre_run(self):
+        self.model.current_patcher = self
+        self.events.append("pre_run")
+
+    def cleanup(self):
+        self.model.current_patcher = None
+        self.events.append("cleanup")
 
 
-def test_is_dynamic(compat, world):
-    assert compat.is_dynamic(DynamicPatcher(1, 1))
-    assert not compat.is_dynamic(world.model)  # 0.3.75's ModelPatcher has no is_dynamic
+class NewestDynamicPatcher(NewestPatcher):
+    """Shaped like ModelPatcherDynamic in Comfy-Org/ComfyUI comfy/model_patcher.py @ 08d0e510f4e5 (a ModelPatcher
+    subclass; a CPU load device is rerouted to ModelPatcher, so it always has an accelerator): is_dynamic() -> True,
+    memory_required padded x1.3 + 1 GiB ("only used when using the ModelPatcherDynamic after ModelPatcher")."""
+
+    def is_dynamic(self) -> bool:
+        return True
+
+    def memory_required(self, input_shape):
+        return super().memory_required(input_shape) * 1.3 + (1024 ** 3)
 
 
-def test_free_memory_asks_the_dynamic_patcher(compat, world, monkeypatch):
-    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: 7)
-    dyn = DynamicPatcher(1, 12345)
-    assert compat.free_memory(dyn) == 12345 and dyn.asked == [torch.device("cpu")]
-    assert compat.free_memory(world.model) == 7  # 0.3.75: the manager's query
-
-
-def test_padded_estimate_is_counted_once_per_call(compat, monkeypatch):
-    """With the dynamic patcher's padding a per-tile estimate of 1.3*t + 1 GiB would allow one tile per call."""
-    unet = host.pack("nodes.unet")
-    per = 200 << 20  # 200 MiB per tile and pass
-    free = 3 * GIB
-    dyn = DynamicPatcher(per, free)
-    fixed, slope = compat.per_item_memory(dyn, [2, 4, 96, 96])
-    assert slope == int(1.3 * 4 * per) - int(1.3 * 2 * per)  # the padding's constant drops out
-    n = unet.tiles_per_call_for(dyn, [1, 4, 96, 96], 2)
-    assert n == int((0.8 * free - fixed) // slope)
-    assert n > 1
-    assert dyn.memory_required([n * 2, 4, 96, 96]) <= 0.8 * free + 1  # the chosen batch fits the padded estimate
-
-
-def test_linear_estimate_matches_per_tile_division(compat, world):
-    """0.3.75's memory_required is proportional to the batch: the slope form changes nothing there."""
-    fixed, per = compat.per_item_memory(world.model, [2, 4, 24, 24])
-    assert abs(per - compat.memory_required(world.model, [2, 4, 24, 24])) <= 1  # int() of a float estimate
-    assert fixed <= 1
-
-
-def test_load_model_runs_pre_run_callbacks(compat, world):
-    """ComfyUI's samplers call the patcher's pre_run before the UNet; so does the pack (0.3.75 ModelPatcher)."""
-    m = world.model.clone()
-    seen = []
-    m.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, lambda patcher: seen.append(patcher))
-    compat.load_model(m, [1, 4, 8, 8])
-    assert seen == [m]
-
-
-def test_vae_ops_enter_the_vae_device_context(compat, world, monkeypatch):
-    """Newer ComfyUI wraps VAE work in mm.cuda_device_context(vae.device); the pack's VAE ops do the same."""
-    entered = []
+def recording_cuda_device_context(entered: list):
+    """Shaped like cuda_device_context(device) in Comfy-Org/ComfyUI comfy/model_management.py @ 02b2b3886164: a
+    context manager taking a torch.device that acts only for a cuda device with an index (here it records that
+    device, else None, instead of setting torch.cuda's current device)."""
 
     @contextlib.contextmanager
     def cuda_device_context(device):
-        entered.append(device)
+        entered.append(device if device.type == "cuda" and device.index is not None else None)
         yield
 
-    assert isinstance(compat.vae_device_context(world.comfy_vae), contextlib.nullcontext)  # 0.3.75: none
-    monkeypatch.setattr(mm, "cuda_device_context", cuda_device_context, raising=False)
+    return cuda_device_context
+
+
+@pytest.mark.parametrize("cls", [NewestPatcher, NewestDynamicPatcher])
+def test_free_memory_asks_the_patcher(compat, world, monkeypatch, cls):
+    """Newest core sizes batches with model.current_patcher.get_free_memory(device) (samplers.py @ 311c01406130)
+    for either patcher; 0.3.75's ModelPatcher has no such method, so the manager's query stays."""
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: 7)
+    p = cls(12345)
+    assert compat.free_memory(p) == 12345 and p.asked == [CUDA1]
+    assert not hasattr(world.model, "get_free_memory")
+    assert compat.free_memory(world.model) == 7
+
+
+def test_vae_free_memory_asks_the_vae_patcher(compat, world, monkeypatch):
+    """VAE.encode/decode size batches with self.patcher.get_free_memory(self.device) (sd.py @ 033046cc4fac)."""
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: 7)
+    vae = world.comfy_vae
+    assert compat.vae_free_memory(vae) == 7  # 0.3.75
+    p = NewestDynamicPatcher(54321)
+    monkeypatch.setattr(vae, "patcher", p)
+    assert compat.vae_free_memory(vae) == 54321 and p.asked == [torch.device(vae.device)]
+
+
+def test_estimate_is_the_diffusion_models_not_the_padded_one(compat):
+    """Core estimates UNet memory with the BaseModel (sampler_helpers.py @ 53757775fa60, samplers.py @
+    311c01406130); ModelPatcherDynamic's padded x1.3 + 1 GiB estimate is not what sizes a sampler's batch."""
+    dyn = NewestDynamicPatcher(3 * GIB)
+    shape = [2, 4, 96, 96]
+    assert compat.memory_required(dyn, shape) == int(dyn.model.memory_required(shape))
+    assert dyn.padded_asked == []
+    assert dyn.memory_required(shape) > compat.memory_required(dyn, shape) + GIB  # what the pack no longer reads
+
+
+def test_tiles_per_call_under_the_dynamic_patcher(compat):
+    """Several 32x32 tiles (two passes each) per call fit 3 GiB under the dynamic patcher; its padded estimate
+    would have allowed one."""
+    unet = host.pack("nodes.unet")
+    dyn = NewestDynamicPatcher(3 * GIB)
+    tile = [1, 4, 32, 32]
+    fixed, per = compat.per_item_memory(dyn, [2] + tile[1:])
+    assert fixed == 0 and per == int(dyn.model.memory_required([2] + tile[1:]))  # linear: no fixed part
+    n = unet.tiles_per_call_for(dyn, tile, 2)
+    assert n == min(unet.MAX_TILES_PER_CALL, int(0.8 * dyn.free // per)) and n > 1
+    assert dyn.asked == [CUDA1] and dyn.padded_asked == []
+    assert dyn.memory_required([4] + tile[1:]) > 0.8 * dyn.free  # padded: two tiles of two passes do not fit
+
+
+def test_linear_estimate_matches_per_tile_division(compat, world):
+    """0.3.75's ModelPatcher.memory_required forwards to the BaseModel: the slope form changes nothing there."""
+    fixed, per = compat.per_item_memory(world.model, [2, 4, 24, 24])
+    assert abs(per - world.model.memory_required([2, 4, 24, 24])) <= 1  # int() of a float estimate
+    assert fixed <= 1
+
+
+def test_unet_session_brackets_like_the_sampler(compat, monkeypatch):
+    """CFGGuider.outer_sample (samplers.py @ 311c01406130): pre_run() inside cuda_device_context(load_device),
+    the UNet calls, cleanup() in a finally."""
+    entered: list = []
+    monkeypatch.setattr(mm, "cuda_device_context", recording_cuda_device_context(entered), raising=False)
+    p = NewestDynamicPatcher(GIB)
+    with pytest.raises(RuntimeError):
+        with compat.unet_session(p):
+            assert p.model.current_patcher is p and p.events == ["pre_run"]
+            raise RuntimeError("a failing UNet call")
+    assert p.events == ["pre_run", "cleanup"] and p.model.current_patcher is None
+    assert entered == [CUDA1]
+
+
+def test_sampler_node_runs_pre_run_and_cleanup(world, pisa_model, monkeypatch):
+    """The PiSA sampler brackets its UNet calls with the real 0.3.75 patcher's ON_PRE_RUN / ON_CLEANUP callbacks
+    (0.3.75's KSampler does the same) and enters the device context around each UNet call when ComfyUI has one."""
+    entered: list = []
+    m = pisa_model.clone()
+    seen = []
+    m.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, lambda patcher: seen.append(("pre_run", patcher)))
+    m.add_callback(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, lambda patcher: seen.append(("cleanup", patcher)))
+    monkeypatch.setattr(mm, "cuda_device_context", recording_cuda_device_context(entered), raising=False)
+    lat = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))}
+    (out,) = run_node("PiSA_Sample", model=m, positive=world.conditioning, latent=lat)
+    assert seen == [("pre_run", m), ("cleanup", m)]
+    assert entered and all(e is None for e in entered)  # the CPU host: entered, and a no-op as upstream's is
+    assert torch.isfinite(out["samples"]).all()
+
+
+def test_vae_ops_enter_the_vae_device_context(compat, world, monkeypatch):
+    """VAE.encode/decode run inside cuda_device_context(self.device) (sd.py @ 033046cc4fac); so do the pack's."""
+    entered: list = []
+    assert isinstance(compat.device_context(world.comfy_vae.device), contextlib.nullcontext)  # 0.3.75: none
+    monkeypatch.setattr(mm, "cuda_device_context", recording_cuda_device_context(entered), raising=False)
     image = pil_to_image(make_image(16, 16, seed=3))
     (lat,) = run_node("PiSA_EncodeLQ", image=image, vae=world.comfy_vae, upscale=1, resize_filter="bicubic")
-    assert entered and all(torch.device(d) == torch.device(world.comfy_vae.device) for d in entered)
+    assert entered and all(e is None for e in entered)  # the CPU VAE: entered, a no-op upstream too
+    entered.clear()
+    with compat.device_context(CUDA1):
+        pass
+    assert entered == [CUDA1]
     assert torch.isfinite(lat["samples"]).all()
+
+
+class AcceleratorError(RuntimeError):
+    """Shaped like torch.AcceleratorError as upstream's is_oom reads it: a RuntimeError with an error_code."""
+
+    def __init__(self, message: str, error_code: int):
+        super().__init__(message)
+        self.error_code = error_code
+
+
+def test_is_oom_asks_comfyui(compat, monkeypatch):
+    """is_oom(e) in Comfy-Org/ComfyUI comfy/model_management.py @ 02b2b3886164 also counts an AcceleratorError
+    with error_code 2 (cudaErrorMemoryAllocation) whatever its message; 0.3.75 has no is_oom."""
+    err = AcceleratorError("CUDA error: an illegal memory access", error_code=2)
+    assert not hasattr(mm, "is_oom")
+    assert not compat.is_oom(err)  # 0.3.75: torch's OutOfMemoryError and the host allocator's messages only
+    assert compat.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+
+    def is_oom(e):
+        if isinstance(e, mm.OOM_EXCEPTION):
+            return True
+        return isinstance(e, AcceleratorError) and (e.error_code == 2 or "out of memory" in str(e).lower())
+
+    monkeypatch.setattr(mm, "is_oom", is_oom, raising=False)
+    assert compat.is_oom(err)
+    assert not compat.is_oom(AcceleratorError("CUDA error: an illegal memory access", error_code=700))
+    assert not compat.is_oom(ValueError("out of range"))
