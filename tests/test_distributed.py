@@ -105,39 +105,30 @@ def read_clip(path: Path) -> dict:
                 else 0.0}
 
 
-def batch_prompt(c: dict, prefix: str, participants: int = 3) -> dict:
-    """The shipped example pisa_sr_distributed_batch, pointed at the tiny weights and the 3 test images."""
-    p = json.loads((host.REPO / "example_workflows" / "api" / "pisa_sr_distributed_batch.json").read_text())
-    loads = iter(c["images"])
+def example_prompt(name: str, c: dict, **by_class: dict) -> dict:
+    """The shipped example ``name`` (API twin) on the tiny weights, with ``by_class[class_type]`` merged into the
+    inputs of every node of that class (a list value is handed out one item per node, in order)."""
+    p = json.loads((host.REPO / "example_workflows" / "api" / f"{name}.json").read_text())
+    by_class = {"CheckpointLoaderSimple": {"ckpt_name": c["ckpt"]}, "PiSA_LoadLoRAs": {"lora_name": c["lora"]},
+                **by_class}
+    queues = {k: {n: iter(v) for n, v in ins.items() if isinstance(v, list)} for k, ins in by_class.items()}
     for node in p.values():
-        kind, inputs = node["class_type"], node["inputs"]
-        if kind == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = c["ckpt"]
-        elif kind == "PiSA_LoadLoRAs":
-            inputs["lora_name"] = c["lora"]
-        elif kind == "LoadImage":
-            inputs["image"] = next(loads)
-        elif kind == "PiSA_DistributedSlice":
-            inputs["participants"] = participants
-        elif kind == "SaveImage":
-            inputs["filename_prefix"] = prefix
+        kind = node["class_type"]
+        for key, value in by_class.get(kind, {}).items():
+            node["inputs"][key] = next(queues[kind][key]) if key in queues[kind] else value
     return p
+
+
+def batch_prompt(c: dict, prefix: str, participants: int = 3) -> dict:
+    """pisa_sr_distributed_batch on the 3 test images."""
+    return example_prompt("pisa_sr_distributed_batch", c, LoadImage={"image": c["images"]},
+                          PiSA_DistributedSlice={"participants": participants}, SaveImage={"filename_prefix": prefix})
 
 
 def video_prompt(c: dict, prefix: str) -> dict:
-    """The shipped example pisa_sr_distributed_video with the tiny weights and the test clip."""
-    p = json.loads((host.REPO / "example_workflows" / "api" / "pisa_sr_distributed_video.json").read_text())
-    for node in p.values():
-        kind, inputs = node["class_type"], node["inputs"]
-        if kind == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = c["ckpt"]
-        elif kind == "PiSA_LoadLoRAs":
-            inputs["lora_name"] = c["lora"]
-        elif kind == "LoadVideo":
-            inputs["file"] = c["clip"]
-        elif kind == "SaveVideo":
-            inputs["filename_prefix"] = prefix
-    return p
+    """pisa_sr_distributed_video on the test clip."""
+    return example_prompt("pisa_sr_distributed_video", c, LoadVideo={"file": c["clip"]},
+                          SaveVideo={"filename_prefix": prefix})
 
 
 def distributed_queue(master: ComfyServer, prompt: dict) -> str:
