@@ -132,12 +132,6 @@ class _Runner:
         data = torch.empty(batch, channels, self.h * scale, self.w * scale, dtype=self.dtype, device=self.park)
         return _Map(data, scale)
 
-    def park_whole(self, t: torch.Tensor, scale: int) -> _Map:
-        """Park a map computed in one piece, with its statistics."""
-        m = _Map(t.to(self.park), scale)
-        m.add_stats(t, self.acc_device)
-        return m
-
     def norm(self, norm: torch.nn.GroupNorm, source: _Map, t: torch.Tensor) -> torch.Tensor:
         """GroupNorm of a tile ``t`` of ``source`` with the whole map's statistics (fp32 math, like torch's)."""
         b, c = source.mean.shape
@@ -273,16 +267,38 @@ class _Runner:
             self.tick()
         return out
 
-    def mid_tiled(self, mid: torch.nn.Module, x: _Map) -> _Map:
-        x = self.resnet(mid.block_1, x)
+    def mid(self, mid: torch.nn.Module, whole_input: Callable[[], torch.Tensor], tiled_input: Callable[[], _Map],
+            whole: bool | None, tiled_units: int, what: str) -> _Map:
+        """The mid block on the whole latent-size map if it fits (``whole`` None: try it, else tiles; exact either way)."""
+        if whole is not False:
+            self.check()
+            try:
+                h = whole_input()
+                h = mid.block_2(mid.attn_1(mid.block_1(h, None)), None)
+                out = _Map(h.to(self.park), 1)
+                out.add_stats(h, self.acc_device)
+                self.tick()
+                return out
+            except _OOM:
+                if whole:
+                    raise
+                log.warning("tiled %s: the mid block does not fit on %s as a whole; running it tiled (exact)",
+                            what, self.device)
+                self.total += tiled_units - 1
+        x = self.resnet(mid.block_1, tiled_input())
         x = self.attention(mid.attn_1, x)
         return self.resnet(mid.block_2, x)
 
 
-def _mid_whole(mid: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    h = mid.block_1(h, None)
-    h = mid.attn_1(h)
-    return mid.block_2(h, None)
+def _one_piece(fn: Callable[[], torch.Tensor], progress: Progress | None, check_interrupt: Interrupt | None
+               ) -> torch.Tensor:
+    """The plain (untiled) path, with the same progress/interrupt contract as the tiled one."""
+    if check_interrupt is not None:
+        check_interrupt()
+    out = fn()
+    if progress is not None:
+        progress(1, 1)
+    return out
 
 
 def _resnet_steps(n_blocks: int, n_attn: int) -> int:
@@ -320,12 +336,7 @@ def tiled_decode(ae: torch.nn.Module, z: torch.Tensor, tile: int, *, progress: P
     _check_layout(dec, z, "decode")
     h, w = z.shape[-2:]
     if h <= tile and w <= tile:
-        if check_interrupt is not None:
-            check_interrupt()
-        out = ae.decode(z)
-        if progress is not None:
-            progress(1, 1)
-        return out
+        return _one_piece(lambda: ae.decode(z), progress, check_interrupt)
     if getattr(ae, "bn", None) is not None:
         raise PisaError(f"VAEs with a latent batch-norm are not supported. {_SD_VAE}")
     if getattr(dec, "give_pre_end", False):
@@ -340,23 +351,12 @@ def tiled_decode(ae: torch.nn.Module, z: torch.Tensor, tile: int, *, progress: P
     mid_tiled_units = run.n_tiles * (1 + _resnet_steps(2, 1))
     run.total = run.n_tiles * per_tile + (mid_tiled_units if whole_mid is False else 1)
 
-    x: _Map | None = None
-    if whole_mid is not False:
-        run.check()
-        try:
-            hmid = _mid_whole(dec.mid, dec.conv_in(ae.post_quant_conv(z)))
-            x = run.park_whole(hmid, 1)
-            del hmid
-            run.tick()
-        except _OOM:
-            if whole_mid:
-                raise
-            log.warning("tiled decode: the mid block does not fit on %s as a whole; running it tiled (exact)", z.device)
-            run.total += mid_tiled_units - 1
-    if x is None:
-        zmap = _Map(z, 1, owned=False)
-        x = run.step([zmap], lambda t: dec.conv_in(ae.post_quant_conv(t)), dec.conv_in.out_channels, 1)
-        x = run.mid_tiled(dec.mid, x)
+    def conv_in(t: torch.Tensor) -> torch.Tensor:
+        return dec.conv_in(ae.post_quant_conv(t))
+
+    x = run.mid(dec.mid, lambda: conv_in(z),
+                lambda: run.step([_Map(z, 1, owned=False)], conv_in, dec.conv_in.out_channels, 1),
+                whole_mid, mid_tiled_units, "decode")
 
     scale = 1
     for i in levels:
@@ -406,12 +406,7 @@ def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, *, progress: P
     h, w = hh // 8, ww // 8
     ltile = max(1, tile // 8)
     if h <= ltile and w <= ltile:
-        if check_interrupt is not None:
-            check_interrupt()
-        out = ae.encode(x.to(device, dtype))
-        if progress is not None:
-            progress(1, 1)
-        return out
+        return _one_piece(lambda: ae.encode(x.to(device, dtype)), progress, check_interrupt)
     if getattr(ae, "bn", None) is not None:
         raise PisaError(f"VAEs with a latent batch-norm are not supported. {_SD_VAE}")
 
@@ -435,22 +430,8 @@ def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, *, progress: P
             h_map = run.step([h_map], down.downsample, h_map.data.shape[1], scale // 2)
             scale //= 2
 
-    mid_out: _Map | None = None
-    if whole_mid is not False:
-        run.check()
-        try:
-            hmid = _mid_whole(enc.mid, h_map.data.to(device))
-            mid_out = run.park_whole(hmid, 1)
-            del hmid
-            run.tick()
-        except _OOM:
-            if whole_mid:
-                raise
-            log.warning("tiled encode: the mid block does not fit on %s as a whole; running it tiled (exact)", device)
-            run.total += mid_tiled_units - 1
-    if mid_out is None:
-        mid_out = run.mid_tiled(enc.mid, h_map)
-    h_map = mid_out
+    pre_mid = h_map
+    h_map = run.mid(enc.mid, lambda: pre_mid.data.to(device), lambda: pre_mid, whole_mid, mid_tiled_units, "encode")
 
     def final(t: torch.Tensor) -> torch.Tensor:
         return ae.quant_conv(enc.conv_out(F.silu(run.norm(enc.norm_out, h_map, t), inplace=True)))

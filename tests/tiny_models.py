@@ -5,7 +5,6 @@ Weights cannot be downloaded here, so correctness is shown on these: the math is
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +118,3 @@ def tiny_world(seed: int = 0) -> TinyWorld:
     ctx = torch.randn(1, 77, CONTEXT_DIM, generator=g)
     return TinyWorld(unet, vae, comfy_model_from_diffusers(unet), comfy_vae_from_diffusers(vae), ckpt, ctx)
 
-
-def clone_unet(unet):
-    return copy.deepcopy(unet)
