@@ -27,10 +27,8 @@ def boot(comfy_dir: str, cpu: bool, pytorch_attention: bool = False) -> Path:
     """ComfyUI booted by scripts/comfy_boot.py (the one boot routine), the pack loaded, and the bench nodes added."""
     base = comfy_boot.boot(comfy_dir, cpu=cpu, pytorch_attention=pytorch_attention)
     comfy_boot.load_pack()
-    import nodes  # ComfyUI's nodes.py
-
     for cls in (BenchSource, BenchImage, BenchSink):
-        nodes.NODE_CLASS_MAPPINGS[cls.__name__] = cls
+        comfy_boot.comfy_nodes().NODE_CLASS_MAPPINGS[cls.__name__] = cls
     return base
 
 
@@ -133,10 +131,9 @@ def comfy_vae(weights, dtype: torch.dtype | None):
 def with_defaults(prompt: dict) -> dict:
     """Fill every widget input a node declares but the prompt leaves out with the node's default (as the front end
     does), so the graph keeps validating when a node gains an input."""
-    import nodes
-
+    classes = comfy_boot.comfy_nodes().NODE_CLASS_MAPPINGS
     for node in prompt.values():
-        types = nodes.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()
+        types = classes[node["class_type"]].INPUT_TYPES()
         for section in ("required", "optional"):
             for name, spec in types.get(section, {}).items():
                 opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACK_NAME = "ComfyUI-PiSA-SR"
 _SUBFOLDERS = ("custom_nodes", "models/checkpoints", "models/pisa_sr", "models/loras", "output", "input", "temp")
 _base: Path | None = None
+_comfy_dir: Path | None = None
 _loaded = False
 
 
@@ -28,13 +29,14 @@ def boot(comfy_dir: str | None = None, base_dir: str | None = None, *, cpu: bool
     attention) sizes chunks from *free memory*, so its rounding changes with machine load; SDPA keeps the
     equivalence bounds reproducible and is what the release side of the benchmark uses.
     """
-    global _base
+    global _base, _comfy_dir
     if _base is not None:
         return _base
     comfy_dir = comfy_dir or os.environ.get("PISA_COMFY_DIR")
     if not comfy_dir or not Path(comfy_dir, "comfy").is_dir():
         raise RuntimeError("PISA_COMFY_DIR is not set to a ComfyUI folder. Run through `bash scripts/run_tests.sh`, "
                            "or `eval \"$(bash scripts/setup_host.sh)\"; export PISA_COMFY_DIR` first.")
+    _comfy_dir = Path(comfy_dir).resolve()
     if comfy_dir not in sys.path:
         sys.path.insert(0, comfy_dir)
     if str(REPO) not in sys.path:
@@ -73,8 +75,8 @@ def load_pack() -> None:
     if _base is None:
         boot()
     import folder_paths
-    import nodes  # ComfyUI's nodes.py (ComfyUI's folder is first on sys.path)
 
+    nodes = comfy_nodes()
     folder_paths.folder_names_and_paths["custom_nodes"] = ([str(_base / "custom_nodes")], set())
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     if "PiSA_Sample" not in nodes.NODE_CLASS_MAPPINGS:
@@ -82,12 +84,21 @@ def load_pack() -> None:
     _loaded = True
 
 
+def comfy_nodes():
+    """ComfyUI's own top-level ``nodes.py``. The repo root is on sys.path too (for ``pisa_sr``) and holds this pack's
+    ``nodes/`` package, so where the name resolved is checked rather than left to sys.path order."""
+    if _base is None:
+        boot()
+    mod = importlib.import_module("nodes")
+    if Path(mod.__file__).resolve().parent != _comfy_dir:
+        raise RuntimeError(f"'nodes' resolved to {mod.__file__}, not ComfyUI's nodes.py in {_comfy_dir}")
+    return mod
+
+
 def node(node_id: str):
     """The registered class for ``node_id`` (a V3 io.ComfyNode subclass for our nodes)."""
-    import nodes
-
     load_pack()
-    return nodes.NODE_CLASS_MAPPINGS[node_id]
+    return comfy_nodes().NODE_CLASS_MAPPINGS[node_id]
 
 
 def pack(submodule: str = ""):

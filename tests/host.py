@@ -17,7 +17,7 @@ if str(REPO / "scripts") not in sys.path:
     sys.path.insert(0, str(REPO / "scripts"))
 
 import comfy_boot  # noqa: E402
-from comfy_boot import PACK_NAME, load_pack, node, pack  # noqa: E402,F401  (the test-facing API)
+from comfy_boot import PACK_NAME, comfy_nodes, load_pack, node, pack  # noqa: E402,F401  (the test-facing API)
 
 BASE_DIR = comfy_boot.boot(base_dir=os.environ.get("PISA_TEST_BASE"), cpu=True, pytorch_attention=True)
 COMFY_DIR = Path(os.environ["PISA_COMFY_DIR"])  # the ComfyUI 0.3.75 folder booted above

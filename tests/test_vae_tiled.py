@@ -17,7 +17,7 @@ from comfy.ldm.models.autoencoder import AutoencoderKL
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import nodes as comfy_nodes
+from host import comfy_nodes
 from pisa_sr import vae_tiled
 from pisa_sr.vae_tiled import auto_tile_size, tiled_decode, tiled_encode
 
@@ -93,7 +93,7 @@ def decoded(vae):
     with torch.inference_mode():  # as ComfyUI runs nodes
         img_ref = vae.decode(z)
         # ComfyUI's defaults (512 px tiles, 64 px overlap) scaled to this 256 px image: 64 px tiles, 16 px overlap.
-        (img_comfy,) = comfy_nodes.VAEDecodeTiled().decode(vae, {"samples": z}, 64, 16)
+        (img_comfy,) = comfy_nodes().VAEDecodeTiled().decode(vae, {"samples": z}, 64, 16)
     return {"z": z, "raw_ref": raw_ref, "raw_ours": raw_ours, "img_ref": img_ref, "img_ours": _to_image(raw_ours),
             "img_comfy": img_comfy}
 
@@ -120,7 +120,7 @@ def test_tiled_encode_equals_untiled_and_beats_comfy_tiled(vae):
     ours = tiled_encode(ae, x, 64)  # 4x4 tiles of 64 px
     with torch.inference_mode():  # as ComfyUI runs nodes
         ref = vae.encode(pixels)  # raw latent (posterior mode), what Encode LQ gets untiled
-        (comfy_tiled,) = comfy_nodes.VAEEncodeTiled().encode(vae, pixels, 64, 16)
+        (comfy_tiled,) = comfy_nodes().VAEEncodeTiled().encode(vae, pixels, 64, 16)
     comfy_tiled = comfy_tiled["samples"]
     assert ours.shape == ref.shape == comfy_tiled.shape == (1, 4, 32, 32)
     peak = (ref.max() - ref.min()).item()
