@@ -117,4 +117,3 @@ def tiny_world(seed: int = 0) -> TinyWorld:
     g = torch.Generator().manual_seed(seed + 3)
     ctx = torch.randn(1, 77, CONTEXT_DIM, generator=g)
     return TinyWorld(unet, vae, comfy_model_from_diffusers(unet), comfy_vae_from_diffusers(vae), ckpt, ctx)
-
