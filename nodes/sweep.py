@@ -72,29 +72,25 @@ def _check_metric_ready(choice: str) -> None:
 
 
 def decode_settings(latent: dict, z_hq_raw: torch.Tensor, settings: int, batch: int, vae, color_fix: str,
-                    extra_steps: int = 0):
-    """Yield each setting's decoded images (batch B at a time, as PiSA Tiled VAE Decode makes them), advancing a
-    progress bar of ``settings + extra_steps`` steps whose first ``extra_steps`` the caller has done."""
+                    metric: str | None = None, ref_raw: torch.Tensor | None = None):
+    """Decode each setting once (batch B at a time, as PiSA Tiled VAE Decode makes them) -> images, setting-major.
+
+    With ``metric``: also ``quality[s][b]`` by that score and ``fidelity[s][b]``, PSNR (Y, no border crop) against
+    the decoded pix-only reference ``ref_raw``; both are empty lists otherwise.
+    """
     hooks = compat.hooks()
+    ref = None if metric is None else decode_hq(dict(latent, samples=ref_raw), vae, color_fix)
+    steps = settings + (ref is not None)
+    images, quality, fidelity = [], [], []
     for s in range(settings):
         hooks.check_interrupt()
-        yield decode_hq(dict(latent, samples=z_hq_raw[s * batch:(s + 1) * batch]), vae, color_fix)
-        hooks.progress(s + 1 + extra_steps, settings + extra_steps)
-
-
-def score_settings(latent: dict, z_hq_raw: torch.Tensor, ref_raw: torch.Tensor, settings: int, batch: int, vae,
-                   color_fix: str, metric: str) -> tuple[list[list[float]], list[list[float]], torch.Tensor]:
-    """Decode each setting, score it with ``metric`` and with PSNR (Y, no border crop) against the decoded pix-only
-    reference; returns ``quality[s][b]``, ``fidelity[s][b]`` and the decoded images, setting-major."""
-    ref_img = decode_hq(dict(latent, samples=ref_raw), vae, color_fix)
-    quality: list[list[float]] = []
-    fidelity: list[list[float]] = []
-    images = []
-    for img in decode_settings(latent, z_hq_raw, settings, batch, vae, color_fix, extra_steps=1):
-        quality.append([float(v) for v in metrics.score(img, metric)])
-        fidelity.append([float(v) for v in metrics.psnr_y(img, ref_img.to(img.device), crop_border=0)])
+        img = decode_hq(dict(latent, samples=z_hq_raw[s * batch:(s + 1) * batch]), vae, color_fix)
         images.append(img)
-    return quality, fidelity, torch.cat(images)
+        if ref is not None:
+            quality.append([float(v) for v in metrics.score(img, metric)])
+            fidelity.append([float(v) for v in metrics.psnr_y(img, ref.to(img.device), crop_border=0)])
+        hooks.progress(steps - settings + s + 1, steps)
+    return torch.cat(images), quality, fidelity
 
 
 def report_text(pairs, batch: int, metric: str, floor: float, quality, fidelity, chosen) -> str:
@@ -202,11 +198,11 @@ class PiSALambdaSweep(io.ComfyNode):
         chosen = quality = fidelity = None
         if choice != "off":
             ref = model.model.process_latent_out(sweep_latents(z, eps_pix, eps_sem, [REFERENCE_SETTING]))
-            quality, fidelity, images = score_settings(latent, z_hq, ref.to(torch.float32).cpu(), n, batch, vae,
-                                                       color_fix, choice)
+            images, quality, fidelity = decode_settings(latent, z_hq, n, batch, vae, color_fix, choice,
+                                                        ref.to(torch.float32).cpu())
             chosen = choose_best_per_image(quality, fidelity, floor, metrics.METRICS[choice].direction > 0)
         elif vae is not None:
-            images = torch.cat(list(decode_settings(latent, z_hq, n, batch, vae, color_fix)))
+            images = decode_settings(latent, z_hq, n, batch, vae, color_fix)[0]
         else:
             images = compat.blocked(f"{NODE}: 'images' needs the vae input connected (the VAE that encoded the LQ "
                                     "image); or decode 'latents' with PiSA Tiled VAE Decode.")

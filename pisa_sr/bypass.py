@@ -13,8 +13,6 @@ import torch.nn.functional as F
 
 from .checkpoint import LoraPair
 
-__all__ = ["BypassTarget", "LowRankBypass", "lowrank_forward"]
-
 
 @dataclass
 class BypassTarget:
@@ -25,25 +23,13 @@ class BypassTarget:
     sign: float = 1.0
 
 
-def lowrank_forward(pair: LoraPair, x: torch.Tensor, module: torch.nn.Module | None = None,
-                    down: torch.Tensor | None = None, up: torch.Tensor | None = None,
-                    scale: float | None = None) -> torch.Tensor:
-    """``scale * B(A(x))`` with the module's own stride/padding/dilation for convolutions.
-
-    ``scale`` defaults to ``pair.scale``; pass 1.0 with an ``up`` that already carries the scale.
-    """
-    down = pair.down if down is None else down
-    up = pair.up if up is None else up
-    scale = pair.scale if scale is None else scale
+def _lowrank(pair: LoraPair, x: torch.Tensor, module: torch.nn.Module, down: torch.Tensor,
+             up: torch.Tensor) -> torch.Tensor:
+    """``B(A(x))`` with the cast factors (``up`` carries scale and sign); a conv uses the module's geometry."""
     if pair.is_conv:
-        stride = getattr(module, "stride", 1)
-        padding = getattr(module, "padding", 0)
-        dilation = getattr(module, "dilation", 1)
-        h = F.conv2d(x, down, stride=stride, padding=padding, dilation=dilation)
-        y = F.conv2d(h, up)
-    else:
-        y = F.linear(F.linear(x, down), up)
-    return y if scale == 1.0 else y * scale
+        h = F.conv2d(x, down, stride=module.stride, padding=module.padding, dilation=module.dilation)
+        return F.conv2d(h, up)
+    return F.linear(F.linear(x, down), up)
 
 
 class LowRankBypass(AbstractContextManager):
@@ -85,7 +71,7 @@ class LowRankBypass(AbstractContextManager):
                 h = F.linear(xs, down).reshape(-1, down.shape[0])
                 delta = None
             else:
-                delta = lowrank_forward(target.pair, xs, module, down, up, scale=1.0).to(output.dtype)
+                delta = _lowrank(target.pair, xs, module, down, up).to(output.dtype)
             if output.requires_grad and torch.is_grad_enabled():
                 output = output.clone()  # never modify a graph tensor in place
             view = output if rows == slice(None) else output[rows]

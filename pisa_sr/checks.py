@@ -5,8 +5,6 @@ import torch
 
 from .errors import PisaError
 
-__all__ = ["check_finite", "check_image", "check_latent"]
-
 # An IMAGE holds floats in [0, 1]; a little float overshoot from upstream arithmetic is clamped, more is refused.
 IMAGE_SLACK = 1 / 255
 

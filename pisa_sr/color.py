@@ -6,8 +6,6 @@ import torch.nn.functional as F
 
 from .errors import PisaError
 
-__all__ = ["COLOR_FIXES", "adain_fix", "wavelet_fix", "check_color_fix", "apply_color_fix"]
-
 COLOR_FIXES = ("adain", "wavelet", "none")
 
 

@@ -14,8 +14,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import PisaError
 
-__all__ = ["labelled_grid", "default_font_size", "grid_layout"]
-
 Font = Union[ImageFont.ImageFont, ImageFont.FreeTypeFont]
 
 _BOX = 0.08  # banner background (dark) ...

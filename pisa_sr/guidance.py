@@ -13,8 +13,6 @@ import torch
 
 from .errors import PisaError
 
-__all__ = ["LAMBDA_MIN", "LAMBDA_MAX", "LAMBDA_RANGE", "Pass", "plan_passes", "combine_eps", "check_lambda"]
-
 # Generous around the paper's [0, 2]; still refuses typos (10 for 1.0) that would only blow the image out.
 LAMBDA_MIN, LAMBDA_MAX = -2.0, 4.0
 LAMBDA_RANGE: tuple[float, float] = (LAMBDA_MIN, LAMBDA_MAX)

@@ -15,28 +15,22 @@ import os
 import sys
 from typing import Callable, TypeVar
 
-__all__ = ["trim_heap", "trims_heap", "DISABLE_ENV"]
-
 T = TypeVar("T")
 
 DISABLE_ENV = "PISA_SR_NO_MALLOC_TRIM"
-_trim = None
-_looked_up = False
 
 
+@functools.cache
 def _malloc_trim():
-    global _trim, _looked_up
-    if not _looked_up:
-        _looked_up = True
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                fn = libc.malloc_trim  # glibc only; musl and others lack it
-                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-                _trim = fn
-            except (OSError, AttributeError):
-                _trim = None
-    return _trim
+    """glibc's malloc_trim, or None (other platforms, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
 
 
 def trim_heap() -> bool:

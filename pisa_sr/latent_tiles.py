@@ -11,8 +11,6 @@ import torch
 
 from .tiling import gaussian_weights, needs_tiling, plan_tiles
 
-__all__ = ["run_tiled"]
-
 EpsFn = Callable[[torch.Tensor], torch.Tensor]
 
 

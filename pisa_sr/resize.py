@@ -19,8 +19,6 @@ from PIL import Image
 
 from .errors import PisaError
 
-__all__ = ["FILTERS", "ResizePlan", "plan_resize", "resize_batch", "to_uint8", "resize_output", "PROCESS_SIZE"]
-
 PROCESS_SIZE = 512
 FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Hooks", "is_oom"]
-
 _HOST_OOM = ("DefaultCPUAllocator: can't allocate", "DefaultCPUAllocator: not enough memory")
 
 

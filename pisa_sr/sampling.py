@@ -18,8 +18,6 @@ from .guidance import Pass, check_lambda, combine_eps, plan_passes
 from .latent_tiles import EpsFn, run_tiled
 from .runtime import Hooks
 
-__all__ = ["Unet", "check_tiles", "make_eps_fn", "plan", "sample_eps"]
-
 log = logging.getLogger("PiSA-SR")
 
 Unet = Callable[[torch.Tensor], torch.Tensor]

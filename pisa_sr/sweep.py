@@ -15,17 +15,6 @@ import torch
 from .errors import PisaError
 from .guidance import check_lambda
 
-__all__ = [
-    "MAX_SETTINGS",
-    "parse_lambda_pairs",
-    "format_label",
-    "combine",
-    "sweep_latents",
-    "sweep_labels",
-    "choose_best",
-    "choose_best_per_image",
-]
-
 MAX_SETTINGS = 64
 
 _PIX_KEYS = {"pix", "lpix", "lambda_pix", "λpix", "λ_pix"}
@@ -199,11 +188,6 @@ def sweep_labels(pairs: Sequence[tuple[float, float]], batch: int = 1) -> list[s
     return labels
 
 
-def _valid(v: float) -> bool:
-    """NaN marks a score that could not be computed; infinities (identical images' PSNR) are valid."""
-    return not math.isnan(v)
-
-
 def choose_best(
     quality: Sequence[float],
     fidelity: Sequence[float],
@@ -227,27 +211,21 @@ def choose_best(
     if math.isnan(floor):
         raise PisaError("the fidelity floor must be a number, got NaN")
     sign = 1.0 if higher_is_better else -1.0
-
-    passing = [i for i in range(len(q)) if _valid(f[i]) and f[i] >= floor]
-    ranked = [i for i in passing if _valid(q[i])]
+    # NaN marks a score that could not be computed; infinities (identical images' PSNR) are valid.
+    passing = [i for i in range(len(q)) if f[i] >= floor]  # NaN compares False
+    ranked = [i for i in passing if not math.isnan(q[i])]
     if ranked:
-        best = ranked[0]
-        for i in ranked[1:]:
-            if sign * q[i] > sign * q[best]:
-                best = i
+        best = min(ranked, key=lambda i: (-sign * q[i], i))  # ties go to the earliest setting
         word = "highest" if higher_is_better else "lowest"
         return best, (
             f"setting {best + 1} of {len(q)}: {word} quality {q[best]:.4g} among {len(ranked)} setting(s) with "
             f"fidelity >= {floor:g} (its fidelity {f[best]:.4g})"
         )
 
-    valid_f = [i for i in range(len(f)) if _valid(f[i])]
+    valid_f = [i for i in range(len(f)) if not math.isnan(f[i])]
     if not valid_f:
         return 0, f"no setting has a valid fidelity score; returning setting 1 of {len(q)}"
-    best = valid_f[0]
-    for i in valid_f[1:]:
-        if f[i] > f[best]:
-            best = i
+    best = min(valid_f, key=lambda i: (-f[i], i))
     why = (
         f"{len(passing)} setting(s) reached the fidelity floor {floor:g} but none has a valid quality score"
         if passing

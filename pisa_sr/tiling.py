@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["axis_starts", "Tile", "plan_tiles", "gaussian_ramp", "gaussian_weights", "needs_tiling"]
-
 
 def axis_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets along one axis, as the release computes them (last tile edge-aligned).
@@ -55,16 +53,11 @@ def needs_tiling(height: int, width: int, tile: int) -> bool:
     return tile > 0 and height * width > tile * tile
 
 
-def gaussian_ramp(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-    """1-D blending weight of the release: ``exp(-(x - mid)^2 / (2 * 0.01 * n^2))``, i.e. sigma = n / 10.
-
-    The release's normalising constant is dropped: it cancels when the weighted sum is divided by the weight sum.
-    """
-    x = torch.arange(n, dtype=torch.float64, device=device)
-    mid = (n - 1) / 2
-    return torch.exp(-((x - mid) ** 2) / (2 * 0.01 * n * n)).to(dtype)
-
-
 def gaussian_weights(h: int, w: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-    """Separable 2-D Gaussian weight ``[h, w]`` for one tile."""
-    return torch.outer(gaussian_ramp(h, torch.float64, device), gaussian_ramp(w, torch.float64, device)).to(dtype)
+    """Separable 2-D blending weight ``[h, w]`` of the release: per axis ``exp(-(x - mid)^2 / (2 * 0.01 * n^2))``
+    (sigma = n / 10), without its normalising constant, which cancels when dividing by the weight sum."""
+    def ramp(n: int) -> torch.Tensor:
+        x = torch.arange(n, dtype=torch.float64, device=device)
+        return torch.exp(-((x - (n - 1) / 2) ** 2) / (2 * 0.01 * n * n))
+
+    return torch.outer(ramp(h), ramp(w)).to(dtype)

@@ -33,8 +33,6 @@ import torch.nn.functional as F
 
 from .errors import PisaError
 
-__all__ = ["HALO", "auto_tile_size", "parked_bytes", "tiled_decode", "tiled_encode"]
-
 log = logging.getLogger(__name__)
 
 HALO = 2
