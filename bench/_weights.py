@@ -3,8 +3,9 @@ tensors are also handed to ComfyUI (our side), a release-layout PiSA-SR LoRA dic
 
 ``full`` is the SD 2.1-base architecture (UNet 865 M parameters: 320/640/1280/1280 channels, 5/10/20/20 heads,
 1024-wide context, linear projections; the standard SD VAE, 83.7 M). ``tiny`` is the architecture of
-tests/tiny_models.py (same seeds; the init rule and LoRA layout come from tests/synthetic_weights.py), so ``--cpu --tiny`` finishes in seconds. Real weights cannot be
-downloaded here, and speed does not depend on weight values; the random init is scaled so activations stay in range.
+tests/tiny_models.py (same seeds; the init rule, LoRA layout and test image come from tests/synthetic_weights.py),
+so ``--cpu --tiny`` finishes in seconds. Real weights cannot be downloaded here, and speed does not depend on weight
+values; the random init is scaled so activations stay in range.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from synthetic_weights import init_weights, synthetic_checkpoint  # noqa: E402  (one copy, shared with the tests)
+from synthetic_weights import init_weights, make_image, synthetic_checkpoint  # noqa: E402,F401  (one copy)
 
 SCALING = 0.18215
 
@@ -93,17 +94,3 @@ def build(arch: Arch, seed: int = 0) -> Weights:
     g = torch.Generator().manual_seed(seed + 3)
     context = torch.randn(1, 77, 1024, generator=g)
     return Weights(arch, unet.eval().requires_grad_(False), vae.eval().requires_grad_(False), ckpt, context)
-
-
-def test_image(width: int, height: int, seed: int = 0):
-    """A structured RGB image (gradients, texture, noise) as PIL: something for colour fix and tiling to act on."""
-    import numpy as np
-    from PIL import Image
-
-    g = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    r = 0.5 + 0.4 * np.sin(x / max(width, 1) * 6.28 * 1.5)
-    gch = 0.5 + 0.4 * np.cos(y / max(height, 1) * 6.28)
-    b = 0.5 + 0.3 * np.sin((x + y) / 7.0)
-    img = np.stack([r, gch, b], -1) + 0.05 * g.standard_normal((height, width, 3))
-    return Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8))

@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     images = {}
     for wl in workloads:
         lq = int(wl.split(":")[0])
-        pil = _weights.test_image(lq, lq, seed=args.seed + lq)
+        pil = _weights.make_image(lq, lq, seed=args.seed + lq)
         resized, flag, _ = ReleaseReference.prepare(pil, 4)
         assert not flag, "workloads are chosen so the release does not pre-resize"
         images[wl] = {"image": torch.from_numpy(np.asarray(pil).astype(np.float32) / 255.0)[None],

@@ -6,17 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import run_node  # noqa: F401  (re-exported)
-
-
-def make_image(w: int, h: int, seed: int = 0) -> Image.Image:
-    """A structured RGB test image (gradients + blobs + noise) so colour fix and tiling have something to do."""
-    g = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    r = 0.5 + 0.4 * np.sin(x / max(w, 1) * 6.28 * 1.5)
-    gch = 0.5 + 0.4 * np.cos(y / max(h, 1) * 6.28)
-    b = 0.5 + 0.3 * np.sin((x + y) / 7.0)
-    img = np.stack([r, gch, b], -1) + 0.05 * g.standard_normal((h, w, 3))
-    return Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+from synthetic_weights import make_image  # noqa: F401  (re-exported)
 
 
 def pil_to_image(img: Image.Image) -> torch.Tensor:

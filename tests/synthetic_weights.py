@@ -1,6 +1,6 @@
-"""Seeded synthetic weights shared by the tests and the benchmarks (pure torch; boots nothing): the init rule for
-random diffusers models and a LoRA dict in the release's exact pisa_sr.pkl layout, made with the release's
-module selection rule. One copy, so the benchmark's ``--tiny`` models are the tests' models by construction.
+"""Seeded synthetic data shared by the tests and the benchmarks (boots nothing): the init rule for random diffusers
+models, a LoRA dict in the release's exact pisa_sr.pkl layout made with the release's module selection rule, and a
+structured test image. One copy, so the benchmark's ``--tiny`` models are the tests' models by construction.
 """
 from __future__ import annotations
 
@@ -69,3 +69,17 @@ def release_lora_dict(shapes: dict[str, tuple], seed: int = 3, rank: int = 4, st
 def synthetic_checkpoint(unet, seed: int = 3, rank: int = 4, strength: float = 0.5) -> dict:
     """:func:`release_lora_dict` for a diffusers ``unet``."""
     return release_lora_dict({n: tuple(p.shape) for n, p in unet.named_parameters()}, seed, rank, strength)
+
+
+def make_image(w: int, h: int, seed: int = 0):
+    """A structured RGB test image as PIL (gradients, texture, noise): something for colour fix and tiling."""
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = 0.5 + 0.4 * np.sin(x / max(w, 1) * 6.28 * 1.5)
+    gch = 0.5 + 0.4 * np.cos(y / max(h, 1) * 6.28)
+    b = 0.5 + 0.3 * np.sin((x + y) / 7.0)
+    img = np.stack([r, gch, b], -1) + 0.05 * g.standard_normal((h, w, 3))
+    return Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
