@@ -5,6 +5,7 @@ Used by the example runner and by the real-server tests. Standard library only.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,6 +153,18 @@ class ComfyServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["ComfyServer"]:
+        """A script's server: started; on an error its log tail goes to stderr; stopped and its folder removed after."""
+        try:
+            with self:
+                yield self
+        except Exception:
+            print("server log tail:\n" + self.log_tail(), file=sys.stderr)
+            raise
+        finally:
+            self.cleanup()
 
     def log_tail(self, n: int = 60) -> str:
         try:

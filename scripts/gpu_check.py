@@ -59,21 +59,15 @@ def run_setting(flags: list[str], names: list[str], ckpt: str, pisa: str, cpu: b
     srv = ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [pisa]}, extra_args=flags, cpu=cpu)
     image = example_image(str(srv.base / "input" / "gpu_check.png"), image_px, image_px)
     out = {}
-    try:
-        with srv:
-            for name in names:
-                t0 = time.time()
-                entry = srv.run(prepared(name, ckpt, pisa, image), timeout=timeout)
-                paths = sorted(srv.output_images(entry))
-                if not paths:
-                    raise RuntimeError(f"{name} under {flags or 'default'} wrote no image")
-                out[name] = {"seconds": round(time.time() - t0, 2),
-                             "images": [np.asarray(Image.open(p).convert("RGB")) for p in paths]}
-    except Exception:
-        print("server log tail:\n" + srv.log_tail(), file=sys.stderr)
-        raise
-    finally:
-        srv.cleanup()
+    with srv.running():
+        for name in names:
+            t0 = time.time()
+            entry = srv.run(prepared(name, ckpt, pisa, image), timeout=timeout)
+            paths = sorted(srv.output_images(entry))
+            if not paths:
+                raise RuntimeError(f"{name} under {flags or 'default'} wrote no image")
+            out[name] = {"seconds": round(time.time() - t0, 2),
+                         "images": [np.asarray(Image.open(p).convert("RGB")) for p in paths]}
     return out
 
 

@@ -90,33 +90,27 @@ def main() -> int:
         ckpt, pisa = os.path.abspath(a.ckpt), os.path.abspath(a.pisa)
     names = a.only or sorted(f[:-5] for f in os.listdir(OUT_API) if f.endswith(".json"))
     srv = ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [pisa]}, inputs=[a.image] if a.image else None)
-    try:
-        with srv:
-            for name in names:
-                title, subtitle, (w, h) = CAPTIONS.get(name, DEFAULT_CAPTION)
-                if a.image:
-                    image = str(srv.base / "input" / os.path.basename(a.image))
-                else:
-                    image = example_image(str(srv.base / "input" / f"lq_{w}x{h}.png"), w, h)
-                prompt = json.load(open(os.path.join(OUT_API, name + ".json")))
-                use_files(prompt, ckpt, pisa, image)
-                t0 = time.time()
-                outs = srv.output_images(srv.run(prompt, timeout=a.timeout))
-                if not outs:
-                    raise RuntimeError(f"{name}: the workflow saved no image")
-                # several saved images (e.g. a sweep's grid and its best pick): show the largest, the overview
-                from PIL import Image
+    with srv.running():
+        for name in names:
+            title, subtitle, (w, h) = CAPTIONS.get(name, DEFAULT_CAPTION)
+            if a.image:
+                image = str(srv.base / "input" / os.path.basename(a.image))
+            else:
+                image = example_image(str(srv.base / "input" / f"lq_{w}x{h}.png"), w, h)
+            prompt = json.load(open(os.path.join(OUT_API, name + ".json")))
+            use_files(prompt, ckpt, pisa, image)
+            t0 = time.time()
+            outs = srv.output_images(srv.run(prompt, timeout=a.timeout))
+            if not outs:
+                raise RuntimeError(f"{name}: the workflow saved no image")
+            # several saved images (e.g. a sweep's grid and its best pick): show the largest, the overview
+            from PIL import Image
 
-                out = max(outs, key=lambda p: Image.open(p).width * Image.open(p).height)
-                thumb = compose(image, str(out), title, subtitle, tiny)
-                dst = os.path.join(a.out_dir, name + ".jpg")
-                thumb.save(dst, quality=88)
-                print(f"{dst} ({thumb.width}x{thumb.height}) from a {time.time() - t0:.0f}s run", flush=True)
-    except Exception:
-        print("server log tail:\n" + srv.log_tail(), file=sys.stderr)
-        raise
-    finally:
-        srv.cleanup()
+            out = max(outs, key=lambda p: Image.open(p).width * Image.open(p).height)
+            thumb = compose(image, str(out), title, subtitle, tiny)
+            dst = os.path.join(a.out_dir, name + ".jpg")
+            thumb.save(dst, quality=88)
+            print(f"{dst} ({thumb.width}x{thumb.height}) from a {time.time() - t0:.0f}s run", flush=True)
     return 0
 
 

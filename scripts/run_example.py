@@ -75,25 +75,19 @@ def main() -> int:
     for nid, name, v in parse_set(a.set):
         prompt[nid]["inputs"][name] = v
     t0 = time.time()
-    try:
-        with srv:
-            print(f"ComfyUI up on {srv.url} in {time.time() - t0:.1f}s; running {a.workflow} ...", flush=True)
-            t1 = time.time()
-            entry = srv.run(prompt, timeout=a.timeout)
-            images = srv.output_images(entry)
-            if not images:
-                raise RuntimeError("the workflow finished but wrote no image")
-            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-            shutil.copy(images[0], a.out)
-            from PIL import Image
+    with srv.running():
+        print(f"ComfyUI up on {srv.url} in {time.time() - t0:.1f}s; running {a.workflow} ...", flush=True)
+        t1 = time.time()
+        entry = srv.run(prompt, timeout=a.timeout)
+        images = srv.output_images(entry)
+        if not images:
+            raise RuntimeError("the workflow finished but wrote no image")
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        shutil.copy(images[0], a.out)
+        from PIL import Image
 
-            size = Image.open(a.out).size
-            print(f"done in {time.time() - t1:.1f}s: {a.out} ({size[0]}x{size[1]})")
-    except Exception:
-        print("server log tail:\n" + srv.log_tail(), file=sys.stderr)
-        raise
-    finally:
-        srv.cleanup()
+        size = Image.open(a.out).size
+        print(f"done in {time.time() - t1:.1f}s: {a.out} ({size[0]}x{size[1]})")
     return 0
 
 
