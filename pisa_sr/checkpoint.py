@@ -1,13 +1,11 @@
 """Read and validate PiSA-SR LoRA checkpoints: the release's ``pisa_sr.pkl`` and our ``.safetensors`` conversion.
 
-The bytes that are checked are the bytes that are loaded. The file is read once (bounded) and everything works on
-those bytes: a torch zip is opened with torch's own reader, its ``data.pkl`` is scanned opcode by opcode with the
-standard library's ``pickletools`` (nothing runs; only what a tensor file holds passes, with bounded size, depth and
-sharing), then the same bytes go to ``torch.load(weights_only=True)``. A safetensors header is bounded before the
-library reads the same bytes. The result must match the release layout exactly (:func:`parse_release_dict`).
+The file is read once and the bytes that are checked are the bytes that are loaded: a torch zip's pickle is scanned
+(:mod:`.pickle_scan`, nothing runs) before ``torch.load(weights_only=True)``; a safetensors header is bounded first.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -17,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors
 
 from .errors import CheckpointError
 from .pickle_scan import Forbidden, Refused, is_dense, scan
@@ -32,8 +31,7 @@ MAX_FILE_BYTES = 2 * 1024**3  # a rank-256 pix+sem pair for SD2 is 2.08 GB in fp
 MAX_MODULES = 4096  # per kind, all parts together
 MAX_TENSORS = 2 * len(KINDS) * MAX_MODULES
 MAX_DIM, MAX_KERNEL, MAX_NAME_LEN = 20480, 7, 256  # SD2's widest target has 10240 outputs; its kernels are <= 3
-MAX_PICKLE_BYTES = 8 * 1024**2
-MAX_HEADER_BYTES = 8 * 1024**2  # safetensors JSON header
+MAX_PICKLE_BYTES = MAX_HEADER_BYTES = 8 * 1024**2  # a torch zip's data.pkl; a safetensors JSON header
 ALLOWED_DTYPES = {torch.float16, torch.bfloat16, torch.float32}
 _COMPONENT = r"(?:[A-Za-z][A-Za-z0-9_]{0,63}|[0-9]{1,4})"
 _MODULE_RE = re.compile(rf"[A-Za-z][A-Za-z0-9_]{{0,63}}(?:\.{_COMPONENT}){{0,15}}")  # use fullmatch
@@ -155,7 +153,23 @@ def _tensor(path: str, key: str, t: Any) -> torch.Tensor:
     return t
 
 
-def _parse(sd: Any, path: str) -> PisaLoras:
+def _guarded(fn):
+    """A rule we missed must still end in a clean refusal, never a traceback."""
+    @functools.wraps(fn)
+    def guarded(x: Any, path: str = "") -> PisaLoras:
+        try:
+            return fn(x, path)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise _fail(path, f"{_UNEXPECTED} it ({type(e).__name__}: {_first_line(e)}); the file is damaged or not "
+                              "a PiSA-SR checkpoint.") from None
+    return guarded
+
+
+@_guarded
+def parse_release_dict(sd: Any, path: str = "") -> PisaLoras:
+    """Validate a dict in the release's ``pisa_sr.pkl`` layout and build both LoRA sets (tensors are copied)."""
     if not isinstance(sd, dict) or len(sd) > 4 * len(_TOP_KEYS) or not all(isinstance(k, str) for k in sd):
         raise _fail(path, f"expected a dict of LoRA weights with string keys, found {_describe(sd)}. Is this a "
                           "PiSA-SR checkpoint?")
@@ -192,17 +206,16 @@ def _parse(sd: Any, path: str) -> PisaLoras:
                         b.dim() == 4 and tuple(b.shape[2:]) != (1, 1)):
                     raise _fail(path, f"'{module}': shapes {tuple(a.shape)} / {tuple(b.shape)} ({a.dtype}, {b.dtype}) "
                                       f"do not match the declared {kind} rank {rank} of a LoRA pair.")
-                for name, t in (("lora_A", a), ("lora_B", b)):
+                for ab, t in (("A", a), ("B", b)):
                     if not bool(torch.isfinite(t).all()):
-                        raise _fail(path, f"'{module}' {kind} {name} contains NaN or infinity; the file is corrupted.")
+                        raise _fail(path, f"'{module}' {kind} lora_{ab} contains NaN or infinity; the file is corrupted.")
                 total += a.nbytes + b.nbytes
                 if total > MAX_FILE_BYTES:
                     raise _fail(path, f"its LoRA tensors exceed {MAX_FILE_BYTES // 1024**2} MB.")
                 used.update((ka, kb))
                 # Own copies: the caller's dict may change, and a file's storages must not stay referenced.
-                lset.pairs[module] = LoraPair(a.detach().clone(memory_format=torch.contiguous_format),
-                                              b.detach().clone(memory_format=torch.contiguous_format),
-                                              PEFT_DEFAULT_ALPHA / rank)
+                a, b = (t.detach().clone(memory_format=torch.contiguous_format) for t in (a, b))
+                lset.pairs[module] = LoraPair(a, b, PEFT_DEFAULT_ALPHA / rank)
                 lset.parts[module] = part
         if not lset.pairs:
             raise _fail(path, f"the {kind} LoRA lists no modules.")
@@ -211,17 +224,6 @@ def _parse(sd: Any, path: str) -> PisaLoras:
         raise _fail(path, f"'state_dict_unet' has {len(state) - len(used)} tensors that belong to no listed module "
                           f"(e.g. {_describe(unknown)}); the file was edited or is not a PiSA-SR checkpoint.")
     return PisaLoras(pix=sets["pix"], sem=sets["sem"])
-
-
-def parse_release_dict(sd: Any, path: str = "") -> PisaLoras:
-    """Validate a dict in the release's ``pisa_sr.pkl`` layout and build both LoRA sets (tensors are copied)."""
-    try:
-        return _parse(sd, path)
-    except CheckpointError:
-        raise
-    except Exception as e:  # a rule we missed must still end in a clean refusal
-        raise _fail(path, f"{_UNEXPECTED} it ({type(e).__name__}: {_first_line(e)}); the file is damaged or not a "
-                          "PiSA-SR checkpoint.") from None
 
 
 # ---------------------------------------------------------------------------------------------------- formats
@@ -296,10 +298,7 @@ def _load_safetensors(data: bytes, path: str) -> dict:
         raise _fail(path, f"lists {len(header)} tensors; a PiSA-SR checkpoint has at most {MAX_TENSORS}.",
                     FIX_RECONVERT)
     try:
-        from safetensors.torch import load
-
-        state = load(data)
-        sd: dict[str, Any] = {"state_dict_unet": state}
+        sd: dict[str, Any] = {"state_dict_unet": load_safetensors(data)}
         for k in KINDS:
             rank = meta[f"lora_rank_unet_{k}"]
             sd[f"lora_rank_unet_{k}"] = int(rank) if re.fullmatch(r"[0-9]{1,6}", rank) else rank
@@ -335,23 +334,18 @@ def read_file(path: str) -> bytes:
     return data
 
 
+@_guarded
 def load_bytes(data: bytes, path: str) -> PisaLoras:
     """Validate and load a checkpoint's bytes (``path`` names the file in messages and tells its extension)."""
-    try:
-        if data[:4] == b"PK\x03\x04":
-            if path.lower().endswith(".safetensors"):
-                raise _fail(path, "is a torch pickle (zip) named .safetensors, not a conversion.",
-                            "Rename it to .pkl, then convert it with `python -m pisa_sr.convert pisa_sr.pkl "
-                            "pisa_sr.safetensors` (run from the pack folder).")
-            return _parse(_load_torch_zip(data, path), path)
-        if len(data) > 8 and data[8:9] == b"{":  # dispatch on content: a renamed file is read for what it is
-            return _parse(_load_safetensors(data, path), path)
-        raise _refuse_other(data, path)
-    except CheckpointError:
-        raise
-    except Exception as e:  # a rule we missed must still end in a clean refusal
-        raise _fail(path, f"{_UNEXPECTED} it ({type(e).__name__}: {_first_line(e)}); the file is damaged or not a "
-                          "PiSA-SR checkpoint.") from None
+    if data[:4] == b"PK\x03\x04":
+        if path.lower().endswith(".safetensors"):
+            raise _fail(path, "is a torch pickle (zip) named .safetensors, not a conversion.",
+                        "Rename it to .pkl, then convert it with `python -m pisa_sr.convert pisa_sr.pkl "
+                        "pisa_sr.safetensors` (run from the pack folder).")
+        return parse_release_dict(_load_torch_zip(data, path), path)
+    if len(data) > 8 and data[8:9] == b"{":  # dispatch on content: a renamed file is read for what it is
+        return parse_release_dict(_load_safetensors(data, path), path)
+    raise _refuse_other(data, path)
 
 
 def load_checkpoint(path: str) -> PisaLoras:

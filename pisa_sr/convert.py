@@ -1,17 +1,8 @@
 """Convert the release ``pisa_sr.pkl`` to a ``.safetensors`` file once, so ComfyUI never has to open a pickle.
 
-Run from the pack folder::
-
-    python -m pisa_sr.convert pisa_sr.pkl pisa_sr.safetensors     # convert, verify, print a summary
-    python -m pisa_sr.convert --check pisa_sr.safetensors          # validate only
-
-The input goes through the same checked loader as the node (no code from the file runs). The conversion is built in
-memory, re-read with that loader and compared bit for bit with the input, written next to its destination under a
-temporary name (mode from the umask), read back, and only then moved into place, so a failed conversion never leaves
-a half-written file under the final name. The same input always gives the same bytes.
-
-Exit codes: 0 success, 1 the input was refused, 2 bad command line, 3 the output could not be written or did not
-verify.
+Run from the pack folder: ``python -m pisa_sr.convert pisa_sr.pkl pisa_sr.safetensors`` (or ``--check FILE``).
+The input goes through the node's checked loader; the output is re-read and compared bit for bit, then written under
+a temporary name and moved into place, so a failure never leaves a half-written file. Same input, same bytes.
 """
 from __future__ import annotations
 
@@ -96,18 +87,15 @@ def verify_identical(a: PisaLoras, b: PisaLoras) -> None:
 
 def summary(loras: PisaLoras) -> str:
     """Modules per part, rank, dtypes and bytes of each LoRA set."""
-    lines = []
-    total = 0
+    lines, total = [], 0
     for s in loras.sets():
-        per_part = {p: sum(1 for v in s.parts.values() if v == p) for p in PARTS}
-        nbytes = sum(t.numel() * t.element_size() for pr in s.pairs.values() for t in (pr.down, pr.up))
-        dtypes = sorted({str(t.dtype).replace("torch.", "") for pr in s.pairs.values() for t in (pr.down, pr.up)})
-        convs = sum(1 for pr in s.pairs.values() if pr.is_conv)
+        tensors = [t for pr in s.pairs.values() for t in (pr.down, pr.up)]
+        per_part = ", ".join(f"{p} {list(s.parts.values()).count(p)}" for p in PARTS)
+        dtypes = ", ".join(sorted({str(t.dtype).replace("torch.", "") for t in tensors}))
+        convs, nbytes = sum(pr.is_conv for pr in s.pairs.values()), sum(t.nbytes for t in tensors)
         total += nbytes
-        lines.append(f"  {s.kind}: rank {s.rank}, {len(s)} modules ("
-                     + ", ".join(f"{p} {n}" for p, n in per_part.items())
-                     + f"; {convs} conv, {len(s) - convs} linear), {2 * len(s)} tensors, {', '.join(dtypes)}, "
-                     f"{nbytes:,} bytes")
+        lines.append(f"  {s.kind}: rank {s.rank}, {len(s)} modules ({per_part}; {convs} conv, {len(s) - convs} "
+                     f"linear), {len(tensors)} tensors, {dtypes}, {nbytes:,} bytes")
     lines.append(f"  alpha {loras.alpha:g} (scale alpha/rank), {total:,} tensor bytes in all")
     return "\n".join(lines)
 
@@ -180,17 +168,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse has printed the usage
         return int(e.code or 0) and EXIT_USAGE
-    if args.check is not None:
-        if args.input is not None:
-            parser.print_usage(out)
-            print("error: --check takes a single file and no other arguments.", file=out)
-            return EXIT_USAGE
-        return check(args.check, out)
-    if args.input is None or args.output is None:
+    if (args.input is not None) if args.check is not None else (args.output is None):
         parser.print_usage(out)
-        print("error: give an input and an output file, or --check FILE.", file=out)
+        print("error: give an input and an output file, or --check FILE alone.", file=out)
         return EXIT_USAGE
-    return convert(args.input, args.output, args.force, out)
+    return check(args.check, out) if args.check is not None else convert(args.input, args.output, args.force, out)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,7 @@
 """Decide whether a pickle is nothing but a torch.save of tensors in dicts and lists, without running it.
 
-The standard library's ``pickletools.genops`` walks the opcodes; a small model of the unpickler's stack follows what
-each builds (kinds, not values; strings and integers as they are). Only the globals, opcodes and structures such a
-file holds pass: no call but torch's tensor rebuild, string dict keys only, no sets, bounded steps, nesting and
-sharing (a shared object counts once per reference, so a structure that is exponential to hash or print is refused
-while it is still small). Storages must match their records' sizes and tensor views must stay inside them.
+``pickletools.genops`` walks the opcodes while a model of the unpickler's stack tracks kinds (strings and integers as
+they are). Only torch's tensor rebuild is called; steps, nesting and sharing are bounded; views stay in their storages.
 """
 from __future__ import annotations
 
@@ -62,7 +59,7 @@ def _ints(v: Any, bound: int) -> tuple[int, ...]:
     return v.items
 
 
-def _rebuild_tensor(args: tuple, records: dict[str, int]) -> _Obj:
+def _rebuild_tensor(args: tuple) -> _Obj:
     storage, offset, size, stride, grad, hooks, *meta = args + (None,) * (6 - len(args))
     if not isinstance(storage, _Obj) or storage.kind != "storage" or type(offset) is not int or offset < 0 or (
             type(grad) is not bool) or len(meta) > 1 or not (isinstance(hooks, _Obj) and hooks.kind == "odict"
@@ -87,12 +84,6 @@ def scan(data: bytes, records: dict[str, int]) -> Any:
         items = stack[marks[-1]:]
         del stack[marks.pop():]
         return items
-
-    def put_items(target: Any, items: list) -> None:
-        if not isinstance(target, _Obj) or target.kind not in ("dict", "odict") or len(items) % 2 or not all(
-                type(k) is str for k in items[::2]):
-            raise Refused("it sets dict items with keys that are not strings, or on something not a dict")
-        target.add(items)
 
     for n, (op, arg, _) in enumerate(pickletools.genops(data)):
         name = op.name
@@ -120,25 +111,26 @@ def scan(data: bytes, records: dict[str, int]) -> Any:
         elif name in ("BINGET", "LONG_BINGET"):
             stack.append(memo[arg])
         elif name in _TUPLE_OPS or name == "TUPLE":
-            k = _TUPLE_OPS.get(name, 0)
-            items = pop_mark() if name == "TUPLE" else stack[len(stack) - k:]
-            del stack[len(stack) - (0 if name == "TUPLE" else k):]
+            items = pop_mark() if name == "TUPLE" else [stack.pop() for _ in range(_TUPLE_OPS[name])][::-1]
             stack.append(_Obj("tuple", tuple(items), items))
         elif name in ("EMPTY_LIST", "EMPTY_DICT"):
             stack.append(_Obj(name[6:].lower()))
         elif name in ("APPEND", "APPENDS"):
             items = [stack.pop()] if name == "APPEND" else pop_mark()
-            if not isinstance(stack[-1], _Obj) or stack[-1].kind != "list":
+            if getattr(stack[-1], "kind", "") != "list":
                 raise Refused("it appends to something that is not a list")
             stack[-1].add(items)
         elif name in ("SETITEM", "SETITEMS"):
-            items = stack[-2:] if name == "SETITEM" else pop_mark()
-            del stack[len(stack) - (2 if name == "SETITEM" else 0):]
-            put_items(stack[-1], items)
+            items = [stack.pop(-2), stack.pop()] if name == "SETITEM" else pop_mark()
+            if getattr(stack[-1], "kind", "") not in ("dict", "odict") or len(items) % 2 or not all(
+                    type(k) is str for k in items[::2]):
+                raise Refused("it sets dict items with keys that are not strings, or on something not a dict")
+            stack[-1].add(items)
         elif name == "BINPERSID":
             pid = stack.pop()
-            _, stype, key, _, numel = pid.items if isinstance(pid, _Obj) and len(pid.items) == 5 else (None,) * 5
-            if pid.items[0] != "storage" or not isinstance(stype, _Obj) or not isinstance(stype.items, torch.dtype) \
+            ok = getattr(pid, "kind", "") == "tuple" and len(pid.items) == 5
+            tag, stype, key, _, numel = pid.items if ok else (None,) * 5
+            if tag != "storage" or not isinstance(stype, _Obj) or not isinstance(stype.items, torch.dtype) \
                     or type(key) is not str or type(numel) is not int or numel < 0:
                 raise Refused("it has a persistent object that is not a tensor storage")
             if records.get(key) != numel * stype.items.itemsize:
@@ -151,7 +143,7 @@ def scan(data: bytes, records: dict[str, int]) -> Any:
             if not isinstance(args, _Obj) or args.kind != "tuple" or kind not in ("tensor", "param", "odict"):
                 raise Refused("it calls something other than torch's tensor rebuild")
             if kind == "tensor":
-                stack.append(_rebuild_tensor(args.items, records))
+                stack.append(_rebuild_tensor(args.items))
             elif kind == "param":
                 if len(args.items) != 3 or getattr(args.items[0], "kind", "") != "tensor":
                     raise Refused("a parameter record is malformed")

@@ -183,7 +183,8 @@ def test_malformed_torch_zips_are_refused(tmp_path, no_torch_load, case, needle)
     ("deep", "nests"),
     ("int_key", "keys that are not strings"),
     ("set", "FROZENSET"),
-    ("op_flood", "steps")])
+    ("op_flood", "steps"),
+    ("str_persid", "persistent object")])  # a persistent id that is not a tuple once reached the backstop
 def test_pickle_structure_beyond_a_tensor_file_is_refused_before_torch_load(tmp_path, no_torch_load, case, needle):
     body = {
         "dag_key": dag_key_pickle()[2:-1],
@@ -192,6 +193,7 @@ def test_pickle_structure_beyond_a_tensor_file_is_refused_before_torch_load(tmp_
         "int_key": Op.DICT + Op.int(1) + Op.int(2) + b"s",
         "set": Op.MARK + Op.int(1) + b"\x91",
         "op_flood": Op.DICT + b"N" * (MAX_OPS + 1),
+        "str_persid": Op.str("x") + b"Q",
     }[case]
     data = make_zip({"archive/data.pkl": Op.PROTO + body + Op.STOP, "archive/version": b"3\n"})
     refused(write(tmp_path, f"{case}.pkl", data), needle)
