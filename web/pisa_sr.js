@@ -1,57 +1,47 @@
-// ComfyUI-PiSA-SR front-end extension (ComfyUI frontend 1.x, public extension API only), for both node renderers:
-// the classic canvas and "Vue nodes" (which draws each custom widget on a canvas of its own).
-//
-//  * Fidelity / perception pad on Dual-Guided One-Step Sample (any node with lambda_pix and lambda_sem number
-//    widgets): x = lambda_sem (semantic detail), y = lambda_pix (pixel-level cleanup). Dragging sets both widgets,
-//    editing the widgets moves the dot, values clamp to the widgets' min/max and snap to 0.05, and the release
-//    default (1, 1) is marked.
-//  * Before / after slider on PiSA Tiled VAE Decode: its execute() returns the result previews as `images` and the
-//    resized LQ previews as `pisa_lq`; this draws them on top of each other with a draggable split.
-//
-// Everything is optional: each hook is wrapped so that an error only logs a warning, and without this file the
-// graph works unchanged (the decode node then shows the result as an ordinary preview).
+// ComfyUI-PiSA-SR front end (public extension API of ComfyUI frontend 1.x), for both node renderers: the classic
+// canvas and "Vue nodes" (which draws each custom widget on a canvas of its own).
+//  * Fidelity / perception pad on the sampler (any PiSA-SR node with FLOAT lambda_pix and lambda_sem): x = lambda_sem,
+//    y = lambda_pix. Dragging sets both (snapped to 0.05, clamped to the widgets' min/max), typed edits move the dot,
+//    and the release default (1, 1) is marked.
+//  * Before / after slider on PiSA Tiled VAE Decode, over its `images` (result) and `pisa_lq` (resized LQ) previews.
+// Each hook only warns on error; without this file the graph works unchanged (the decoder shows an ordinary preview).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const EXT = "comfyui-pisa-sr.ui";
 const PAD = "pisa_sr_pad";
 const COMPARE = "pisa_sr_compare";
+const DECODE = "PiSA_Decode";
 const LQ_KEY = "pisa_lq";
 const PIX = "lambda_pix";
 const SEM = "lambda_sem";
-const SNAP = 0.05;
 const DEFAULT = { pix: 1.0, sem: 1.0 }; // the release's default mode
 const PAD_HEIGHT = 230;
 const DEFAULT_PREVIEW_WIDGET = "$$canvas-image-preview"; // the front end's canvas image preview
+const FAINT = "rgba(255,255,255,0.35)";
 
 const warn = (what, e) => console.warn(`[PiSA-SR] ${what}:`, e);
-const LG = () => globalThis.LiteGraph ?? {};
-const color = (key, fallback) => LG()[key] ?? fallback;
-const isDown = (e) => /down$/.test(e?.type ?? "");
-const isMove = (e) => /move$/.test(e?.type ?? "");
-const isUp = (e) => /up$|cancel$/.test(e?.type ?? "");
+const color = (key, fallback) => globalThis.LiteGraph?.[key] ?? fallback;
+const clamp = (v, lo, hi) => Math.min(hi, Math.max(lo, v));
+const inside = (r, x, y, m = 0) => r && x >= r.x0 - m && x <= r.x1 + m && y >= r.y0 - m && y <= r.y1 + m;
+const findWidget = (node, name) => node.widgets?.find((w) => w.name === name);
 
-export function snapValue(v, lo, hi, step = SNAP) {
-  let s = Math.round(v / step) * step;
-  s = Math.min(hi, Math.max(lo, s));
-  return Number(s.toFixed(4));
+export function snapValue(v, lo, hi, step = 0.05) {
+  return Number(clamp(Math.round(v / step) * step, lo, hi).toFixed(4));
 }
 
-function widgetRange(w, fallbackLo = -2, fallbackHi = 4) {
-  const lo = Number.isFinite(w?.options?.min) ? w.options.min : fallbackLo;
-  const hi = Number.isFinite(w?.options?.max) ? w.options.max : fallbackHi;
-  return hi > lo ? [lo, hi] : [fallbackLo, fallbackHi];
-}
-
-function findWidget(node, name) {
-  return node.widgets?.find((w) => w.name === name);
+function widgetRange(w) {
+  const lo = Number.isFinite(w.options?.min) ? w.options.min : -2;
+  const hi = Number.isFinite(w.options?.max) ? w.options.max : 4;
+  return hi > lo ? [lo, hi] : [-2, 4];
 }
 
 function isLinked(node, name) {
   const input = node.inputs?.find((i) => i.name === name || i.widget?.name === name);
-  return input != null && input.link != null;
+  return input?.link != null;
 }
 
+// Set a widget as an edit would: its setValue (front ends that have it), else value, callback and graph change.
 function setWidget(node, w, value, e) {
   if (w.value === value) return;
   const canvas = app.canvas;
@@ -70,30 +60,26 @@ function setWidget(node, w, value, e) {
   if (node.graph) node.graph._version++;
 }
 
-// Redraw a widget in both renderers: the classic canvas repaints on setDirtyCanvas; the Vue-nodes renderer draws
-// each custom widget on its own small canvas and repaints it only through widget.triggerDraw.
+// The classic canvas repaints on setDirtyCanvas; Vue nodes repaint a custom widget only through triggerDraw.
 function redraw(node, w) {
   node.setDirtyCanvas?.(true, true);
   w?.triggerDraw?.();
 }
 
-// The Vue-nodes renderer draws each custom widget on a canvas of its own. Before 1.33 its pointer events bubbled to
-// the node, which then dragged the node away from under the pointer after the first move: keep them on the widget.
+// Vue nodes before 1.33 let a widget canvas's pointer events bubble to the node, which then dragged the node away
+// from under the pointer; the Vue nodes of 1.32.9 also lay their output preview over a tall widget's canvas, which
+// then took the pointer. Keep the events on the widget and its canvas on top.
 function ownPointer(ctx) {
   const el = ctx?.canvas;
   if (!el || el === app.canvas?.canvas || el.pisaOwnPointer) return;
   el.pisaOwnPointer = true;
-  // 1.32.9's Vue nodes lay their own output preview over the lower part of a tall custom widget's canvas, which then
-  // took the pointer (the compare slider could not be dragged there): keep the widget's canvas on top.
   if (getComputedStyle(el).position === "static") el.style.position = "relative";
   el.style.zIndex = "1";
   for (const type of ["pointerdown", "pointermove", "pointerup"]) el.addEventListener(type, (e) => e.stopPropagation());
 }
 
-// Draw in the coordinates pointer positions come in. The Vue nodes of 1.53 size a custom widget's canvas from its
-// zoomed on-screen width (so away from 100% zoom the drawing came out scaled and spilled out of the node) while
-// pointer positions are in unzoomed CSS pixels: pin the canvas to the widget's height and scale back. Returns the
-// width to draw at.
+// The Vue nodes of 1.53 size a widget's canvas from its zoomed width while pointer positions come in unzoomed CSS
+// pixels: pin the canvas height and scale back, so drawing and pointer agree. Returns the width to draw at.
 function cssWidth(ctx, width, height) {
   const el = ctx?.canvas;
   if (!el || el === app.canvas?.canvas || !el.clientWidth) return width;
@@ -103,33 +89,6 @@ function cssWidth(ctx, width, height) {
     ctx.scale(k, 1);
   }
   return el.clientWidth;
-}
-
-// The pointer protocol both widgets share: a press inside starts a drag, moves while dragging apply the pointer
-// position. The release position is ignored: the Vue-nodes renderer reports it in graph coordinates (relative to the
-// node) while press and moves come in the widget's own canvas coordinates, which set lambda_pix to its minimum.
-// press(pos) returns "drag" (start dragging and apply pos), "handled" (consumed, no drag) or false.
-function dragMouse(widget, node, what, e, pos, press, apply) {
-  try {
-    if (isDown(e)) {
-      const r = press(pos);
-      if (r !== "drag") return r === "handled";
-      widget.dragging = true;
-    } else if (isUp(e)) {
-      if (!widget.dragging) return false;
-      widget.dragging = false;
-      redraw(node, widget);
-      return true;
-    } else if (!(isMove(e) && widget.dragging)) {
-      return false;
-    }
-    apply(pos);
-    return true;
-  } catch (err) {
-    warn(what, err);
-    widget.dragging = false;
-    return false;
-  }
 }
 
 function roundRect(ctx, x, y, w, h, r) {
@@ -146,123 +105,137 @@ function label(ctx, text, x, y, align = "left", col = null, font = "11px sans-se
   ctx.fillText(text, x, y);
 }
 
-// ------------------------------------------------------------------------------------------------ the pad
-function makePad(node) {
-  const widget = {
-    name: PAD,
-    type: "pisa_sr_pad",
-    value: null,
-    options: { serialize: false },
-    serialize: false,
-    y: 0,
-    dragging: false,
-    box: null, // pad rectangle in the coordinates the renderer draws and reports pointer positions in
-    resetBox: null,
-
-    computeSize(width) {
-      return [width ?? node.size[0], PAD_HEIGHT];
-    },
-
-    axes() {
-      const wp = findWidget(node, PIX);
-      const ws = findWidget(node, SEM);
-      if (!wp || !ws) return null;
-      const [pLo, pHi] = widgetRange(wp);
-      const [sLo, sHi] = widgetRange(ws);
-      return { wp, ws, pLo, pHi, sLo, sHi, linked: isLinked(node, PIX) || isLinked(node, SEM) };
-    },
-
-    // value <-> pad position (node coordinates)
-    toXY(a, pix, sem) {
-      const b = this.box;
-      return [b.x0 + ((sem - a.sLo) / (a.sHi - a.sLo)) * (b.x1 - b.x0),
-              b.y1 - ((pix - a.pLo) / (a.pHi - a.pLo)) * (b.y1 - b.y0)];
-    },
-    fromXY(a, x, y) {
-      const b = this.box;
-      const sem = a.sLo + ((x - b.x0) / (b.x1 - b.x0)) * (a.sHi - a.sLo);
-      const pix = a.pLo + ((b.y1 - y) / (b.y1 - b.y0)) * (a.pHi - a.pLo);
-      return { pix: snapValue(pix, a.pLo, a.pHi), sem: snapValue(sem, a.sLo, a.sHi) };
-    },
-
-    setLambdas(pix, sem, e) {
-      const a = this.axes();
-      if (!a || a.linked) return false;
-      setWidget(node, a.wp, snapValue(pix, a.pLo, a.pHi), e);
-      setWidget(node, a.ws, snapValue(sem, a.sLo, a.sHi), e);
-      redraw(node, this);
-      return true;
-    },
+// What both widgets share: not serialized; paint(ctx, width, y, lowQuality) draws in the coordinates pointer
+// positions come in (and records the hit boxes); a press that press(pos, e) answers "drag" starts a drag
+// ("handled": consumed) and dragTo(pos, e) applies it. The release position is ignored: Vue nodes report it relative
+// to the node, not to the widget's canvas (which set lambda_pix to its minimum).
+function customWidget(node, name, what) {
+  return {
+    name, type: name, value: null, options: { serialize: false }, serialize: false, y: 0, dragging: false,
 
     draw(ctx, _node, width, y, H, lowQuality) {
       try {
         ownPointer(ctx);
         ctx.save();
-        this.drawPad(ctx, cssWidth(ctx, width, H), y, lowQuality);
+        this.paint(ctx, cssWidth(ctx, width, H), y, lowQuality);
         ctx.restore();
       } catch (e) {
-        warn("pad draw", e);
+        warn(`${what} draw`, e);
       }
     },
 
-    drawPad(ctx, width, y, lowQuality) {
+    mouse(e, pos) {
+      const type = e?.type ?? "";
+      try {
+        if (/down$/.test(type)) {
+          const r = this.press(pos, e);
+          if (r !== "drag") return r === "handled";
+          this.dragging = true;
+        } else if (/up$|cancel$/.test(type)) {
+          if (!this.dragging) return false;
+          this.dragging = false;
+          redraw(node, this);
+          return true;
+        } else if (!this.dragging || !/move$/.test(type)) {
+          return false;
+        }
+        this.dragTo(pos, e);
+        return true;
+      } catch (err) {
+        warn(`${what} input`, err);
+        this.dragging = false;
+        return false;
+      }
+    },
+  };
+}
+
+// Grow a node to fit its widgets.
+function grow(node, minWidth = 0) {
+  const s = node.computeSize?.();
+  if (s) node.setSize?.([Math.max(node.size[0], s[0], minWidth), Math.max(node.size[1], s[1])]);
+}
+
+// ------------------------------------------------------------------------------------------------ the pad
+function makePad(node) {
+  return {
+    ...customWidget(node, PAD, "pad"), // paint() sets box (the pad) and resetBox (the "default" button)
+
+    computeSize: (width) => [width ?? node.size[0], PAD_HEIGHT],
+
+    axes() {
+      const wp = findWidget(node, PIX), ws = findWidget(node, SEM);
+      if (!wp || !ws) return null;
+      const [pLo, pHi] = widgetRange(wp), [sLo, sHi] = widgetRange(ws);
+      return { wp, ws, pLo, pHi, sLo, sHi, linked: isLinked(node, PIX) || isLinked(node, SEM) };
+    },
+
+    toXY(a, pix, sem) {
+      const b = this.box;
+      return [b.x0 + ((sem - a.sLo) / (a.sHi - a.sLo)) * (b.x1 - b.x0),
+              b.y1 - ((pix - a.pLo) / (a.pHi - a.pLo)) * (b.y1 - b.y0)];
+    },
+
+    setLambdas(pix, sem, e) {
+      const a = this.axes();
+      if (!a || a.linked) return;
+      setWidget(node, a.wp, snapValue(pix, a.pLo, a.pHi), e);
+      setWidget(node, a.ws, snapValue(sem, a.sLo, a.sHi), e);
+      redraw(node, this);
+    },
+
+    paint(ctx, width, y, lowQuality) {
       const a = this.axes();
       const x0 = 34, x1 = Math.max(x0 + 40, width - 14);
-      const y0 = y + 24, y1 = y + PAD_HEIGHT - 26;
+      const y0 = y + 24, y1 = y + PAD_HEIGHT - 26, xm = (x0 + x1) / 2, ym = (y0 + y1) / 2;
       this.box = { x0, x1, y0, y1 };
-      ctx.save();
       const text = color("WIDGET_TEXT_COLOR", "#ddd");
       const dim = color("WIDGET_SECONDARY_TEXT_COLOR", "#999");
-      // header: title + readout + reset
-      if (!lowQuality) {
+      const padPath = () => roundRect(ctx, x0, y0, x1 - x0, y1 - y0, 6);
+      if (!lowQuality) { // header: title, readout, reset button
         label(ctx, "fidelity / perception", 14, y + 10, "left", dim);
         if (a) {
           const t = `pix ${Number(a.wp.value).toFixed(2)}  sem ${Number(a.ws.value).toFixed(2)}`;
-          label(ctx, t, (x0 + x1) / 2 + 30, y + 10, "center", text, "bold 11px sans-serif");
+          label(ctx, t, xm + 30, y + 10, "center", text, "bold 11px sans-serif");
         }
-        const rw = 48;
-        this.resetBox = { x0: width - 14 - rw, x1: width - 14, y0: y + 2, y1: y + 18 };
+        const r = (this.resetBox = { x0: width - 62, x1: width - 14, y0: y + 2, y1: y + 18 });
         ctx.fillStyle = color("WIDGET_BGCOLOR", "#222");
-        roundRect(ctx, width - 14 - rw, y + 2, rw, 16, 4);
+        roundRect(ctx, r.x0, r.y0, 48, 16, 4);
         ctx.fill();
-        label(ctx, "default", width - 14 - rw / 2, y + 10, "center", dim, "10px sans-serif");
+        label(ctx, "default", r.x0 + 24, y + 10, "center", dim, "10px sans-serif");
       }
-      // pad background
       ctx.fillStyle = color("WIDGET_BGCOLOR", "#222");
       ctx.strokeStyle = color("WIDGET_OUTLINE_COLOR", "#666");
       ctx.lineWidth = 1;
-      roundRect(ctx, x0, y0, x1 - x0, y1 - y0, 6);
+      padPath();
       ctx.fill();
       ctx.stroke();
-      if (!a) {
-        label(ctx, "lambda_pix / lambda_sem widgets not found", (x0 + x1) / 2, (y0 + y1) / 2, "center", dim);
-        ctx.restore();
-        return;
-      }
+      if (!a) return label(ctx, "lambda_pix / lambda_sem widgets not found", xm, ym, "center", dim);
       // quadrant tint: more detail to the right, more cleanup upwards
       const g = ctx.createLinearGradient(x0, y1, x1, y0);
       g.addColorStop(0, "rgba(80,140,255,0.10)");
       g.addColorStop(1, "rgba(255,150,60,0.14)");
       ctx.fillStyle = g;
-      roundRect(ctx, x0, y0, x1 - x0, y1 - y0, 6);
+      padPath();
       ctx.fill();
-      // grid on whole numbers; the zero lines brighter
+      // grid on whole numbers, the zero lines brighter
       ctx.save();
-      roundRect(ctx, x0, y0, x1 - x0, y1 - y0, 6);
+      padPath();
       ctx.clip();
+      const line = (v, ax, ay, bx, by) => {
+        ctx.strokeStyle = v === 0 ? FAINT : "rgba(255,255,255,0.08)";
+        ctx.beginPath(); ctx.moveTo(ax, ay); ctx.lineTo(bx, by); ctx.stroke();
+      };
       for (let s = Math.ceil(a.sLo); s <= a.sHi; s++) {
         const [gx] = this.toXY(a, a.pLo, s);
-        ctx.strokeStyle = s === 0 ? "rgba(255,255,255,0.35)" : "rgba(255,255,255,0.08)";
-        ctx.beginPath(); ctx.moveTo(gx, y0); ctx.lineTo(gx, y1); ctx.stroke();
-        if (!lowQuality) label(ctx, String(s), gx + 2, y1 - 7, "left", "rgba(255,255,255,0.35)", "9px sans-serif");
+        line(s, gx, y0, gx, y1);
+        if (!lowQuality) label(ctx, String(s), gx + 2, y1 - 7, "left", FAINT, "9px sans-serif");
       }
       for (let p = Math.ceil(a.pLo); p <= a.pHi; p++) {
         const [, gy] = this.toXY(a, p, a.sLo);
-        ctx.strokeStyle = p === 0 ? "rgba(255,255,255,0.35)" : "rgba(255,255,255,0.08)";
-        ctx.beginPath(); ctx.moveTo(x0, gy); ctx.lineTo(x1, gy); ctx.stroke();
-        if (!lowQuality && p !== Math.ceil(a.pLo)) {
-          label(ctx, String(p), x1 - 3, gy - 6, "right", "rgba(255,255,255,0.35)", "9px sans-serif");
-        }
+        line(p, x0, gy, x1, gy);
+        if (lowQuality || p === Math.ceil(a.pLo)) continue;
+        label(ctx, String(p), x1 - 3, gy - 6, "right", FAINT, "9px sans-serif");
       }
       if (!lowQuality) {
         label(ctx, "\u2191 clean harder", x0 + 5, y0 + 9, "left", dim, "10px sans-serif");
@@ -279,7 +252,7 @@ function makePad(node) {
       // the current setting
       const pix = Number(a.wp.value), sem = Number(a.ws.value);
       if (Number.isFinite(pix) && Number.isFinite(sem)) {
-        const [cx, cy] = this.toXY(a, Math.min(a.pHi, Math.max(a.pLo, pix)), Math.min(a.sHi, Math.max(a.sLo, sem)));
+        const [cx, cy] = this.toXY(a, clamp(pix, a.pLo, a.pHi), clamp(sem, a.sLo, a.sHi));
         ctx.strokeStyle = "rgba(255,200,80,0.35)";
         ctx.beginPath(); ctx.moveTo(cx, y0); ctx.lineTo(cx, y1); ctx.moveTo(x0, cy); ctx.lineTo(x1, cy); ctx.stroke();
         ctx.fillStyle = a.linked ? "#777" : "#ffb347";
@@ -289,53 +262,44 @@ function makePad(node) {
       }
       if (a.linked) {
         ctx.fillStyle = "rgba(0,0,0,0.45)";
-        roundRect(ctx, x0, y0, x1 - x0, y1 - y0, 6);
+        padPath();
         ctx.fill();
-        label(ctx, "lambdas are set by a link", (x0 + x1) / 2, (y0 + y1) / 2, "center", text);
+        label(ctx, "lambdas are set by a link", xm, ym, "center", text);
       }
-      if (!lowQuality) {
-        // axis labels: x = semantic detail, y = pixel cleanup
+      if (!lowQuality) { // axis labels
         label(ctx, "\u2190 faithful", x0, y1 + 12, "left", dim, "10px sans-serif");
-        label(ctx, "\u03bb_sem: semantic detail", (x0 + x1) / 2, y1 + 12, "center", text, "10px sans-serif");
+        label(ctx, "\u03bb_sem: semantic detail", xm, y1 + 12, "center", text, "10px sans-serif");
         label(ctx, "more detail \u2192", x1, y1 + 12, "right", dim, "10px sans-serif");
-        ctx.save();
-        ctx.translate(20, (y0 + y1) / 2);
+        ctx.translate(20, ym);
         ctx.rotate(-Math.PI / 2);
         label(ctx, "\u03bb_pix: pixel cleanup", 0, 0, "center", text, "10px sans-serif");
-        ctx.restore();
       }
-      ctx.restore();
     },
 
-    mouse(e, pos, _node) {
-      return dragMouse(this, node, "pad input", e, pos, ([x, y]) => {
-        const b = this.box, r = this.resetBox;
-        if (!b) return false;
-        if (r && x >= r.x0 && x <= r.x1 && y >= r.y0 && y <= r.y1) {
-          this.setLambdas(DEFAULT.pix, DEFAULT.sem, e);
-          return "handled";
-        }
-        if (x < b.x0 - 4 || x > b.x1 + 4 || y < b.y0 - 4 || y > b.y1 + 4) return false;
-        const a = this.axes();
-        return a && !a.linked ? "drag" : false;
-      }, ([x, y]) => {
-        const a = this.axes();
-        if (!a) return;
-        const v = this.fromXY(a, x, y);
-        this.setLambdas(v.pix, v.sem, e);
-      });
+    press([x, y], e) {
+      if (!this.box) return false;
+      if (inside(this.resetBox, x, y)) {
+        this.setLambdas(DEFAULT.pix, DEFAULT.sem, e);
+        return "handled";
+      }
+      if (!inside(this.box, x, y, 4)) return false;
+      const a = this.axes();
+      return a && !a.linked ? "drag" : false;
+    },
+
+    dragTo([x, y], e) {
+      const a = this.axes(), b = this.box;
+      if (!a) return;
+      this.setLambdas(a.pLo + ((b.y1 - y) / (b.y1 - b.y0)) * (a.pHi - a.pLo),
+                      a.sLo + ((x - b.x0) / (b.x1 - b.x0)) * (a.sHi - a.sLo), e);
     },
   };
-  return widget;
 }
 
 // ------------------------------------------------------------------------------------------------ before / after
-function viewUrl(img) {
-  const params = new URLSearchParams({ filename: img.filename, subfolder: img.subfolder ?? "", type: img.type ?? "temp" });
-  return api.apiURL(`/view?${params}${app.getRandParam ? app.getRandParam() : ""}`);
-}
-
-function loadImage(url) {
+function loadView(img) {
+  const q = new URLSearchParams({ filename: img.filename, subfolder: img.subfolder ?? "", type: img.type ?? "temp" });
+  const url = api.apiURL(`/view?${q}${app.getRandParam ? app.getRandParam() : ""}`);
   return new Promise((resolve, reject) => {
     const im = new Image();
     im.onload = () => resolve(im);
@@ -345,33 +309,21 @@ function loadImage(url) {
 }
 
 function makeCompare(node) {
-  const widget = {
-    name: COMPARE,
-    type: "pisa_sr_compare",
-    value: null,
-    options: { serialize: false },
-    serialize: false,
-    y: 0,
+  return {
+    ...customWidget(node, COMPARE, "compare"), // paint() sets rect (the image, {x, y, w, h}) and navBox
     split: 0.5, // fraction of the image width showing the "before" (resized LQ)
     index: 0,
     after: [], // result previews (Image)
     before: [], // resized LQ previews (Image)
-    outputs: null, // the node output these were loaded from
-    ready: false,
-    failed: false,
-    dragging: false,
-    rect: null, // image rectangle in node coordinates (set by draw)
-    navBox: null,
+    // also: outputs (the node output these came from), ready, failed
 
     async load(output) {
       this.outputs = output; // the previous pair stays on screen until the new one has loaded
       this.failed = false;
       const tag = (this.loadTag = {});
       try {
-        const [after, before] = await Promise.all([
-          Promise.all(output.images.map((i) => loadImage(viewUrl(i)))),
-          Promise.all(output[LQ_KEY].map((i) => loadImage(viewUrl(i)))),
-        ]);
+        const [after, before] = await Promise.all(
+          [output.images, output[LQ_KEY]].map((list) => Promise.all(list.map(loadView))));
         if (tag !== this.loadTag) return;
         this.after = after;
         this.before = before;
@@ -382,56 +334,37 @@ function makeCompare(node) {
         if (tag !== this.loadTag) return;
         warn("before/after images", e);
         this.ready = false;
-        this.failed = true; // the front end's ordinary preview takes over
+        this.failed = true;
+        node.hideOutputImages = false; // the front end's ordinary preview takes over
       }
-      if (this.failed) node.hideOutputImages = false; // the front end's ordinary preview takes over
       redraw(node, this);
     },
 
-    aspect() {
-      const im = this.after[this.index];
-      return im && im.naturalWidth ? im.naturalHeight / im.naturalWidth : 1;
-    },
-
     imageHeight(width) {
-      const w = Math.max(40, (width ?? node.size[0]) - 20);
-      return Math.round(Math.min(640, Math.max(80, w * this.aspect())));
+      const im = this.after[this.index];
+      const aspect = im && im.naturalWidth ? im.naturalHeight / im.naturalWidth : 1;
+      return Math.round(clamp(Math.max(40, (width ?? node.size[0]) - 20) * aspect, 80, 640));
     },
 
     computeSize(width) {
       return [width ?? node.size[0], this.imageHeight(width) + 24];
     },
 
-    draw(ctx, _node, width, y, H, lowQuality) {
-      try {
-        ownPointer(ctx);
-        ctx.save();
-        this.drawCompare(ctx, cssWidth(ctx, width, H), y, lowQuality);
-        ctx.restore();
-      } catch (e) {
-        warn("compare draw", e);
-      }
-    },
-
-    drawCompare(ctx, width, y, lowQuality) {
-      const availW = Math.max(40, width - 20);
+    paint(ctx, width, y, lowQuality) {
       const availH = this.imageHeight(width);
-      ctx.save();
       if (!this.ready) {
-        label(ctx, this.failed ? "before/after preview unavailable" : "loading before/after preview\u2026",
-              width / 2, y + availH / 2, "center");
-        ctx.restore();
-        return;
+        return label(ctx, this.failed ? "before/after preview unavailable" : "loading before/after preview\u2026",
+                     width / 2, y + availH / 2, "center");
       }
       const before = this.before[Math.min(this.index, this.before.length - 1)];
       const after = this.after[this.index];
       const ar = after.naturalHeight / after.naturalWidth;
-      let w = availW, h = w * ar;
+      let w = Math.max(40, width - 20), h = w * ar;
       if (h > availH) { h = availH; w = h / ar; }
-      const x = (width - w) / 2, top = y + 2;
+      const x = (width - w) / 2, top = y + 2, my = top + h / 2;
       this.rect = { x, y: top, w, h };
       const sx = x + this.split * w;
-      // after (result) everywhere, before (resized LQ) on the left of the split
+      // after (result) everywhere, before (resized LQ) left of the split
       ctx.drawImage(after, x, top, w, h);
       ctx.save();
       ctx.beginPath();
@@ -446,115 +379,100 @@ function makeCompare(node) {
       ctx.fillStyle = "#fff";
       ctx.strokeStyle = "#111";
       ctx.lineWidth = 1.5;
-      ctx.beginPath(); ctx.arc(sx, top + h / 2, 9, 0, Math.PI * 2); ctx.fill(); ctx.stroke();
+      ctx.beginPath(); ctx.arc(sx, my, 9, 0, Math.PI * 2); ctx.fill(); ctx.stroke();
       ctx.fillStyle = "#111";
       ctx.beginPath();
-      ctx.moveTo(sx - 2, top + h / 2 - 4); ctx.lineTo(sx - 6, top + h / 2); ctx.lineTo(sx - 2, top + h / 2 + 4);
-      ctx.moveTo(sx + 2, top + h / 2 - 4); ctx.lineTo(sx + 6, top + h / 2); ctx.lineTo(sx + 2, top + h / 2 + 4);
+      for (const d of [-2, 2]) { ctx.moveTo(sx + d, my - 4); ctx.lineTo(sx + 3 * d, my); ctx.lineTo(sx + d, my + 4); }
       ctx.fill();
-      if (!lowQuality) {
-        const tag = (text, tx, align) => {
-          ctx.font = "10px sans-serif";
-          const tw = ctx.measureText(text).width + 8;
-          const bx = align === "left" ? tx : tx - tw;
-          ctx.fillStyle = "rgba(0,0,0,0.6)";
-          roundRect(ctx, bx, top + 4, tw, 15, 3);
-          ctx.fill();
-          label(ctx, text, bx + 4, top + 11.5, "left", "#fff", "10px sans-serif");
-        };
-        if (this.split > 0.02) tag("before: input (resized)", x + 4, "left");
-        if (this.split < 0.98) tag("after: PiSA-SR", x + w - 4, "right");
-        const n = this.after.length;
-        const cap = `${after.naturalWidth}\u00d7${after.naturalHeight} preview \u00b7 drag to compare`;
-        label(ctx, cap, width / 2, top + h + 11, "center", null, "10px sans-serif");
-        this.navBox = null;
-        if (n > 1) {
-          const t = `\u25c0 ${this.index + 1}/${n} \u25b6`;
-          label(ctx, t, x + w, top + h + 11, "right", color("WIDGET_TEXT_COLOR", "#ddd"), "11px sans-serif");
-          this.navBox = { x0: x + w - 60, x1: x + w, y0: top + h + 2, y1: top + h + 22 };
-        }
+      if (lowQuality) return;
+      const tag = (text, tx, align) => {
+        ctx.font = "10px sans-serif";
+        const tw = ctx.measureText(text).width + 8;
+        const bx = align === "left" ? tx : tx - tw;
+        ctx.fillStyle = "rgba(0,0,0,0.6)";
+        roundRect(ctx, bx, top + 4, tw, 15, 3);
+        ctx.fill();
+        label(ctx, text, bx + 4, top + 11.5, "left", "#fff", "10px sans-serif");
+      };
+      if (this.split > 0.02) tag("before: input (resized)", x + 4, "left");
+      if (this.split < 0.98) tag("after: PiSA-SR", x + w - 4, "right");
+      const n = this.after.length;
+      const cap = `${after.naturalWidth}\u00d7${after.naturalHeight} preview \u00b7 drag to compare`;
+      label(ctx, cap, width / 2, top + h + 11, "center", null, "10px sans-serif");
+      this.navBox = null;
+      if (n > 1) {
+        const nav = `\u25c0 ${this.index + 1}/${n} \u25b6`;
+        label(ctx, nav, x + w, top + h + 11, "right", color("WIDGET_TEXT_COLOR", "#ddd"));
+        this.navBox = { x0: x + w - 60, x1: x + w, y0: top + h + 2, y1: top + h + 22 };
       }
-      ctx.restore();
     },
 
-    mouse(e, pos, _node) {
-      return dragMouse(this, node, "compare input", e, pos, ([x, y]) => {
-        const r = this.rect, nb = this.navBox;
-        if (!this.ready || !r) return false;
-        if (nb && x >= nb.x0 && x <= nb.x1 && y >= nb.y0 && y <= nb.y1) {
-          const n = this.after.length;
-          this.index = (this.index + (x < (nb.x0 + nb.x1) / 2 ? n - 1 : 1)) % n;
-          node.imageIndex = this.index;
-          redraw(node, this);
-          return "handled";
-        }
-        return x >= r.x && x <= r.x + r.w && y >= r.y && y <= r.y + r.h ? "drag" : false;
-      }, ([x]) => {
-        const r = this.rect;
-        this.split = Math.min(1, Math.max(0, (x - r.x) / r.w));
+    press([x, y]) {
+      const r = this.rect, nb = this.navBox;
+      if (!this.ready || !r) return false;
+      if (inside(nb, x, y)) {
+        const n = this.after.length;
+        this.index = (this.index + (x < (nb.x0 + nb.x1) / 2 ? n - 1 : 1)) % n;
+        node.imageIndex = this.index;
         redraw(node, this);
-      });
+        return "handled";
+      }
+      return x >= r.x && x <= r.x + r.w && y >= r.y && y <= r.y + r.h ? "drag" : false;
+    },
+
+    dragTo([x]) {
+      this.split = clamp((x - this.rect.x) / this.rect.w, 0, 1);
+      redraw(node, this);
     },
   };
-  return widget;
 }
 
-function hasComparison(output) {
-  return Array.isArray(output?.images) && output.images.length > 0 &&
-    Array.isArray(output?.[LQ_KEY]) && output[LQ_KEY].length > 0;
-}
-
-function compareWidget(node, create = false) {
-  let w = findWidget(node, COMPARE);
-  if (!w && create) {
-    w = node.addCustomWidget(makeCompare(node));
-    // give the preview room: grow the node to fit the new widget
-    const size = node.computeSize?.();
-    if (size) node.setSize?.([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
-  }
-  return w;
-}
-
-function removeDefaultPreview(node) {
-  const i = node.widgets?.findIndex((w) => w.name === DEFAULT_PREVIEW_WIDGET) ?? -1;
-  if (i >= 0) {
-    node.widgets[i].onRemove?.();
-    node.widgets.splice(i, 1);
-  }
-}
+const hasComparison = (output) => [output?.images, output?.[LQ_KEY]].every((l) => Array.isArray(l) && l.length > 0);
 
 function showComparison(node, output) {
-  const w = compareWidget(node, true);
+  let w = findWidget(node, COMPARE);
+  if (!w) {
+    w = node.addCustomWidget(makeCompare(node));
+    grow(node); // give the preview room
+  }
   if (w.outputs !== output) w.load(output);
   return w;
 }
 
-function setupCompare(node) {
-  // The compare widget is the decoder's preview: the Vue-nodes renderer must not add its own image preview. Set
-  // before the first run, as that renderer decides when the output arrives (older front ends ignore the flag).
-  node.hideOutputImages = true;
-  const origExecuted = node.onExecuted;
-  node.onExecuted = function (output) {
-    const r = origExecuted?.apply(this, arguments);
+// Chain fn after obj[key]; an error in fn only warns.
+function chain(obj, key, what, fn) {
+  const orig = obj[key];
+  obj[key] = function (...args) {
+    const r = orig?.apply(this, args);
     try {
-      if (hasComparison(output)) showComparison(this, output);
+      fn.apply(this, args);
     } catch (e) {
-      warn("onExecuted", e);
+      warn(what, e);
     }
     return r;
   };
+}
+
+function setupCompare(node) {
+  // The slider is the decoder's preview: Vue nodes must not add their own. Set before the first run, as that renderer
+  // decides when the output arrives (older front ends ignore the flag).
+  node.hideOutputImages = true;
+  chain(node, "onExecuted", "onExecuted", function (output) {
+    if (hasComparison(output)) showComparison(this, output);
+  });
   const origDrawBg = node.onDrawBackground;
   node.onDrawBackground = function () {
-    let w = null;
     try {
-      w = findWidget(this, COMPARE);
-      if (!w) {
-        // outputs restored from the front end's store (e.g. after switching workflow tabs)
-        const out = app.nodeOutputs?.[String(this.id)];
-        if (hasComparison(out)) w = showComparison(this, out);
-      }
+      // outputs restored from the front end's store (e.g. after switching workflow tabs)
+      let w = findWidget(this, COMPARE);
+      const out = w ? null : app.nodeOutputs?.[String(this.id)];
+      if (hasComparison(out)) w = showComparison(this, out);
       if (w && !w.failed) {
-        removeDefaultPreview(this);
+        const i = this.widgets.findIndex((p) => p.name === DEFAULT_PREVIEW_WIDGET);
+        if (i >= 0) {
+          this.widgets[i].onRemove?.();
+          this.widgets.splice(i, 1);
+        }
         return;
       }
     } catch (e) {
@@ -565,37 +483,16 @@ function setupCompare(node) {
 }
 
 // ------------------------------------------------------------------------------------------------ registration
-// The pad redraws when a number is typed into lambda_pix or lambda_sem (the Vue-nodes renderer repaints a custom
-// widget only when asked).
-function followEdits(node) {
-  for (const name of [PIX, SEM]) {
-    const w = findWidget(node, name);
-    if (!w) continue;
-    const orig = w.callback;
-    w.callback = function () {
-      const r = orig?.apply(this, arguments);
-      findWidget(node, PAD)?.triggerDraw?.();
-      return r;
-    };
-  }
-}
-
-function hasLambdaInputs(nodeData) {
-  const req = { ...(nodeData?.input?.required ?? {}), ...(nodeData?.input?.optional ?? {}) };
-  return req[PIX]?.[0] === "FLOAT" && req[SEM]?.[0] === "FLOAT";
-}
-
 const padTypes = new Set();
-const compareTypes = new Set(["PiSA_Decode"]);
 
 try {
   app.registerExtension({
     name: EXT,
     beforeRegisterNodeDef(nodeType, nodeData) {
       try {
-        if (nodeData?.category?.startsWith("image/upscaling/PiSA-SR") && hasLambdaInputs(nodeData)) {
-          padTypes.add(nodeData.name);
-        }
+        const ins = { ...nodeData?.input?.required, ...nodeData?.input?.optional };
+        if (nodeData?.category?.startsWith("image/upscaling/PiSA-SR") && ins[PIX]?.[0] === "FLOAT" &&
+            ins[SEM]?.[0] === "FLOAT") padTypes.add(nodeData.name);
       } catch (e) {
         warn("beforeRegisterNodeDef", e);
       }
@@ -605,11 +502,14 @@ try {
         const type = node.comfyClass ?? node.type;
         if (padTypes.has(type) && !findWidget(node, PAD)) {
           node.addCustomWidget(makePad(node));
-          followEdits(node);
-          const size = node.computeSize?.();
-          if (size) node.setSize?.([Math.max(node.size[0], size[0], 300), Math.max(node.size[1], size[1])]);
+          // typed edits redraw the pad (Vue nodes repaint a custom widget only when asked)
+          for (const name of [PIX, SEM]) {
+            const w = findWidget(node, name);
+            if (w) chain(w, "callback", "widget edit", () => findWidget(node, PAD)?.triggerDraw?.());
+          }
+          grow(node, 300);
         }
-        if (compareTypes.has(type)) setupCompare(node);
+        if (type === DECODE) setupCompare(node);
       } catch (e) {
         warn("nodeCreated", e);
       }
