@@ -1,6 +1,5 @@
-"""VAE encode/decode for the nodes: the synchronised tiler of pisa_sr.vae_tiled, with the tile chosen from free
-device memory (or the user's override), a host-memory check for the parked maps, and an out-of-memory retry at
-smaller tiles that is logged, never silent.
+"""VAE encode/decode for the nodes: pisa_sr.vae_tiled with the tile chosen from free device memory (or the user's
+override), a host-memory check for the parked maps, and a logged out-of-memory retry at smaller tiles.
 """
 from __future__ import annotations
 
@@ -16,32 +15,28 @@ log = logging.getLogger("PiSA-SR")
 GIB = 1 << 30
 
 
-def _base_channels(vae) -> int:
-    try:
-        return int(vae.first_stage_model.decoder.conv_out.weight.shape[1])
-    except AttributeError:
-        return 128
-
-
-def _run(vae, fn, size_wh: tuple[int, int], tile_override: int, is_decoder: bool):
-    """Shared retry loop: ``fn(tile, offload, hooks)``; tile in the tiler's unit (latent px or image px)."""
+def _run(vae, one, batch: int, size_wh: tuple[int, int], tile_override: int, is_decoder: bool) -> torch.Tensor:
+    """``one(i, tile, offload, hooks)`` for every sample, retried whole on OOM; tile in latent px or image px."""
     w, h = size_wh
     unit, smallest = (8, 16) if is_decoder else (64, 128)
-    kw = {"is_decoder": is_decoder, "dtype_bytes": vae.vae_dtype.itemsize, "base_channels": _base_channels(vae)}
+    try:
+        base_channels = int(vae.first_stage_model.decoder.conv_out.weight.shape[1])
+    except AttributeError:
+        base_channels = 128
+    kw = {"is_decoder": is_decoder, "dtype_bytes": vae.vae_dtype.itemsize, "base_channels": base_channels}
     device = torch.device(vae.device)
-    tile = max(smallest, tile_override) if tile_override > 0 else auto_tile_size(compat.vae_free_memory(vae), w, h,
-                                                                                   **kw)
+    tile = (max(smallest, tile_override) if tile_override > 0
+            else auto_tile_size(compat.vae_free_memory(vae), w, h, **kw))
     parked = parked_bytes(w, h, **kw) if tile < max(w, h) else 0
     offload = device if device.type == "cpu" or parked < 0.7 * compat.vae_free_memory(vae) else torch.device("cpu")
-    if offload.type == "cpu" and parked > compat.free_ram():
+    if offload.type == "cpu" and parked > (ram := compat.free_ram()):
         raise PisaError(f"the tiled VAE needs about {parked / GIB:.1f} GiB of RAM for its full-size maps but only "
-                        f"{compat.free_ram() / GIB:.1f} GiB is free. Lower upscale or the image size, or close "
-                        "other programs.")
+                        f"{ram / GIB:.1f} GiB is free. Lower upscale or the image size, or close other programs.")
     hooks = compat.hooks()
     while True:
         try:
             with compat.device_context(vae.device):
-                return fn(tile, offload, hooks)
+                return torch.cat([one(i, tile, offload, hooks) for i in range(batch)], 0).contiguous()
         except Exception as e:
             if not hooks.is_oom(e):
                 raise
@@ -66,35 +61,27 @@ def encode(vae, lq_bhwc: torch.Tensor, tile_px: int) -> torch.Tensor:
     compat.vae_load(vae, [1, 3, h, w], encode=True)
     dev, dt = torch.device(vae.device), vae.vae_dtype
 
-    def fn(tile, offload, hooks):
-        out = []
-        for i in range(b):
-            # contiguous NCHW like the release's ToTensor: a channels_last view would make every conv and
-            # GroupNorm run in that layout, which rounds differently (see sample_eps)
-            x = lq_bhwc[i:i + 1].movedim(-1, 1).contiguous().to(torch.float32) * 2.0 - 1.0
-            z = tiled_encode(vae.first_stage_model, x.to(dev, dt), tile, progress=hooks.progress,
-                             check_interrupt=hooks.check_interrupt, offload_device=offload)
-            out.append(z.to("cpu", torch.float32))
-        return torch.cat(out, 0).contiguous()
+    def one(i, tile, offload, hooks):
+        # contiguous NCHW like the release's ToTensor: a channels_last view would make every conv and GroupNorm
+        # run in that layout, which rounds differently (see sample_eps)
+        x = lq_bhwc[i:i + 1].movedim(-1, 1).contiguous().to(torch.float32) * 2.0 - 1.0
+        z = tiled_encode(vae.first_stage_model, x.to(dev, dt), tile, progress=hooks.progress,
+                         check_interrupt=hooks.check_interrupt, offload_device=offload)
+        return z.to("cpu", torch.float32)
 
-    return _run(vae, fn, (w, h), tile_px, is_decoder=False)
+    return _run(vae, one, b, (w, h), tile_px, is_decoder=False)
 
 
 def decode(vae, z_raw: torch.Tensor, tile_px: int) -> torch.Tensor:
-    """Images [B,3,8h,8w] in [0,1] (fp32, CPU) from a raw latent, clamped as the release does.
-
-    ``tile_px`` 0 = automatic; otherwise in image px, at least the smallest tile (128 px).
-    """
+    """Images [B,3,8h,8w] in [0,1] (fp32, CPU) from a raw latent, clamped as the release does; ``tile_px`` 0 =
+    automatic, else image px (at least the smallest tile, 128 px)."""
     b, _, h, w = z_raw.shape
     compat.vae_load(vae, [1, 4, h, w], encode=False)
     dev, dt = torch.device(vae.device), vae.vae_dtype
 
-    def fn(tile, offload, hooks):
-        out = []
-        for i in range(b):
-            x = tiled_decode(vae.first_stage_model, z_raw[i:i + 1].to(dev, dt), tile, progress=hooks.progress,
-                             check_interrupt=hooks.check_interrupt, offload_device=offload)
-            out.append((x.to("cpu", torch.float32).clamp(-1, 1) + 1.0) / 2.0)
-        return torch.cat(out, 0)
+    def one(i, tile, offload, hooks):
+        x = tiled_decode(vae.first_stage_model, z_raw[i:i + 1].to(dev, dt), tile, progress=hooks.progress,
+                         check_interrupt=hooks.check_interrupt, offload_device=offload)
+        return (x.to("cpu", torch.float32).clamp(-1, 1) + 1.0) / 2.0
 
-    return _run(vae, fn, (w, h), -(-tile_px // 8) if tile_px > 0 else 0, is_decoder=True)
+    return _run(vae, one, b, (w, h), -(-tile_px // 8) if tile_px > 0 else 0, is_decoder=True)

@@ -1,25 +1,18 @@
-"""GroupNorm-synchronised tiled encode/decode for LDM-layout VAEs (the SD 1.x/2.x autoencoder).
+"""GroupNorm-synchronised tiled encode/decode for the SD 1.x/2.x autoencoder (LDM layout), exact vs untiled.
 
-Why not the usual tiled VAE: decoding tiles independently gives each tile its own GroupNorm statistics (colour and
-contrast shift per tile, visible seams), and the release's tiled VAE averages per-tile variances, which drops the
-spread between tile means. Here the tiles advance through the network together, one *step* at a time, where a
-step is everything between two GroupNorms (norm -> SiLU -> at most one 3x3 conv, plus residual/shortcut or
-resampling). After each step the tile cores are parked in a full-size map on ``offload_device`` (CPU by default)
-and per-channel count/mean/M2 are merged across tiles (Chan's parallel formula, fp64), so the next GroupNorm uses
-the statistics of the whole image. Before a step every tile reads its core plus a 2-px halo from the parked map;
-since a step holds at most one 3x3 conv, that halo covers the receptive field, and at the image border the tile
-sees the same zero padding as the untiled network. Result: tiled == untiled up to floating-point error, for any
-tile size and with no blending. The only attention in SD's VAE is in the mid block (1/8 of the image side); it
-runs on the whole map when that fits, else as exact attention over all positions, one query tile at a time,
-streaming keys and values in chunks with an online softmax.
+Tiles run independently each get their own GroupNorm statistics (colour shifts, seams), and averaging per-tile
+variances (the release's tiled VAE) drops the spread between tile means. Here all tiles advance together one
+*step* at a time, a step being everything between two GroupNorms (norm -> SiLU -> at most one 3x3 conv, plus
+shortcut or resampling). After each step the tile cores are parked in a full-size map on ``offload_device`` and
+per-channel count/mean/M2 are merged across tiles (Chan's formula, fp64), so the next GroupNorm uses the whole
+image's statistics. A tile reads its core plus a HALO from the parked map, enough for one 3x3 conv, and sees the
+untiled network's zero padding at the border: tiled == untiled up to float error, with no blending. The mid
+block's attention runs on the whole (1/8-side) map when it fits, else exactly, one query tile at a time with
+keys/values streamed through an online softmax.
 
-Device memory then scales with the tile, not the image (plus the whole-map mid block at 1/64 of the image area);
-the parked maps (host memory) scale with the image: at most three C-channel full-resolution maps for decode, since
-a block whose shortcut is pointwise writes its output over its input (see ``parked_bytes``).
-
-Works on ComfyUI's modules but imports nothing from ComfyUI: submodules (convs, resamplers, whole mid blocks) are
-called through their own ``forward`` so ComfyUI's casting ops keep working; only GroupNorm is re-implemented, with
-its weight and bias cast to the activation's device here. Nothing is patched, so an interruption leaves no state.
+Device memory scales with the tile (plus the whole-map mid block), host memory with the image (``parked_bytes``).
+Only GroupNorm is re-implemented; convs, resamplers and mid blocks run through their own ``forward`` so ComfyUI's
+casting ops keep working. Nothing is patched, so an interruption leaves no state.
 """
 from __future__ import annotations
 
@@ -35,35 +28,29 @@ from .errors import PisaError
 
 log = logging.getLogger(__name__)
 
+# Context (px, at each step's input resolution) read around a tile core: one 3x3 conv needs 1 px, and a stride-2
+# downsample needs its window to start on an even pixel.
 HALO = 2
-"""Context (px, at each step's input resolution) read around a tile core: a step holds at most one 3x3 conv (needs
-1 px), and a stride-2 downsample needs its window to start on an even pixel."""
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 _CHUNK = 32  # channels widened to fp32 at once for the norm/statistics of 16-bit tiles
 _ATTN_SCORE_BUDGET = 1 << 24  # fp32 scores per query tile and key chunk (64 MiB) in the streamed attention
+_SD_VAE = "Connect the VAE of the SD 2.1-base checkpoint."
 
 Progress = Callable[[int, int], None]
 Interrupt = Callable[[], None]
 
 
 def _cuts(length: int, tile: int) -> list[int]:
-    """Boundaries of a balanced partition of ``range(length)`` into ``ceil(length / tile)`` pieces.
-
-    Cores must partition the image (each pixel counted once in the statistics), so the overlapping, edge-aligned
-    grid of ``tiling.axis_starts`` does not fit here; balanced pieces also avoid a sliver tile at the end.
-    """
+    """A balanced partition of ``range(length)`` into ``ceil(length / tile)`` pieces: cores must not overlap (each
+    pixel counted once in the statistics), and balanced pieces avoid a sliver tile at the end."""
     n = max(1, math.ceil(length / max(1, tile)))
     return [i * length // n for i in range(n + 1)]
 
 
 def _region(c0: int, length: int, size: int, halo: int) -> tuple[int, int]:
-    """Window of ``length`` px (clipped to ``size``) holding the core starting at ``c0`` plus ``halo`` px of context.
-
-    Near an image edge the window is shifted inwards rather than shortened, so it ends exactly at the edge and the
-    convolutions see the same zero padding there as the untiled network; ``length`` is the largest core plus two
-    halos, so every core keeps at least ``halo`` px of real context on its inner sides.
-    """
+    """Window of ``length`` px (clipped to ``size``) around the core at ``c0`` with ``halo`` px of context, shifted
+    inwards at an edge (not shortened) so the convs see the untiled network's zero padding there."""
     start = min(max(c0 - halo, 0), max(size - length, 0))
     return start, min(size, start + length)
 
@@ -99,23 +86,24 @@ class _Map:
         self.count += n
 
 
+def _steps(levels: list[torch.nn.Module]) -> int:
+    """Tile steps of ``_Runner.levels``: two per resnet block and per attention, one per resampler."""
+    return len(levels) - 1 + sum(2 * (len(lvl.block) + len(lvl.attn)) for lvl in levels)
+
+
 class _Runner:
     """Drives all tiles through the network step by step; owns progress, interruption and parking."""
 
     def __init__(self, base_h: int, base_w: int, tile: int, device: torch.device, dtype: torch.dtype,
-                 park: torch.device, progress: Progress | None, check_interrupt: Interrupt | None):
+                 park: torch.device | str, progress: Progress | None, check_interrupt: Interrupt | None):
         ys, xs = _cuts(base_h, tile), _cuts(base_w, tile)
         self.cores = [(ys[i], ys[i + 1], xs[j], xs[j + 1]) for i in range(len(ys) - 1) for j in range(len(xs) - 1)]
         self.max_core = (max(b - a for a, b in itertools.pairwise(ys)), max(b - a for a, b in itertools.pairwise(xs)))
         self.h, self.w = base_h, base_w
-        self.device, self.dtype, self.park = device, dtype, park
+        self.device, self.dtype, self.park = device, dtype, torch.device(park)
         self.acc_device = device if device.type != "mps" else torch.device("cpu")  # mps has no fp64
         self.progress, self.check_interrupt = progress, check_interrupt
         self.done, self.total = 0, 0
-
-    @property
-    def n_tiles(self) -> int:
-        return len(self.cores)
 
     def check(self) -> None:
         if self.check_interrupt is not None:
@@ -160,9 +148,8 @@ class _Runner:
              halo: int = HALO, stats: bool = True, into: _Map | None = None) -> _Map:
         """Run ``fn`` on every tile (core + halo of each input, all at one scale) and park the output cores.
 
-        ``into``: write the output cores over (the first ``out_channels`` channels of) this map's buffer instead
-        of a new one. Only for an input that ``fn`` reads pointwise: each tile overwrites just its own core, after
-        reading it, so the cores still to come are intact, and the neighbours' halo values it reads are unused.
+        ``into``: park them over (the first ``out_channels`` channels of) this map, only for an input ``fn`` reads
+        pointwise: each tile overwrites just its own core after reading it, and its halo values are unused.
         """
         s_in = inputs[0].scale
         hi, wi = self.h * s_in, self.w * s_in
@@ -208,8 +195,8 @@ class _Runner:
                 xt = blk.conv_shortcut(xt) if blk.use_conv_shortcut else blk.nin_shortcut(xt)
             return xt + out
 
-        # an identity or 1x1 shortcut reads x pointwise: park the block output over x (one full-size map less;
-        # when the block narrows the channels, in x's first channels)
+        # an identity or 1x1 shortcut reads x pointwise: park the output over x (one full-size map less; narrower
+        # outputs in x's first channels)
         pointwise = blk.in_channels == blk.out_channels or not blk.use_conv_shortcut
         reuse = x if x.owned and pointwise and blk.out_channels <= blk.in_channels else None
         return self.step([h, x], second, blk.conv2.out_channels, x.scale, into=reuse)
@@ -265,9 +252,21 @@ class _Runner:
             self.tick()
         return out
 
+    def levels(self, levels: list[torch.nn.Module], x: _Map, up: bool) -> _Map:
+        """Each level's resnet blocks (each followed by its attention, if any), then its resampler but the last's."""
+        for lvl in levels:
+            for j, blk in enumerate(lvl.block):
+                x = self.resnet(blk, x)
+                if len(lvl.attn) > 0:
+                    x = self.attention(lvl.attn[j], x)
+            if lvl is not levels[-1]:
+                resample, scale = (lvl.upsample, x.scale * 2) if up else (lvl.downsample, x.scale // 2)
+                x = self.step([x], resample, x.data.shape[1], scale)
+        return x
+
     def mid(self, mid: torch.nn.Module, whole_input: Callable[[], torch.Tensor], tiled_input: Callable[[], _Map],
             whole: bool | None, tiled_units: int, what: str) -> _Map:
-        """The mid block on the whole latent-size map if it fits (``whole`` None: try it, else tiles; exact either way)."""
+        """The mid block on the whole latent-size map if it fits (``whole`` None: try, else tiles; exact either way)."""
         if whole is not False:
             self.check()
             try:
@@ -288,6 +287,18 @@ class _Runner:
         return self.resnet(mid.block_2, x)
 
 
+def _check(net: torch.nn.Module, x: torch.Tensor, tile: int, what: str) -> None:
+    if tile <= 0:
+        raise ValueError(f"tile must be positive, got {tile}")
+    if x.ndim != 4:
+        raise ValueError(f"tiled {what} expects a 4-D [B, C, H, W] tensor, got shape {tuple(x.shape)}")
+    for name in ("conv_in", "mid", "norm_out", "conv_out"):
+        if not hasattr(net, name):
+            raise PisaError(f"this VAE is not an SD-style autoencoder ({type(net).__name__} has no .{name}). {_SD_VAE}")
+    if getattr(net, "conv3d", False) or type(net.conv_in).__name__ == "VideoConv3d":
+        raise PisaError(f"video (3-D) VAEs are not supported. {_SD_VAE}")
+
+
 def _one_piece(fn: Callable[[], torch.Tensor], progress: Progress | None, check_interrupt: Interrupt | None
                ) -> torch.Tensor:
     """The plain (untiled) path, with the same progress/interrupt contract as the tiled one."""
@@ -299,39 +310,17 @@ def _one_piece(fn: Callable[[], torch.Tensor], progress: Progress | None, check_
     return out
 
 
-def _resnet_steps(n_blocks: int, n_attn: int) -> int:
-    return 2 * n_blocks + 2 * n_attn
-
-
-_SD_VAE = "Connect the VAE of the SD 2.1-base checkpoint."
-
-
-def _check_layout(net: torch.nn.Module, x: torch.Tensor, what: str) -> None:
-    if x.ndim != 4:
-        raise ValueError(f"tiled {what} expects a 4-D [B, C, H, W] tensor, got shape {tuple(x.shape)}")
-    for name in ("conv_in", "mid", "norm_out", "conv_out"):
-        if not hasattr(net, name):
-            raise PisaError(f"this VAE is not an SD-style autoencoder ({type(net).__name__} has no .{name}). {_SD_VAE}")
-    if getattr(net, "conv3d", False) or type(net.conv_in).__name__ == "VideoConv3d":
-        raise PisaError(f"video (3-D) VAEs are not supported. {_SD_VAE}")
-
-
 @torch.no_grad()
 def tiled_decode(ae: torch.nn.Module, z: torch.Tensor, tile: int, *, progress: Progress | None = None,
                  check_interrupt: Interrupt | None = None, whole_mid: bool | None = None,
                  offload_device: torch.device | str = "cpu") -> torch.Tensor:
-    """Decode raw latent ``z`` [B,4,h,w] with ComfyUI's ``AutoencoderKL`` ``ae`` in tiles of ``tile`` latent px.
-
-    Returns the unclamped decoder output [B,3,8h,8w] on ``z``'s device and dtype, equal to ``ae.decode(z)`` up to
-    float error. ``z`` must already be on the model's compute device and dtype. ``whole_mid``: None runs the mid
-    block (attention) on the whole latent-size map and falls back to the exact tiled attention on a device
-    out-of-memory error; True/False force either. ``offload_device`` holds the parked full-size maps between steps.
+    """``ae.decode(z)`` (ComfyUI's ``AutoencoderKL``, unclamped [B,3,8h,8w]) in tiles of ``tile`` latent px, up to
+    float error; ``z`` on the model's device and dtype. ``whole_mid``: None runs the mid block on the whole map and
+    falls back to tiles on a device OOM, True/False force either. ``offload_device`` holds the parked maps.
     ``progress(done, total)`` is called after every tile step, ``check_interrupt()`` before each (it raises to stop).
     """
-    if tile <= 0:
-        raise ValueError(f"tile must be positive, got {tile}")
     dec = ae.decoder
-    _check_layout(dec, z, "decode")
+    _check(dec, z, tile, "decode")
     h, w = z.shape[-2:]
     if h <= tile and w <= tile:
         return _one_piece(lambda: ae.decode(z), progress, check_interrupt)
@@ -340,40 +329,24 @@ def tiled_decode(ae: torch.nn.Module, z: torch.Tensor, tile: int, *, progress: P
     if getattr(dec, "give_pre_end", False):
         raise PisaError(f"decoders with give_pre_end are not supported. {_SD_VAE}")
 
-    run = _Runner(h, w, tile, z.device, z.dtype, torch.device(offload_device), progress, check_interrupt)
-    levels = list(reversed(range(dec.num_resolutions)))
-    per_tile = 1  # norm_out + conv_out
-    for i in levels:
-        up = dec.up[i]
-        per_tile += _resnet_steps(len(up.block), len(up.attn)) + (1 if i != 0 else 0)
-    mid_tiled_units = run.n_tiles * (1 + _resnet_steps(2, 1))
-    run.total = run.n_tiles * per_tile + (mid_tiled_units if whole_mid is False else 1)
+    run = _Runner(h, w, tile, z.device, z.dtype, offload_device, progress, check_interrupt)
+    levels = [dec.up[i] for i in reversed(range(dec.num_resolutions))]
+    mid_units = len(run.cores) * 7  # conv_in + two resnet blocks + attention, tiled
+    run.total = len(run.cores) * (1 + _steps(levels)) + (mid_units if whole_mid is False else 1)
 
     def conv_in(t: torch.Tensor) -> torch.Tensor:
         return dec.conv_in(ae.post_quant_conv(t))
 
     x = run.mid(dec.mid, lambda: conv_in(z),
                 lambda: run.step([_Map(z, 1, owned=False)], conv_in, dec.conv_in.out_channels, 1),
-                whole_mid, mid_tiled_units, "decode")
-
-    scale = 1
-    for i in levels:
-        up = dec.up[i]
-        for j, blk in enumerate(up.block):
-            x = run.resnet(blk, x)
-            if len(up.attn) > 0:
-                x = run.attention(up.attn[j], x)
-        if i != 0:
-            ch = x.data.shape[1]
-            x = run.step([x], up.upsample, ch, scale * 2)
-            scale *= 2
+                whole_mid, mid_units, "decode")
+    x = run.levels(levels, x, up=True)
 
     def final(t: torch.Tensor) -> torch.Tensor:
         y = dec.conv_out(F.silu(run.norm(dec.norm_out, x, t), inplace=True))
         return torch.tanh(y) if getattr(dec, "tanh_out", False) else y
 
-    out = run.step([x], final, dec.conv_out.out_channels, scale, stats=False)
-    return out.data.to(z.device)
+    return run.step([x], final, dec.conv_out.out_channels, x.scale, stats=False).data.to(z.device)
 
 
 @torch.no_grad()
@@ -381,18 +354,13 @@ def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, *, progress: P
                  check_interrupt: Interrupt | None = None, whole_mid: bool | None = None,
                  offload_device: torch.device | str = "cpu", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Encode ``x`` [B,3,H,W] in [-1,1] (H, W multiples of 8) in tiles of about ``tile`` image px.
-
-    Returns the raw latent [B,4,H/8,W/8] (the posterior mode: the mean half of ``quant_conv(encoder(x))``) on the
-    compute device, equal to ComfyUI's ``VAE.encode`` before latent scaling, up to float error. The compute device
-    and dtype default to ``x``'s (``x`` may also stay on the CPU with ``device``/``dtype`` naming the model's).
-    Tile cores are multiples of 8 px so every downsampling stays aligned. ``whole_mid``,
-    ``offload_device``, ``progress`` and ``check_interrupt`` are as in :func:`tiled_decode`.
+    """The raw latent [B,4,H/8,W/8] (posterior mode, ComfyUI's ``VAE.encode`` before scaling) of ``x`` [B,3,H,W]
+    in [-1,1], H and W multiples of 8, in tiles of about ``tile`` image px (multiples of 8), up to float error.
+    ``device``/``dtype`` (default ``x``'s) name the model's, so ``x`` may stay on the CPU; the rest as in
+    :func:`tiled_decode`.
     """
-    if tile <= 0:
-        raise ValueError(f"tile must be positive, got {tile}")
     enc = ae.encoder
-    _check_layout(enc, x, "encode")
+    _check(enc, x, tile, "encode")
     hh, ww = x.shape[-2:]
     if hh % 8 or ww % 8:
         raise ValueError(f"tiled encode needs H and W divisible by 8, got {hh}x{ww}")
@@ -401,40 +369,24 @@ def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, *, progress: P
     factor = 2 ** (enc.num_resolutions - 1)
     if factor != 8:
         raise PisaError(f"this VAE downsamples {factor}x, not 8x like SD's. {_SD_VAE}")
-    h, w = hh // 8, ww // 8
-    ltile = max(1, tile // 8)
+    h, w, ltile = hh // 8, ww // 8, max(1, tile // 8)
     if h <= ltile and w <= ltile:
         return _one_piece(lambda: ae.encode(x.to(device, dtype)), progress, check_interrupt)
     if getattr(ae, "bn", None) is not None:
         raise PisaError(f"VAEs with a latent batch-norm are not supported. {_SD_VAE}")
 
-    run = _Runner(h, w, ltile, device, dtype, torch.device(offload_device), progress, check_interrupt)
-    per_tile = 2  # conv_in; norm_out + conv_out + quant_conv
-    for i in range(enc.num_resolutions):
-        down = enc.down[i]
-        per_tile += _resnet_steps(len(down.block), len(down.attn)) + (1 if i != enc.num_resolutions - 1 else 0)
-    mid_tiled_units = run.n_tiles * _resnet_steps(2, 1)
-    run.total = run.n_tiles * per_tile + (mid_tiled_units if whole_mid is False else 1)
+    run = _Runner(h, w, ltile, device, dtype, offload_device, progress, check_interrupt)
+    levels = [enc.down[i] for i in range(enc.num_resolutions)]
+    mid_units = len(run.cores) * 6  # two resnet blocks + attention, tiled
+    run.total = len(run.cores) * (2 + _steps(levels)) + (mid_units if whole_mid is False else 1)  # + conv_in, out
 
-    scale = 8
-    h_map = run.step([_Map(x, scale, owned=False)], enc.conv_in, enc.conv_in.out_channels, scale)
-    for i in range(enc.num_resolutions):
-        down = enc.down[i]
-        for j, blk in enumerate(down.block):
-            h_map = run.resnet(blk, h_map)
-            if len(down.attn) > 0:
-                h_map = run.attention(down.attn[j], h_map)
-        if i != enc.num_resolutions - 1:
-            h_map = run.step([h_map], down.downsample, h_map.data.shape[1], scale // 2)
-            scale //= 2
-
-    pre_mid = h_map
-    h_map = run.mid(enc.mid, lambda: pre_mid.data.to(device), lambda: pre_mid, whole_mid, mid_tiled_units, "encode")
+    pre = run.levels(levels, run.step([_Map(x, 8, owned=False)], enc.conv_in, enc.conv_in.out_channels, 8), up=False)
+    mid = run.mid(enc.mid, lambda: pre.data.to(device), lambda: pre, whole_mid, mid_units, "encode")
 
     def final(t: torch.Tensor) -> torch.Tensor:
-        return ae.quant_conv(enc.conv_out(F.silu(run.norm(enc.norm_out, h_map, t), inplace=True)))
+        return ae.quant_conv(enc.conv_out(F.silu(run.norm(enc.norm_out, mid, t), inplace=True)))
 
-    moments = run.step([h_map], final, ae.quant_conv.out_channels, 1, stats=False).data
+    moments = run.step([mid], final, ae.quant_conv.out_channels, 1, stats=False).data
     if type(getattr(ae, "regularization", None)).__name__ == "DiagonalGaussianRegularizer":
         moments = moments[:, : moments.shape[1] // 2]  # the posterior mode is its mean
     return moments.to(device).contiguous()
@@ -444,12 +396,10 @@ def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, *, progress: P
 
 # Untiled peaks, ComfyUI's own figures for the SD VAE (base 128 channels): decode 2178 * 64 bytes per latent px,
 # encode 1767 per image px, times the dtype size.
-_PLAIN_DECODE = 2178 * 64
-_PLAIN_ENCODE = 1767
-# Tiled working set, in copies of a tile's C-channel region at full resolution: measured on the CPU with live-tensor
-# accounting for the full-size SD VAE (tests/test_vae_tiled.py's _LiveBytes), 6.0 for decode (the step that
-# upsamples 2C channels into the top level) and 4.0 for encode, in fp32 and bf16 alike (16-bit tiles are widened
-# to fp32 only a few channels at a time); one copy of margin each.
+_PLAIN = {True: 2178 * 64, False: 1767}
+# Tiled working set, in copies of a tile's C-channel region at full resolution: measured with live-tensor
+# accounting (tests/test_vae_tiled.py's _LiveBytes) on the full-size SD VAE at 6.0 for decode (the step that
+# upsamples 2C channels into the top level) and 4.0 for encode, fp32 and bf16 alike; one copy of margin each.
 _TILE_COPIES = {True: 7, False: 5}
 # Whole-map mid block at latent resolution, 4x the base channels: input, norm output, q/k/v and their transposed
 # copies in ComfyUI's attention, attention output, residual.
@@ -463,40 +413,23 @@ def _tile_bytes(tile: int, *, is_decoder: bool, dtype_bytes: int, base_channels:
     return _TILE_COPIES[is_decoder] * base_channels * region * region * dtype_bytes
 
 
-def _mid_bytes(width: int, height: int, *, is_decoder: bool, dtype_bytes: int, base_channels: int) -> float:
-    lat_w, lat_h = (width, height) if is_decoder else (max(1, width // 8), max(1, height // 8))
-    return _MID_COPIES * 4 * base_channels * lat_w * lat_h * dtype_bytes
-
-
 def _tiled_peak(tile: int, width: int, height: int, *, is_decoder: bool, dtype_bytes: int, base_channels: int) -> float:
-    kw = {"is_decoder": is_decoder, "dtype_bytes": dtype_bytes, "base_channels": base_channels}
-    return _SAFETY * (_tile_bytes(tile, **kw) + _mid_bytes(width, height, **kw))
+    lat_w, lat_h = (width, height) if is_decoder else (max(1, width // 8), max(1, height // 8))
+    mid = _MID_COPIES * 4 * base_channels * lat_w * lat_h * dtype_bytes
+    return _SAFETY * (_tile_bytes(tile, is_decoder=is_decoder, dtype_bytes=dtype_bytes,
+                                  base_channels=base_channels) + mid)
 
 
 def auto_tile_size(free_bytes: int, width: int, height: int, *, is_decoder: bool, dtype_bytes: int,
                    base_channels: int = 128) -> int:
-    """Largest tile (latent px for decode, image px for encode) whose estimated device peak fits ``free_bytes``.
-
-    ``width``/``height`` are in the same unit as the tile. Returns ``max(width, height)`` (one tile: the plain
-    path) when the untiled peak fits, using ComfyUI's own per-pixel figures for the SD VAE scaled by
-    ``base_channels / 128``. Otherwise the tiled estimate is
-    ``1.5 * (k * C * R^2 + 10 * 4C * latent_area) * dtype_bytes``: k = 7 (decode) or 5 (encode) copies of a tile's
-    C-channel region ``R = 8T + 4`` px (decode; ``T + 4`` for encode), measured at 6 and 4, plus the whole-map
-    mid block (ten 4C-channel latent-size maps); 1.5 covers the device allocator and conv workspaces. Decode tiles are
-    multiples of 8 latent px, encode tiles of 64 image px; the minimum (16 / 128) is returned even if it does not
-    fit, and the caller retries smaller on an out-of-memory error (the mid block then falls back to tiles by
-    itself). Device memory only: the parked maps live in host memory, about three C-channel full-resolution maps
-    (``3 * C * 64 * latent_area * dtype_bytes``, 13 GB for a 4096 px square in 16-bit).
+    """Largest tile (latent px for decode, image px for encode, as ``width``/``height``) whose estimated device
+    peak fits ``free_bytes``: the whole image (plain path) if the untiled peak fits, else multiples of 8 latent /
+    64 image px, never below 16 / 128 even if that does not fit (the caller retries smaller on an OOM).
     """
     if width <= 0 or height <= 0 or dtype_bytes <= 0:
         raise ValueError("width, height and dtype_bytes must be positive")
-    scale = base_channels / 128
-    if is_decoder:
-        plain = _PLAIN_DECODE * width * height * dtype_bytes * scale
-    else:
-        plain = _PLAIN_ENCODE * width * height * dtype_bytes * scale
     whole = max(width, height)
-    if plain <= free_bytes:
+    if _PLAIN[is_decoder] * width * height * dtype_bytes * (base_channels / 128) <= free_bytes:
         return whole
     step, smallest = (8, 16) if is_decoder else (64, 128)
     tile = (whole // step) * step
@@ -509,13 +442,7 @@ def auto_tile_size(free_bytes: int, width: int, height: int, *, is_decoder: bool
 
 
 def parked_bytes(width: int, height: int, *, is_decoder: bool, dtype_bytes: int, base_channels: int = 128) -> int:
-    """Peak size of the maps parked on ``offload_device`` between steps (``width``/``height`` as for the tile).
-
-    At most three C-channel full-resolution maps are alive at once for decode (the wider upsampled map plus a
-    block's hidden map; block outputs overwrite their input), two for encode, plus the input and output. If this
-    fits on the compute device next to the tiled peak, parking there (``offload_device=device``) avoids all
-    host transfers and still needs far less than an untiled decode.
-    """
+    """Peak host size of the parked maps (``width``/``height`` as for the tile): at most three C-channel
+    full-resolution maps for decode (block outputs overwrite their input), two for encode, plus input and output."""
     px = width * height * (64 if is_decoder else 1)
-    maps = 3 if is_decoder else 2
-    return int((maps * base_channels + 3) * px * dtype_bytes)
+    return int(((3 if is_decoder else 2) * base_channels + 3) * px * dtype_bytes)
