@@ -352,26 +352,23 @@ def tiled_decode(ae: torch.nn.Module, z: torch.Tensor, tile: int, *, progress: P
 @torch.no_grad()
 def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, *, progress: Progress | None = None,
                  check_interrupt: Interrupt | None = None, whole_mid: bool | None = None,
-                 offload_device: torch.device | str = "cpu", device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
+                 offload_device: torch.device | str = "cpu") -> torch.Tensor:
     """The raw latent [B,4,H/8,W/8] (posterior mode, ComfyUI's ``VAE.encode`` before scaling) of ``x`` [B,3,H,W]
-    in [-1,1], H and W multiples of 8, in tiles of about ``tile`` image px (multiples of 8), up to float error.
-    ``device``/``dtype`` (default ``x``'s) name the model's, so ``x`` may stay on the CPU; the rest as in
-    :func:`tiled_decode`.
+    in [-1,1] on the model's device and dtype, H and W multiples of 8, in tiles of about ``tile`` image px
+    (multiples of 8), up to float error; the rest as in :func:`tiled_decode`.
     """
     enc = ae.encoder
     _check(enc, x, tile, "encode")
     hh, ww = x.shape[-2:]
     if hh % 8 or ww % 8:
         raise ValueError(f"tiled encode needs H and W divisible by 8, got {hh}x{ww}")
-    device = torch.device(device) if device is not None else x.device
-    dtype = dtype or x.dtype
+    device, dtype = x.device, x.dtype
     factor = 2 ** (enc.num_resolutions - 1)
     if factor != 8:
         raise PisaError(f"this VAE downsamples {factor}x, not 8x like SD's. {_SD_VAE}")
     h, w, ltile = hh // 8, ww // 8, max(1, tile // 8)
     if h <= ltile and w <= ltile:
-        return _one_piece(lambda: ae.encode(x.to(device, dtype)), progress, check_interrupt)
+        return _one_piece(lambda: ae.encode(x), progress, check_interrupt)
     if getattr(ae, "bn", None) is not None:
         raise PisaError(f"VAEs with a latent batch-norm are not supported. {_SD_VAE}")
 
