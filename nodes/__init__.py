@@ -11,14 +11,11 @@ from .score import PiSAQualityScore
 from .sweep import PiSALambdaSweep
 from .grid import PiSALabelledGrid
 
-NODE_LIST: list[type[io.ComfyNode]] = [PiSALoadLoRAs, PiSAEncodeLQ, PiSASample, PiSADecode,
-                                       PiSALambdaSweep, PiSALabelledGrid, PiSAQualityScore,
-                                       PiSADistributedSlice, PiSACheckFrames]
-
 
 class PiSAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return list(NODE_LIST)
+        return [PiSALoadLoRAs, PiSAEncodeLQ, PiSASample, PiSADecode, PiSALambdaSweep, PiSALabelledGrid,
+                PiSAQualityScore, PiSADistributedSlice, PiSACheckFrames]
 
 
 async def comfy_entrypoint() -> ComfyExtension:

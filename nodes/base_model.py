@@ -30,8 +30,8 @@ def check_sd2_eps(model: Any) -> None:
                         f"({unet.get('in_channels')} input channels). {EXPECTED}")
     if unet.get("context_dim") != 1024 or not unet.get("use_linear_in_transformer", False):
         raise PisaError(f"the connected model is not an SD 2.x UNet. {EXPECTED}")
-    if getattr(base, "model_type", None) != compat.ModelType.EPS:
-        raise PisaError(f"the connected model predicts {getattr(base.model_type, 'name', '?')} "
+    if (mtype := getattr(base, "model_type", None)) != compat.ModelType.EPS:
+        raise PisaError(f"the connected model predicts {getattr(mtype, 'name', '?')} "
                         f"(e.g. SD 2.1 768-v is v-prediction). {EXPECTED}")
     ms = model.get_model_object("model_sampling")
     kinds = compat.model_sampling
@@ -57,6 +57,6 @@ FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float
 def check_weight_dtype(model: Any) -> None:
     """Refuse fp8-stored UNet weights: rounding the merged LoRA into fp8 moved eps by as much as eps itself on the
     test models (docs/errors.md), so the result would be silently wrong."""
-    if compat.weight_dtype(model) in FP8_DTYPES:
+    if model.model.get_dtype() in FP8_DTYPES:
         raise PisaError("the UNet is stored in fp8 (UNETLoader weight_dtype fp8_*), which is too coarse to hold "
                         "PiSA-SR's LoRAs. Load it with weight_dtype default, or use Load Checkpoint.")

@@ -1,7 +1,5 @@
-"""Every ComfyUI call whose shape may change between releases lives here (checked on 0.3.75; see README for newer).
-
-Node files import ComfyUI only through this module, so a host upgrade is fixed in one place.
-"""
+"""Every ComfyUI call whose shape may change between releases (checked on 0.3.75; README lists newer), so a host
+upgrade is fixed in one place."""
 from __future__ import annotations
 
 import contextlib
@@ -33,17 +31,12 @@ LORA_EXTENSIONS = {".pkl", ".pt", ".pth", ".safetensors"}
 
 # ---------------------------------------------------------------- model folder
 def register_model_folder() -> None:
-    """``models/pisa_sr`` for the checkpoint; merge with an entry extra_model_paths.yaml may have created."""
+    """``models/pisa_sr`` for the checkpoint, merged with an entry extra_model_paths.yaml may have created."""
     default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
-    entry = folder_paths.folder_names_and_paths.get(MODEL_FOLDER)
-    if entry is None:
-        folder_paths.folder_names_and_paths[MODEL_FOLDER] = ([default], set(LORA_EXTENSIONS))
-    else:
-        paths, exts = entry
-        if default not in paths:
-            paths.append(default)
-        exts = set(exts) | LORA_EXTENSIONS
-        folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, exts)
+    paths, exts = folder_paths.folder_names_and_paths.get(MODEL_FOLDER, ([], set()))
+    if default not in paths:
+        paths.append(default)
+    folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(exts) | LORA_EXTENSIONS)
 
 
 def lora_file_choices() -> list[str]:
@@ -65,12 +58,9 @@ def lora_folder_hint() -> str:
 
 def lora_file_path(name: str) -> str | None:
     for folder in (MODEL_FOLDER, "loras"):
-        try:
-            p = folder_paths.get_full_path(folder, name)
-        except Exception:
-            p = None
-        if p:
-            return p
+        with contextlib.suppress(Exception):
+            if p := folder_paths.get_full_path(folder, name):
+                return p
     return None
 
 
@@ -88,28 +78,19 @@ def attach(model: Any, key: str, value: Any) -> None:
 def diffusers_to_comfy_modules(model: Any) -> dict[str, str]:
     """Diffusers UNet module name -> ComfyUI module path (``diffusion_model....``), for weight-bearing modules."""
     mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    out = {}
-    for dk, ck in mapping.items():
-        if dk.endswith(".weight") and ck.endswith(".weight"):
-            out[dk[: -len(".weight")]] = "diffusion_model." + ck[: -len(".weight")]
-    return out
+    return {dk.removesuffix(".weight"): "diffusion_model." + ck.removesuffix(".weight") for dk, ck in mapping.items()
+            if dk.endswith(".weight") and ck.endswith(".weight")}
 
 
 def add_lora_patches(model: Any, pairs: dict[str, Any], module_map: dict[str, str], alpha: float) -> int:
-    """Patch ``model`` (a clone) with low-rank pairs via ComfyUI's own LoRA loader; returns patched key count.
-
-    Passing alpha makes ComfyUI's scale ``alpha / rank`` equal peft's, so the merge is the release's.
-    """
+    """Patch ``model`` (a clone) through ComfyUI's own LoRA loader; returns the patched key count. Passing alpha
+    makes ComfyUI's scale ``alpha / rank`` equal peft's, so the merge is the release's."""
     lora_sd: dict[str, torch.Tensor] = {}
-    key_map: dict[str, str] = {}
     for name, pair in pairs.items():
-        lora_sd[f"{name}.lora_up.weight"] = pair.up
-        lora_sd[f"{name}.lora_down.weight"] = pair.down
-        lora_sd[f"{name}.alpha"] = torch.tensor(alpha)
-        key_map[name] = module_map[name] + ".weight"
-    patches = comfy.lora.load_lora(lora_sd, key_map, log_missing=False)
-    accepted = model.add_patches(patches, 1.0, 1.0)
-    return len(accepted)
+        lora_sd.update({f"{name}.lora_up.weight": pair.up, f"{name}.lora_down.weight": pair.down,
+                        f"{name}.alpha": torch.tensor(alpha)})
+    key_map = {name: module_map[name] + ".weight" for name in pairs}
+    return len(model.add_patches(comfy.lora.load_lora(lora_sd, key_map, log_missing=False), 1.0, 1.0))
 
 
 # ---------------------------------------------------------------- memory
@@ -133,8 +114,8 @@ def load_model(model: Any, batch_shape: list[int]) -> None:
 
 @contextlib.contextmanager
 def unet_session(model: Any):
-    """Bracket the UNet calls as ComfyUI's sampler does: the patcher's pre_run() before (binds
-    ``model.model.current_patcher``, runs ON_PRE_RUN callbacks), its cleanup() after (ON_CLEANUP callbacks)."""
+    """Bracket the UNet calls as ComfyUI's sampler does: pre_run() before (binds ``model.model.current_patcher``,
+    ON_PRE_RUN callbacks), cleanup() after (ON_CLEANUP callbacks)."""
     # upstream: Comfy-Org/ComfyUI comfy/samplers.py @ 311c01406130 (CFGGuider.outer_sample: pre_run() inside
     # cuda_device_context(load_device), cleanup() in its finally); the same pair in 0.3.75 without the context
     with device_context(model.load_device):
@@ -145,30 +126,18 @@ def unet_session(model: Any):
         model.cleanup()
 
 
-def drop_double_lowvram_patches(model: Any) -> int:
-    """Undo a double LoRA application that a repeated partial load (--lowvram) can leave; returns how many.
-
-    0.3.75 comfy/model_patcher.py ModelPatcher.load: a module whose weight an earlier partial load merged with its
-    patches (``comfy_patched_weights``; the original kept in ``backup``) can be put on the cast-time path by a later
-    partial load, which then adds a LowVramPatch for the same patches on top of the merged weight: the LoRA applies
-    twice (measured: eps off by 2.2 on the tiny models). The merged weight is already right, so that cast-time patch
-    is dropped. Modules and patchers without these attributes (other versions) are left alone.
-    """
+def drop_double_lowvram_patches(model: Any) -> None:
+    """0.3.75 ModelPatcher.load: a later partial load (--lowvram) can add a cast-time LowVramPatch to a module whose
+    weight an earlier one already merged (``comfy_patched_weights``, original in ``backup``), applying the LoRA twice
+    (eps off by 2.2 on the tiny models); drop that patch. Patchers without these attributes are left alone."""
     backup = getattr(model, "backup", None)
     if not isinstance(backup, dict) or not backup:
-        return 0
-    dropped = 0
+        return
     for module in model.model.modules():
-        if getattr(module, "comfy_patched_weights", False) is not True:
-            continue
-        for attr in ("weight_function", "bias_function"):
-            fns = getattr(module, attr, None)
-            if not fns:
-                continue
-            keep = [f for f in fns if getattr(f, "key", None) not in backup]
-            dropped += len(fns) - len(keep)
-            setattr(module, attr, keep)
-    return dropped
+        if getattr(module, "comfy_patched_weights", False) is True:
+            for attr in ("weight_function", "bias_function"):
+                if fns := getattr(module, attr, None):
+                    setattr(module, attr, [f for f in fns if getattr(f, "key", None) not in backup])
 
 
 def memory_required(model: Any, shape: list[int]) -> int:
@@ -184,14 +153,10 @@ def memory_required(model: Any, shape: list[int]) -> int:
 
 
 def per_item_memory(model: Any, shape: list[int]) -> tuple[int, int]:
-    """(fixed, per-item) bytes of one UNet call on ``shape`` with batch n: ``fixed + n * per_item``.
-
-    Taken as the slope between batch 1 and 2, so a constant term in the estimate counts once per call, not once per
-    tile (0.3.75's and the newest BaseModel estimates are linear: fixed is 0 there).
-    """
-    one = memory_required(model, [shape[0]] + list(shape[1:]))
-    two = memory_required(model, [2 * shape[0]] + list(shape[1:]))
-    per = max(two - one, 1)
+    """(fixed, per-item) bytes of a UNet call on ``shape`` with batch n = ``fixed + n * per_item``: the slope between
+    batch 1 and 2, so a constant term counts once per call, not per tile (0.3.75's and the newest are linear)."""
+    one = memory_required(model, list(shape))
+    per = max(memory_required(model, [2 * shape[0], *shape[1:]]) - one, 1)
     return max(one - per, 0), per
 
 
@@ -220,8 +185,7 @@ def vae_load(vae: Any, shape: list[int], encode: bool) -> None:
 
 
 def device_context(device: Any):
-    """The current-CUDA-device context core runs model work in on newer ComfyUI (a model placed on a second GPU);
-    a no-op on 0.3.75, which has no such call."""
+    """The current-CUDA-device context newer ComfyUI runs model work in (a model on a second GPU); none on 0.3.75."""
     # upstream: Comfy-Org/ComfyUI comfy/model_management.py @ 02b2b3886164 (cuda_device_context(device): sets
     # torch.cuda's current device to a cuda device with an index, restores it after); comfy/sd.py @ 033046cc4fac
     # (VAE.encode/decode run load, batch sizing and the model inside cuda_device_context(self.device));
@@ -245,11 +209,6 @@ def compute_dtype(model: Any) -> torch.dtype:
     else:
         d = base.model_config.manual_cast_dtype  # not base.manual_cast_dtype: another clone may have patched it
     return d if d is not None else base.get_dtype()
-
-
-def weight_dtype(model: Any) -> torch.dtype:
-    """The dtype the UNet's weights are stored in (UNETLoader's weight_dtype; fp8 there is computed via manual cast)."""
-    return model.model.get_dtype()
 
 
 def options_with_outer_unet_wrapper(model: Any, key: str, wrapper) -> dict:
@@ -277,12 +236,9 @@ def is_oom(exc: BaseException) -> bool:
     # upstream: Comfy-Org/ComfyUI comfy/model_management.py @ 02b2b3886164 (is_oom(e): OOM_EXCEPTION, or a
     # torch.AcceleratorError with error_code 2 or "out of memory" in its message); 0.3.75 has no is_oom
     check = getattr(mm, "is_oom", None)
-    if callable(check):
-        try:
-            if check(exc):
-                return True
-        except Exception:
-            pass
+    with contextlib.suppress(Exception):
+        if callable(check) and check(exc):
+            return True
     return isinstance(exc, mm.OOM_EXCEPTION) or runtime.is_oom(exc)
 
 

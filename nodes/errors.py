@@ -2,22 +2,18 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import TypeVar
 
 from ..pisa_sr.errors import PisaError
 
-F = TypeVar("F", bound=Callable)
 
-
-def names_refusals(node: str) -> Callable[[F], F]:
+def names_refusals(node: str):
     """Decorator for a node's ``execute``: a PisaError raised inside reads ``"<node>: <message>"``, same type."""
-    def deco(fn: F) -> F:
+    def deco(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
             except PisaError as e:
                 raise type(e)(f"{node}: {e}") from None
-        return wrapper  # type: ignore[return-value]
+        return wrapper
     return deco

@@ -40,12 +40,10 @@ def conditioning_context(positive, width: int | None) -> torch.Tensor:
 def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,
                  tile_overlap: int, *, precision: str = "auto", both: bool = False, one_pass: bool = True,
                  tiles_per_call: int | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """(frames, z_lq scaled, eps fp32) for successive chunks of the batch, each on the model's device.
+    """(frames, z_lq scaled, eps fp32) per chunk of the batch, on the model's device.
 
-    A chunk is as many whole frames as one UNet call takes (``tiles_per_call`` tiles; one frame when a frame has
-    more tiles), so device memory is bounded by the call, not by the number of frames, and the UNet sees the same
-    batches as when the whole latent was tiled at once. ``both`` gives C = 8: eps_pix then eps_sem.
-    ``tiles_per_call`` None = as many as free memory allows.
+    A chunk is as many whole frames as one UNet call of ``tiles_per_call`` tiles takes (None: as free memory allows;
+    at least one frame), so device memory is bounded by the call. ``both`` gives C = 8: eps_pix then eps_sem.
     """
     info = info_of(model)
     plan = sampling.plan(lambda_pix, lambda_sem, both)
@@ -54,7 +52,7 @@ def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: f
     if latent.get("noise_mask") is not None:
         raise PisaError("this LATENT carries a noise mask (e.g. from Set Latent Noise Mask). PiSA-SR restores the "
                         "whole image and cannot keep masked areas: remove the mask node.")
-    context = conditioning_context(positive, unet.context_width(model))
+    context = conditioning_context(positive, model.model.model_config.unet_config.get("context_dim"))
     model = unet.model_for_precision(model, precision)
     dev = model.load_device
     b, _, h, w = raw.shape
@@ -81,10 +79,8 @@ def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: f
     with compat.unet_session(model) if passes else contextlib.nullcontext():
         for start in range(0, b, frames):
             part = slice(start, min(b, start + frames))
-            # Contiguous NCHW whatever the LATENT's layout: a channels_last latent (ComfyUI's CPU VAEEncode gives
-            # one) makes the whole UNet run channels_last, whose GroupNorm sums in another order; on random-weight
-            # test models that alone moved eps by 2e-4. One layout keeps tiled, untiled and batched calls on the
-            # same numerics.
+            # Contiguous NCHW: a channels_last latent (CPU VAEEncode) runs the UNet channels_last, whose GroupNorm
+            # sums in another order (eps moved 2e-4); one layout keeps tiled, untiled and batched calls identical.
             z = model.model.process_latent_in(raw[part].to(dev, torch.float32)).contiguous()
             if plan is Pass.NONE:
                 yield part, z, torch.zeros_like(z)
@@ -107,8 +103,7 @@ def sample_eps(model, latent: dict, positive, lambda_pix: float, lambda_sem: flo
 
 def sample_hq(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,
               tile_overlap: int, precision: str = "auto", tiles_per_call: int | None = None) -> torch.Tensor:
-    """The sampler's result ``z_lq - eps`` as a raw latent, fp32 on the CPU; each chunk leaves the device as soon
-    as it is done, so a long batch costs the device one chunk."""
+    """``z_lq - eps`` as a raw latent, fp32 on the CPU, chunk by chunk: a long batch costs the device one chunk."""
     raw = check_latent(latent, "PiSA Encode LQ")
     out = torch.empty(raw.shape, dtype=torch.float32)
     for part, z, eps in frame_chunks(model, latent, positive, lambda_pix, lambda_sem, tile_size, tile_overlap,

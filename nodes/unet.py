@@ -20,17 +20,11 @@ def sigma_t1(model: Any) -> torch.Tensor:
     return ms.sigma(torch.tensor([1.0])).float().reshape(1)
 
 
-def context_width(model: Any) -> int | None:
-    return model.model.model_config.unet_config.get("context_dim")
-
-
 def unet_eps_t1(model: Any, z: torch.Tensor, context: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """eps = unet(z, t=1, context) through ``apply_model`` (so wrappers, patches and casting are ComfyUI's); fp32.
+    """eps = unet(z, t=1, context) in fp32 through ``apply_model`` (wrappers, patches and casting are ComfyUI's).
 
-    apply_model scales its input by c_in = 1/sqrt(1+sigma^2); feeding ``x = z*sqrt(1+sigma^2)`` makes the UNet see
-    exactly z. The UNet's raw output (eps) is taken by an outermost DIFFUSION_MODEL wrapper: recovering it from
-    apply_model's ``x - sigma*eps`` would divide fp32 rounding by sigma (0.04), a 25x larger error. If a model runs
-    no such wrappers, that recovery is the fallback.
+    ``x = z*sqrt(1+sigma^2)`` undoes apply_model's c_in. eps is captured by an outermost DIFFUSION_MODEL wrapper:
+    recovering it from ``x - sigma*eps`` (the fallback) would divide fp32 rounding by sigma (0.04), 25x the error.
     """
     dev = model.load_device
     s = sigma.to(dev, torch.float32).expand(z.shape[0])
@@ -49,37 +43,27 @@ def unet_eps_t1(model: Any, z: torch.Tensor, context: torch.Tensor, sigma: torch
     return (x - out.float()) / s.reshape(-1, 1, 1, 1)
 
 
-class _DtypeClones:
-    """Per-MODEL cache of compute-dtype clones (an attachment, so its lifetime is the MODEL's).
-
-    Reusing one clone per dtype keeps ComfyUI's loaded-model entry stable between runs, so a queued prompt does not
-    re-apply every LoRA patch. A clone of the MODEL gets a fresh, empty cache (``on_model_patcher_clone``), so a
-    cached clone never stands in for a model with different patches.
-    """
-
-    def __init__(self) -> None:
-        self.by_dtype: dict[torch.dtype, Any] = {}
+class _DtypeClones(dict):
+    """dtype -> compute-dtype clone, attached to the MODEL: one clone per dtype keeps ComfyUI's loaded-model entry
+    stable, so a queued prompt does not re-apply every LoRA. A clone of the MODEL starts empty, so a cached clone
+    never stands in for a model with other patches."""
 
     def on_model_patcher_clone(self) -> "_DtypeClones":
         return _DtypeClones()
 
 
 def with_compute_dtype(model: Any, dtype: torch.dtype) -> Any:
-    """``model`` computing in ``dtype`` through ComfyUI's manual-cast ops (what the ModelComputeDtype node does).
-
-    Weights stay stored as loaded (LoRA patches are merged into them at load, as usual) and are cast layer by layer
-    to ``dtype``; activations and attention run in ``dtype``. The clone is cached on ``model``.
-    """
+    """A cached clone of ``model`` computing in ``dtype`` via manual-cast ops (the ModelComputeDtype node's way):
+    weights stay stored as loaded, LoRAs merged, and are cast layer by layer."""
     cache = compat.attachment(model, DTYPE_CLONES_KEY)
     if not isinstance(cache, _DtypeClones):
         cache = _DtypeClones()
         compat.attach(model, DTYPE_CLONES_KEY, cache)
-    clone = cache.by_dtype.get(dtype)
-    if clone is None:
+    if dtype not in cache:
         clone = model.clone()
         clone.set_model_compute_dtype(dtype)
-        cache.by_dtype[dtype] = clone
-    return clone
+        cache[dtype] = clone
+    return cache[dtype]
 
 
 def model_for_precision(model: Any, precision: str) -> Any:
