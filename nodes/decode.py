@@ -33,36 +33,21 @@ def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0) -> torc
                         "LATENT that came from the same PiSA Encode LQ.")
     img: torch.Tensor | None = None
     for i in range(b):
-        out = _decoded(z[i:i + 1], vae, info, color_fix != "none", int(vae_tile_size))
+        out = vae_ops.decode(vae, z[i:i + 1], int(vae_tile_size))
         if info is not None:
-            out = apply_color_fix(out, info.lq_float_bchw(i), color_fix)
-        frame = _finished(out, info)
+            h, w = info.lq_u8.shape[1:3]
+            if (h, w) != tuple(out.shape[-2:]):
+                raise PisaError(f"the latent decodes to {out.shape[-1]}x{out.shape[-2]} px but the LQ reference "
+                                f"is {w}x{h}; the latent was resized between nodes.")
+            if color_fix != "none":  # on the release's 8-bit (truncated) decoder output, to stay equal to it
+                out = apply_color_fix(torch.floor(out.clamp(0, 1) * 255.0) / 255.0, info.lq_float_bchw(i), color_fix)
+        frame = out.movedim(1, -1).clamp(0, 1)
+        if info is not None and info.plan.resize_back:
+            frame = resize_output(frame, info.plan.output)
         if img is None:
             img = frame.new_empty((b, *frame.shape[1:]))
         img[i:i + 1] = frame
     return img
-
-
-def _decoded(z: torch.Tensor, vae, info, eight_bit: bool, tile: int) -> torch.Tensor:
-    """One frame [1,3,H,W] in [0,1], checked against its LQ reference; on the 8-bit grid when colour-fixed."""
-    out = vae_ops.decode(vae, z, tile)
-    if info is not None:
-        h, w = info.lq_u8.shape[1:3]
-        if (h, w) != tuple(out.shape[-2:]):
-            raise PisaError(f"the latent decodes to {out.shape[-1]}x{out.shape[-2]} px but the LQ reference "
-                            f"is {w}x{h}; the latent was resized between nodes.")
-        if eight_bit:
-            # The release colour-fixes the 8-bit (truncated) decoder output; doing the same keeps us equal to it.
-            out = torch.floor(out.clamp(0, 1) * 255.0) / 255.0
-    return out
-
-
-def _finished(out: torch.Tensor, info) -> torch.Tensor:
-    """[1,3,H,W] -> [1,H',W',3] clamped, resized back to the release's output size where its plan says so."""
-    img = out.movedim(1, -1).clamp(0, 1)
-    if info is not None and info.plan.resize_back:
-        img = resize_output(img, info.plan.output)
-    return img.contiguous()
 
 
 class PiSADecode(io.ComfyNode):
@@ -92,5 +77,4 @@ class PiSADecode(io.ComfyNode):
     @trims_heap
     def execute(cls, latent, vae, color_fix="adain", vae_tile_size=0) -> io.NodeOutput:
         img = decode_hq(latent, vae, color_fix, vae_tile_size)
-        # UI only: the result and the resized LQ as small temp previews, for the before/after slider of web/.
         return io.NodeOutput(img, ui=comparison_ui(img, lq_info_of(latent)))

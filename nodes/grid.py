@@ -22,14 +22,6 @@ def split_lines(text, n: int, what: str, fix: str) -> list[str]:
     return lines
 
 
-def grid_labels(n: int, labels, scores) -> list[str]:
-    names = split_lines(labels, n, "label", "Connect the labels output of PiSA Lambda Sweep for the same batch "
-                        "(one line per image), or leave labels unconnected.")
-    extra = split_lines(scores, n, "score", "Connect the scores text of PiSA Quality Score run on the same "
-                        "batch, or leave scores unconnected.")
-    return [" | ".join(p for p in (a.strip(), b.strip()) if p) for a, b in zip(names, extra)]
-
-
 class PiSALabelledGrid(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -60,7 +52,11 @@ class PiSALabelledGrid(io.ComfyNode):
     @names_refusals(NODE)
     def execute(cls, images, labels=None, scores=None, columns=0, font_size=0) -> io.NodeOutput:
         images = check_image(images)
-        text = grid_labels(images.shape[0], labels, scores)
-        grid = labelled_grid(images, text, columns=int(columns) or None,
-                             font_size=int(font_size) if int(font_size) > 0 else None)
-        return io.NodeOutput(grid)
+        n = images.shape[0]
+        names = split_lines(labels, n, "label", "Connect the labels output of PiSA Lambda Sweep for the same batch "
+                            "(one line per image), or leave labels unconnected.")
+        extra = split_lines(scores, n, "score", "Connect the scores text of PiSA Quality Score run on the same "
+                            "batch, or leave scores unconnected.")
+        text = [" | ".join(p for p in (a.strip(), b.strip()) if p) for a, b in zip(names, extra)]
+        return io.NodeOutput(labelled_grid(images, text, columns=int(columns) or None,
+                                           font_size=int(font_size) if int(font_size) > 0 else None))

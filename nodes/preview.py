@@ -1,8 +1,5 @@
-"""Before/after previews for PiSA Tiled VAE Decode: the result and the resized LQ, saved as small temp images.
-
-The decode node returns them as its UI output: ``images`` (the result: any front end shows it as the node's
-preview) and ``pisa_lq`` (the resized LQ, at the same preview size). The pack's web extension (web/pisa_sr.js)
-draws the two with a before/after slider. Previews never change the IMAGE output and never fail the node.
+"""Before/after previews for PiSA Tiled VAE Decode: the result (``images``) and the resized LQ (``pisa_lq``) as
+small temp images, which web/pisa_sr.js draws with a slider. They never change the IMAGE or fail the node.
 """
 from __future__ import annotations
 
@@ -21,11 +18,6 @@ PREVIEW_MAX_SIDE = 1024  # larger results are downscaled for the preview only (c
 LQ_KEY = "pisa_lq"
 
 
-def preview_size(h: int, w: int, max_side: int = PREVIEW_MAX_SIDE) -> tuple[int, int]:
-    s = min(1.0, max_side / max(h, w))
-    return max(1, round(h * s)), max(1, round(w * s))
-
-
 def resize_bhwc(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[B,H,W,C] float in [0,1] to ``size`` (h, w); area-averaged when shrinking, bilinear when enlarging."""
     if tuple(img.shape[1:3]) == tuple(size):
@@ -38,10 +30,11 @@ def resize_bhwc(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x.clamp(0, 1).movedim(1, -1)
 
 
-def comparison_images(result: torch.Tensor, info: LQInfo | None,
-                      max_side: int = PREVIEW_MAX_SIDE) -> tuple[torch.Tensor, torch.Tensor | None]:
+def comparison_images(result: torch.Tensor, info: LQInfo | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(result preview, LQ preview or None), both [B,h,w,3] float at the same preview size."""
-    size = preview_size(result.shape[1], result.shape[2], max_side)
+    h, w = result.shape[1:3]
+    s = min(1.0, PREVIEW_MAX_SIDE / max(h, w))
+    size = (max(1, round(h * s)), max(1, round(w * s)))
     res = resize_bhwc(result.detach().cpu().to(torch.float32), size)
     if info is None:
         return res, None
@@ -52,22 +45,17 @@ def comparison_images(result: torch.Tensor, info: LQInfo | None,
 
 
 def comparison_ui(result: torch.Tensor, info: LQInfo | None) -> dict | None:
-    """The decode node's UI output, or None if the previews could not be written (logged, never raised).
-
-    One frame at a time, so a long batch costs one frame's preview tensors, not a second copy of the IMAGE.
-    """
+    """The decode node's UI output, or None (logged) if the previews could not be written. One frame at a time, so a
+    long batch costs one frame's preview tensors, not a second copy of the IMAGE."""
     try:
-        images, lqs = [], []
+        out = {"images": []} if info is None else {"images": [], LQ_KEY: []}
         for i in range(result.shape[0]):
             one = None if info is None else replace(info, lq_u8=info.lq_u8[i:i + 1] if info.lq_u8.shape[0] > 1
                                                     else info.lq_u8)
             res, lq = comparison_images(result[i:i + 1], one)
-            images += compat.preview_images(res)
+            out["images"] += compat.preview_images(res)
             if lq is not None:
-                lqs += compat.preview_images(lq)
-        out = {"images": images}
-        if info is not None:
-            out[LQ_KEY] = lqs
+                out[LQ_KEY] += compat.preview_images(lq)
         return out
     except Exception as e:  # a preview must never cost the user their result
         log.warning("PiSA-SR: could not write the before/after preview: %s", e)

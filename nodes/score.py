@@ -43,8 +43,7 @@ class PiSAQualityScore(io.ComfyNode):
     @names_refusals(NODE)
     def execute(cls, images, metric="sharpness", reference=None, crop_border=4) -> io.NodeOutput:
         images = check_image(images)
-        if reference is not None:
-            reference = check_image(reference)
+        reference = None if reference is None else check_image(reference)
         values = [float(v) for v in metrics.score(images, metric, reference, int(crop_border))]
         unit = " dB" if metric == "psnr" else ""
         return io.NodeOutput("\n".join(f"{metric} {metrics.format_score(v, unit)}" for v in values), values)

@@ -1,19 +1,7 @@
 """PiSA Lambda Sweep: every (lambda_pix, lambda_sem) setting from one evaluation of eps_pix and eps_sem.
 
-``eps = lambda_pix*eps_pix + lambda_sem*(eps_sem - eps_pix)`` is linear in both lambdas and the tile blending is
-linear too, so the sweep runs the UNet once per tile (adjustable mode, both outputs) and forms every setting by a
-linear combination: the cost of one adjustable sample plus one cheap combination per setting.
-
-Outputs (documented in the tooltips):
-  latents     every setting, setting-major: batch index ``s * B + b`` = setting ``s`` applied to input image ``b``;
-              the PiSA LQ reference is repeated to match, so PiSA Tiled VAE Decode colour-fixes it as usual.
-  labels      one line per latent in that batch (for PiSA Labelled Grid).
-  lambda_pix, lambda_sem   FLOAT lists, one value per setting (list outputs: a node fed from them runs per setting).
-  best        the chosen setting per input image (batch B) when choose_best is on; the first setting otherwise.
-  report      the settings, their scores and the choice, as text.
-  images      every setting decoded (needs the vae input), in the order of 'latents': with choose_best on, the
-              images it decoded to score; with it off, decoded here so a grid needs no second decode. Without a
-              vae the output is blocked with a message, so a node fed from it says what to connect.
+eps and the tile blending are linear in both lambdas, so the UNet runs once per tile (adjustable mode, both outputs)
+and each setting is one cheap linear combination. Outputs are described in their tooltips.
 """
 from __future__ import annotations
 
@@ -45,13 +33,10 @@ BEST_MARK = " [best]"
 
 
 def _repeat_extras(latent: dict, samples: torch.Tensor, settings: int, batch: int) -> dict:
-    """The LATENT dict for a setting-major batch of ``settings`` x ``batch``: the LQ reference and batch_index
-    repeated the way RepeatLatentBatch repeats them, every other key kept (a noise mask is refused upstream)."""
-    out = dict(latent)
-    out["samples"] = samples
+    """The LATENT of a setting-major batch, LQ reference and batch_index repeated as RepeatLatentBatch does."""
+    out = dict(latent, samples=samples)
     info = lq_info_of(latent)
-    # A batch-1 LQ reference stays batch 1 (PiSA Tiled VAE Decode applies it to every image); a batch-B one is
-    # repeated per setting so row s * B + b keeps image b's reference.
+    # A batch-1 LQ reference applies to every image; a batch-B one repeats so row s * B + b keeps image b's.
     if info is not None and batch > 1 and settings > 1 and info.lq_u8.shape[0] == batch:
         out[LATENT_KEY] = LQInfo(lq_u8=info.lq_u8.repeat(settings, 1, 1, 1), plan=info.plan)
     index = out.get("batch_index")
@@ -61,23 +46,10 @@ def _repeat_extras(latent: dict, samples: torch.Tensor, settings: int, batch: in
     return out
 
 
-def _check_metric_ready(choice: str) -> None:
-    if choice not in CHOOSE_BEST:  # V3 combo values are not validated at queue time (ComfyUI 0.3.75)
-        raise PisaError(f"choose_best must be one of {', '.join(CHOOSE_BEST)}, got {choice!r}.")
-    if choice in metrics.LEARNED_METRICS:
-        ok, reason = metrics.learned_metric_status(choice)
-        if not ok:
-            raise PisaError(f"choose_best = '{choice}': {reason} Or pick 'sharpness' or 'noise', which need no "
-                            "weights.")
-
-
 def decode_settings(latent: dict, z_hq_raw: torch.Tensor, settings: int, batch: int, vae, color_fix: str,
                     metric: str | None = None, ref_raw: torch.Tensor | None = None):
-    """Decode each setting once (batch B at a time, as PiSA Tiled VAE Decode makes them) -> images, setting-major.
-
-    With ``metric``: also ``quality[s][b]`` by that score and ``fidelity[s][b]``, PSNR (Y, no border crop) against
-    the decoded pix-only reference ``ref_raw``; both are empty lists otherwise.
-    """
+    """Each setting decoded once, B at a time as PiSA Tiled VAE Decode does -> (images, quality[s][b], fidelity[s][b]);
+    the scores (``metric``, and PSNR on Y vs the decoded pix-only ``ref_raw``) are empty lists without ``metric``."""
     hooks = compat.hooks()
     ref = None if metric is None else decode_hq(dict(latent, samples=ref_raw), vae, color_fix)
     steps = settings + (ref is not None)
@@ -89,7 +61,7 @@ def decode_settings(latent: dict, z_hq_raw: torch.Tensor, settings: int, batch: 
         if ref is not None:
             quality.append([float(v) for v in metrics.score(img, metric)])
             fidelity.append([float(v) for v in metrics.psnr_y(img, ref.to(img.device), crop_border=0)])
-        hooks.progress(steps - settings + s + 1, steps)
+        hooks.progress(s + 1 + (ref is not None), steps)
     return torch.cat(images), quality, fidelity
 
 
@@ -175,47 +147,47 @@ class PiSALambdaSweep(io.ComfyNode):
             pairs = parse_lambda_pairs(settings)
         except PisaError as e:
             raise PisaError(f"settings: {e}") from None  # which input: the parser quotes only the fragment
-        choice = choose_best
-        _check_metric_ready(choice)
-        if choice != "off" and vae is None:
-            raise PisaError(f"choose_best = '{choice}' decodes every setting to score it: connect the VAE (the one "
-                            "that encoded the LQ image), or set choose_best to off.")
+        if choose_best not in CHOOSE_BEST:  # V3 combo values are not validated at queue time (ComfyUI 0.3.75)
+            raise PisaError(f"choose_best must be one of {', '.join(CHOOSE_BEST)}, got {choose_best!r}.")
+        if choose_best in metrics.LEARNED_METRICS:
+            ok, reason = metrics.learned_metric_status(choose_best)
+            if not ok:
+                raise PisaError(f"choose_best = '{choose_best}': {reason} Or pick 'sharpness' or 'noise', which "
+                                "need no weights.")
+        if choose_best != "off" and vae is None:
+            raise PisaError(f"choose_best = '{choose_best}' decodes every setting to score it: connect the VAE (the "
+                            "one that encoded the LQ image), or set choose_best to off.")
         floor = float(fidelity_floor_db)
         if not math.isfinite(floor):
             raise PisaError("fidelity_floor_db must be a finite number of dB, e.g. 28.")
-        if choice != "off" or vae is not None:
+        if vae is not None:  # refused before the UNet runs, not after
             check_color_fix(color_fix)
 
         z, eps = sample_eps(model, latent, positive, 1.0, 1.0, tile_size, tile_overlap, both=True)
         c = z.shape[1]
         eps_pix, eps_sem = eps[:, :c].to(z.device), eps[:, c:].to(z.device)
         batch, n = z.shape[0], len(pairs)
-        z_hq = model.model.process_latent_out(sweep_latents(z, eps_pix, eps_sem, pairs))
-        z_hq = z_hq.to(torch.float32).cpu()
-        out = _repeat_extras(latent, z_hq, n, batch)
+        z_hq = model.model.process_latent_out(sweep_latents(z, eps_pix, eps_sem, pairs)).to(torch.float32).cpu()
         labels = sweep_labels(pairs, batch)
 
         chosen = quality = fidelity = None
-        if choice != "off":
+        best_idx = [0] * batch
+        if choose_best != "off":
             ref = model.model.process_latent_out(sweep_latents(z, eps_pix, eps_sem, [REFERENCE_SETTING]))
-            images, quality, fidelity = decode_settings(latent, z_hq, n, batch, vae, color_fix, choice,
+            images, quality, fidelity = decode_settings(latent, z_hq, n, batch, vae, color_fix, choose_best,
                                                         ref.to(torch.float32).cpu())
-            chosen = choose_best_per_image(quality, fidelity, floor, metrics.METRICS[choice].direction > 0)
+            chosen = choose_best_per_image(quality, fidelity, floor, metrics.METRICS[choose_best].direction > 0)
+            best_idx = [s for s, _ in chosen]
+            for b, s in enumerate(best_idx):
+                labels[s * batch + b] += BEST_MARK
         elif vae is not None:
             images = decode_settings(latent, z_hq, n, batch, vae, color_fix)[0]
         else:
             images = compat.blocked(f"{NODE}: 'images' needs the vae input connected (the VAE that encoded the LQ "
                                     "image); or decode 'latents' with PiSA Tiled VAE Decode.")
-        if chosen is None:
-            best_idx = [0] * batch
-        else:
-            best_idx = [s for s, _ in chosen]
-            for b, s in enumerate(best_idx):
-                labels[s * batch + b] += BEST_MARK
-        best = dict(latent)
-        best["samples"] = torch.stack([z_hq[s * batch + b] for b, s in enumerate(best_idx)])
-        report = report_text(pairs, batch, choice, floor, quality, fidelity, chosen)
+        best = dict(latent, samples=torch.stack([z_hq[s * batch + b] for b, s in enumerate(best_idx)]))
+        report = report_text(pairs, batch, choose_best, floor, quality, fidelity, chosen)
         if chosen is not None:
             log.info("%s", report)
-        return io.NodeOutput(out, "\n".join(labels), [p for p, _ in pairs], [s for _, s in pairs], best, report,
-                             images)
+        return io.NodeOutput(_repeat_extras(latent, z_hq, n, batch), "\n".join(labels), [p for p, _ in pairs],
+                             [s for _, s in pairs], best, report, images)

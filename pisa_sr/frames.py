@@ -21,12 +21,7 @@ def share_bounds(total: int, participants: int) -> list[tuple[int, int]]:
         raise PisaError(f"{total} frame(s) cannot be shared among {participants} participants (a share would be "
                         "empty and its participant would never report back). Use fewer participants.")
     base, extra = divmod(total, participants)
-    bounds, start = [], 0
-    for i in range(participants):
-        end = start + base + (1 if i < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
+    return [(i * base + min(i, extra), (i + 1) * base + min(i + 1, extra)) for i in range(participants)]
 
 
 def share(images: torch.Tensor, participant: int, participants: int) -> torch.Tensor:
@@ -38,25 +33,16 @@ def share(images: torch.Tensor, participant: int, participants: int) -> torch.Te
     return images[start:end]
 
 
-def _thumbs(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    x = images[..., :3].movedim(-1, 1).to(torch.float32)
-    return F.interpolate(x, size=size, mode="area").flatten(1)
-
-
-def frame_distances(results: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """[N_results, N_source] mean squared error between thumbnails (the results shrunk to the source's shape)."""
-    h, w = source.shape[1:3]
-    scale = min(1.0, THUMB / max(h, w))
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    r, s = _thumbs(results, size), _thumbs(source, size)
-    return torch.cdist(r.double(), s.double()).pow(2) / r.shape[1]
-
-
 def check_frames(results: torch.Tensor, source: torch.Tensor) -> str:
     """A one-line report when ``results`` holds one frame per ``source`` frame, in the same order; PisaError naming
     the missing or misplaced frames (1-based) otherwise."""
     n, m = results.shape[0], source.shape[0]
-    d = frame_distances(results, source)
+    h, w = source.shape[1:3]
+    scale = min(1.0, THUMB / max(h, w))
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    r, s = (F.interpolate(x[..., :3].movedim(-1, 1).to(torch.float32), size=size, mode="area").flatten(1).double()
+            for x in (results, source))
+    d = torch.cdist(r, s).pow(2) / r.shape[1]  # [n, m] mean squared error between thumbnails
     if n != m:
         found = set(d.argmin(dim=1).tolist()) if n else set()
         missing = [j + 1 for j in range(m) if j not in found]

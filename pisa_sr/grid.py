@@ -38,10 +38,7 @@ def grid_layout(n: int, columns: Optional[int] = None) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=32)
 def _font(size: int) -> tuple[Font, bool]:
-    """Pillow's built-in font at ``size`` px (Pillow >= 10.1 with FreeType), else the fixed bitmap default.
-
-    Returns ``(font, scalable)``.
-    """
+    """(font, scalable): Pillow's built-in font at ``size`` px (Pillow >= 10.1 with FreeType), else the bitmap one."""
     try:
         font = ImageFont.load_default(size=size)
         return font, isinstance(font, ImageFont.FreeTypeFont)
@@ -53,41 +50,31 @@ def _text_mask(text: str, size: int, max_w: int, max_h: int) -> torch.Tensor:
     """Banner coverage for ``text``: float ``[h, w]`` with 0 = box, 1 = ink; shrunk to fit ``max_w`` if it can be."""
     scratch = ImageDraw.Draw(Image.new("L", (1, 1)))
     font, scalable = _font(size)
+    margin = max(2, size // 4) if scalable else 3
     bbox = scratch.textbbox((0, 0), text, font=font)
-    if scalable and bbox[2] - bbox[0] + 2 * max(2, size // 4) > max_w and size > _MIN_FONT:
-        fitted = max(_MIN_FONT, int(size * (max_w - 4) / max(1, bbox[2] - bbox[0] + 2 * max(2, size // 4))))
+    width = bbox[2] - bbox[0] + 2 * margin
+    if scalable and width > max_w and size > _MIN_FONT:
+        fitted = max(_MIN_FONT, int(size * (max_w - 4) / width))
         if fitted < size:
             return _text_mask(text, fitted, max_w, max_h)
-    margin = max(2, size // 4) if scalable else 3
     # Banner height from a reference string, so banners in one grid share a height whatever their letters.
     ref = scratch.textbbox((0, 0), "Ag|0", font=font)
     top = min(ref[1], bbox[1])
     height = max(ref[3], bbox[3]) - top + 2 * margin
-    width = bbox[2] - bbox[0] + 2 * margin
     canvas = Image.new("L", (width, height), 0)
     ImageDraw.Draw(canvas).text((margin - bbox[0], margin - top), text, font=font, fill=255)
     mask = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).view(height, width)
     return (mask.to(torch.float32) / 255.0)[:max_h, :max_w]
 
 
-def labelled_grid(
-    images: torch.Tensor,
-    labels: Sequence[str],
-    columns: Optional[int] = None,
-    pad: int = 4,
-    font_size: Optional[int] = None,
-    background: float = 1.0,
-) -> torch.Tensor:
-    """Lay ``images`` ``[N,H,W,C]`` out row-major with ``pad`` px gaps (filled with ``background``) -> ``[1,H',W',C]``.
-
-    ``H' = rows*H + (rows+1)*pad``, ``W' = cols*W + (cols+1)*pad``. Each non-empty label is drawn as light text on a
-    dark box in its tile's top-left corner; the font grows with the tile (``default_font_size``) unless
-    ``font_size`` is given, and shrinks if the text would not fit the tile's width. Empty labels leave the tile bare.
-    """
+def labelled_grid(images: torch.Tensor, labels: Sequence[str], columns: Optional[int] = None, pad: int = 4,
+                  font_size: Optional[int] = None, background: float = 1.0) -> torch.Tensor:
+    """``images`` ``[N,H,W,C]`` row-major with ``pad`` px gaps of ``background`` -> ``[1,H',W',C]``; each non-empty
+    label as light text on a dark box in its tile's top-left corner, shrunk to fit the tile's width."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         raise PisaError(f"images must be an IMAGE tensor [N,H,W,C], got {getattr(images, 'shape', type(images))}")
     n, h, w, c = images.shape
-    labels = list(labels)
+    labels = [str(t) for t in labels]
     if len(labels) != n:
         raise PisaError(f"{len(labels)} labels for {n} images: give exactly one label per image")
     if pad < 0:
@@ -95,14 +82,10 @@ def labelled_grid(
     if font_size is not None and font_size <= 0:
         raise PisaError(f"font_size must be positive, got {font_size}")
     rows, cols = grid_layout(n, columns)
-    size = int(font_size) if font_size is not None else default_font_size(h, w)
+    size = default_font_size(h, w) if font_size is None else int(font_size)
 
-    out = torch.full(
-        (1, rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, c),
-        float(background),
-        dtype=images.dtype,
-        device=images.device,
-    )
+    out = torch.full((1, rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, c), float(background),
+                     dtype=images.dtype, device=images.device)
     box = torch.full((c,), _BOX, dtype=torch.float32, device=images.device)
     ink = torch.full((c,), _INK, dtype=torch.float32, device=images.device)
     if c == 4:  # keep RGBA banners opaque
@@ -111,11 +94,8 @@ def labelled_grid(
         r, col = divmod(i, cols)
         y0, x0 = pad + r * (h + pad), pad + col * (w + pad)
         out[0, y0 : y0 + h, x0 : x0 + w] = images[i]
-        text = str(labels[i])
-        if not text.strip():
-            continue
-        mask = _text_mask(text, size, w, h).to(images.device).unsqueeze(-1)
-        bh, bw = mask.shape[:2]
-        banner = box * (1.0 - mask) + ink * mask
-        out[0, y0 : y0 + bh, x0 : x0 + bw] = banner.to(images.dtype)
+        if labels[i].strip():
+            mask = _text_mask(labels[i], size, w, h).to(images.device).unsqueeze(-1)
+            bh, bw = mask.shape[:2]
+            out[0, y0 : y0 + bh, x0 : x0 + bw] = (box * (1.0 - mask) + ink * mask).to(images.dtype)
     return out
