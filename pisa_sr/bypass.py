@@ -1,7 +1,6 @@
 """Low-rank updates applied in the activations (``out += s * B(A(x))``) instead of merged into the weights.
 
-This lets one UNet call on ``[z, z]`` produce two different LoRA configurations (one per batch half) from one copy of
-the weights. Hooks are plain ``torch`` forward hooks, removed when the context exits, whatever happens inside.
+So one UNet call on ``[z, z]`` gives two LoRA configurations (one per batch half) from one copy of the weights.
 """
 from __future__ import annotations
 
@@ -23,21 +22,11 @@ class BypassTarget:
     sign: float = 1.0
 
 
-def _lowrank(pair: LoraPair, x: torch.Tensor, module: torch.nn.Module, down: torch.Tensor,
-             up: torch.Tensor) -> torch.Tensor:
-    """``B(A(x))`` with the cast factors (``up`` carries scale and sign); a conv uses the module's geometry."""
-    if pair.is_conv:
-        h = F.conv2d(x, down, stride=module.stride, padding=module.padding, dilation=module.dilation)
-        return F.conv2d(h, up)
-    return F.linear(F.linear(x, down), up)
-
-
 class LowRankBypass(AbstractContextManager):
-    """Context manager that hooks ``targets`` for the rows ``rows`` of every batch (``slice(None)`` = all).
+    """Forward hooks on ``targets`` for the rows ``rows`` of every batch, removed on exit whatever happens.
 
-    The LoRA factors are cast once per (device, dtype) and ``sign * scale`` is folded into ``up``, so a hook costs
-    two small matmuls and one in-place add into the module's fresh output. The object can be entered again (with
-    another ``rows``): the cast factors are kept for the object's life, so a tiled run copies them to the device once.
+    The factors are cast once per (device, dtype) with ``sign * scale`` folded into ``up`` and kept for the object's
+    life, so it can be entered again (with other ``rows``) and a tiled run copies them to the device once.
     """
 
     def __init__(self, targets: list[BypassTarget], rows: slice = slice(None)):
@@ -48,37 +37,35 @@ class LowRankBypass(AbstractContextManager):
 
     def _weights(self, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (i, like.device, like.dtype)
-        w = self._cast.get(key)
-        if w is None:
+        if key not in self._cast:
             t = self.targets[i]
             up = t.pair.up.to(like.device, torch.float32) * (t.pair.scale * t.sign)
-            w = (t.pair.down.to(like.device, like.dtype), up.to(like.dtype))
-            self._cast[key] = w
-        return w
+            self._cast[key] = (t.pair.down.to(like.device, like.dtype), up.to(like.dtype))
+        return self._cast[key]
 
     def _make_hook(self, i: int):
-        target = self.targets[i]
+        pair = self.targets[i].pair
 
         def hook(module, inputs, output):
-            x = inputs[0]
             rows = self.rows
-            down, up = self._weights(i, x)
-            xs = x if rows == slice(None) else x[rows]
+            down, up = self._weights(i, inputs[0])
+            xs = inputs[0][rows]
             if xs.shape[0] == 0:
                 return output
-            if not target.pair.is_conv and xs.is_contiguous() and output.is_contiguous():
-                # out_rows += (x_rows @ A^T) @ (s*B)^T, fused into one addmm on a view of the output.
+            fused = not pair.is_conv and xs.is_contiguous() and output.is_contiguous()
+            if fused:  # out_rows += (x_rows @ A^T) @ (s*B)^T as one addmm on a view of the output
                 h = F.linear(xs, down).reshape(-1, down.shape[0])
-                delta = None
+            elif pair.is_conv:
+                h = F.conv2d(xs, down, stride=module.stride, padding=module.padding, dilation=module.dilation)
+                delta = F.conv2d(h, up).to(output.dtype)
             else:
-                delta = _lowrank(target.pair, xs, module, down, up).to(output.dtype)
+                delta = F.linear(F.linear(xs, down), up).to(output.dtype)
             if output.requires_grad and torch.is_grad_enabled():
                 output = output.clone()  # never modify a graph tensor in place
-            view = output if rows == slice(None) else output[rows]
-            if delta is None:
-                view.view(-1, up.shape[0]).addmm_(h.to(output.dtype), up.t().to(output.dtype))
+            if fused:
+                output[rows].view(-1, up.shape[0]).addmm_(h.to(output.dtype), up.t().to(output.dtype))
             else:
-                view.add_(delta)
+                output[rows].add_(delta)
             return output
 
         return hook
@@ -88,15 +75,11 @@ class LowRankBypass(AbstractContextManager):
             for i, t in enumerate(self.targets):
                 self._handles.append(t.module.register_forward_hook(self._make_hook(i)))
         except BaseException:
-            self._unhook()
+            self.__exit__()
             raise
         return self
 
-    def _unhook(self) -> None:
+    def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-    def __exit__(self, *exc) -> None:
-        self._unhook()
-        return None

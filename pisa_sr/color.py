@@ -41,9 +41,7 @@ def _low_high(x: torch.Tensor, levels: int = 5) -> tuple[torch.Tensor, torch.Ten
 
 def wavelet_fix(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """Keep ``target``'s high frequencies, take ``source``'s low frequencies (5 dilated blur levels)."""
-    _, high = _low_high(target)
-    low, _ = _low_high(source)
-    return high + low
+    return _low_high(target)[1] + _low_high(source)[0]
 
 
 def check_color_fix(method: str) -> None:
@@ -56,8 +54,5 @@ def apply_color_fix(target: torch.Tensor, source: torch.Tensor, method: str) -> 
     check_color_fix(method)
     if method == "none":
         return target
-    if method == "adain":
-        out = adain_fix(target.float(), source.float())
-    else:
-        out = wavelet_fix(target.float(), source.float())
-    return out.clamp(0, 1)
+    fix = adain_fix if method == "adain" else wavelet_fix
+    return fix(target.float(), source.float()).clamp(0, 1)

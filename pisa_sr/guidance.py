@@ -14,8 +14,7 @@ import torch
 from .errors import PisaError
 
 # Generous around the paper's [0, 2]; still refuses typos (10 for 1.0) that would only blow the image out.
-LAMBDA_MIN, LAMBDA_MAX = -2.0, 4.0
-LAMBDA_RANGE: tuple[float, float] = (LAMBDA_MIN, LAMBDA_MAX)
+LAMBDA_RANGE = LAMBDA_MIN, LAMBDA_MAX = -2.0, 4.0
 
 
 class Pass(enum.Enum):
@@ -50,5 +49,4 @@ def plan_passes(lambda_pix: float, lambda_sem: float) -> Pass:
 def combine_eps(eps_pix: torch.Tensor, eps_sem: torch.Tensor, lambda_pix: float, lambda_sem: float) -> torch.Tensor:
     """The release's combination, accumulated in fp32."""
     p = eps_pix.to(torch.float32)
-    s = eps_sem.to(torch.float32)
-    return lambda_pix * p + lambda_sem * (s - p)
+    return lambda_pix * p + lambda_sem * (eps_sem.to(torch.float32) - p)

@@ -17,12 +17,8 @@ EpsFn = Callable[[torch.Tensor], torch.Tensor]
 def run_tiled(z: torch.Tensor, eps_fn: EpsFn, tile: int, overlap: int, tiles_per_call: int = 1,
               progress: Callable[[int, int], None] | None = None,
               check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
-    """eps for the whole latent ``z`` [B,4,h,w]; fp32 result on ``z``'s device.
-
-    Untiled when ``h*w <= tile*tile`` (the release's trigger) or ``tile <= 0``.
-    """
+    """eps for the whole latent ``z`` [B,4,h,w], fp32 on ``z``'s device; untiled when ``needs_tiling`` says so."""
     b, _, h, w = z.shape
-    tiles_per_call = max(1, int(tiles_per_call))
     tiles = plan_tiles(h, w, tile, overlap) if needs_tiling(h, w, tile) else None
     total = -(-b * (len(tiles) if tiles else 1) // tiles_per_call)  # eps_fn calls, for the progress bar
     done = 0
@@ -31,32 +27,28 @@ def run_tiled(z: torch.Tensor, eps_fn: EpsFn, tile: int, overlap: int, tiles_per
         nonlocal done
         if check_interrupt is not None:
             check_interrupt()
-        y = eps_fn(x).to(torch.float32)
+        y = eps_fn(x).to(z.device, torch.float32)
         done += 1
         if progress is not None:
             progress(done, total)
         return y
 
     if tiles is None:
-        parts = [step(z[i:i + tiles_per_call]).to(z.device) for i in range(0, b, tiles_per_call)]
-        return torch.cat(parts, 0)
+        return torch.cat([step(z[i:i + tiles_per_call]) for i in range(0, b, tiles_per_call)], 0)
 
-    th, tw = tiles[0].h, tiles[0].w
-    weight = gaussian_weights(th, tw, torch.float32, z.device)
+    weight = gaussian_weights(tiles[0].h, tiles[0].w, torch.float32, z.device)
     jobs = [(i, t) for i in range(b) for t in tiles]
-    out: torch.Tensor | None = None
+    out = None
     wsum = torch.zeros((1, 1, h, w), dtype=torch.float32, device=z.device)
     for t in tiles:
         ys, xs = t.slices
         wsum[..., ys, xs] += weight
     for start in range(0, len(jobs), tiles_per_call):
         chunk = jobs[start:start + tiles_per_call]
-        x = torch.stack([z[i, :, t.slices[0], t.slices[1]] for i, t in chunk])
-        y = step(x).to(z.device)
+        y = step(torch.stack([z[i, :, t.slices[0], t.slices[1]] for i, t in chunk]))
         if out is None:
             out = torch.zeros((b, y.shape[1], h, w), dtype=torch.float32, device=z.device)
         for (i, t), yi in zip(chunk, y):
             ys, xs = t.slices
             out[i, :, ys, xs] += yi * weight
-    assert out is not None
     return out / wsum

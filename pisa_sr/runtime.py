@@ -1,7 +1,5 @@
-"""What the host application lends a long computation: progress, interruption, out-of-memory handling.
-
-The core takes these as plain callables so it runs the same under ComfyUI and in a bare test.
-"""
+"""What the host lends a long computation (progress, interruption, out-of-memory handling), as plain callables so
+the core runs the same under ComfyUI and in a bare test."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -14,9 +12,8 @@ _HOST_OOM = ("DefaultCPUAllocator: can't allocate", "DefaultCPUAllocator: not en
 
 def is_oom(exc: BaseException) -> bool:
     """Device out-of-memory (torch's OutOfMemoryError) or host out-of-memory (the CPU allocator's RuntimeError)."""
-    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _HOST_OOM)
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and any(s in str(exc) for s in _HOST_OOM))
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,7 @@
-"""The one-step sampler's algorithm around an injected ``unet(x) -> eps`` (t = 1, context already bound).
+"""The one-step sampler around an injected ``unet(x) -> eps`` (t = 1, context bound), UNet merged with pix + sem.
 
-The UNet carries pix + sem merged (the release's default mode): eps_sem is a plain call; eps_pix is a call with the
-sem LoRA subtracted in the activations (``sem_removal`` hooks). Adjustable mode needs both: one call on ``[x, x]``
-with the hooks on the first half (``one_pass``), or two calls (the low-memory fallback). The latent is tiled as in
-the release, several tiles per call; on out-of-memory the run is retried with fewer tiles per call, then two passes.
+eps_sem is a plain call; eps_pix subtracts the sem LoRA in the activations (``sem_removal`` hooks). Adjustable mode
+needs both: one call on ``[x, x]`` hooked on the first half (``one_pass``), or two calls (the low-memory fallback).
 """
 from __future__ import annotations
 
@@ -42,20 +40,18 @@ def make_eps_fn(unet: Unet, sem_removal: Sequence[BypassTarget], lambda_pix: flo
                 one_pass: bool, both: bool = False) -> EpsFn:
     """eps for a batch of latent tiles under the given lambdas (``both``: [eps_pix, eps_sem] along channels)."""
     p = plan(lambda_pix, lambda_sem, both)
-    bypass = LowRankBypass(list(sem_removal)) if p in (Pass.PIX, Pass.DUAL) else None
+    bypass = LowRankBypass(list(sem_removal))  # hooks nothing until entered
 
-    def pix_only(x: torch.Tensor) -> torch.Tensor:
-        bypass.rows = slice(None)
+    def hooked(x: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        bypass.rows = rows
         with bypass:
             return unet(x)
 
     def pix_and_sem(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not one_pass:
-            return pix_only(x), unet(x)
+            return hooked(x), unet(x)
         n = x.shape[0]
-        bypass.rows = slice(0, n)
-        with bypass:
-            e = unet(torch.cat([x, x], 0))
+        e = hooked(torch.cat([x, x], 0), slice(0, n))
         return e[:n], e[n:]
 
     def eps_fn(x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +64,7 @@ def make_eps_fn(unet: Unet, sem_removal: Sequence[BypassTarget], lambda_pix: flo
             e = unet(x).float()
             return e if lambda_pix == 1.0 else e * lambda_pix
         if p is Pass.PIX:
-            return pix_only(x).float() * lambda_pix
+            return hooked(x).float() * lambda_pix
         return combine_eps(*pix_and_sem(x), lambda_pix, lambda_sem)
 
     return eps_fn
@@ -78,10 +74,9 @@ def make_eps_fn(unet: Unet, sem_removal: Sequence[BypassTarget], lambda_pix: flo
 def sample_eps(z: torch.Tensor, unet: Unet, sem_removal: Sequence[BypassTarget], lambda_pix: float,
                lambda_sem: float, tile: int, overlap: int, *, tiles_per_call: int = 1, one_pass: bool = True,
                both: bool = False, hooks: Hooks = Hooks()) -> torch.Tensor:
-    """eps ``[B,C,h,w]`` fp32 for the latent ``z`` (C = 4, or 8 = eps_pix then eps_sem with ``both``).
+    """eps ``[B,C,h,w]`` fp32 for ``z`` (C = 4, or 8 = eps_pix then eps_sem with ``both``); ``z_hq = z - eps``.
 
-    ``z_hq = z - eps`` is the sampler's result. Out of memory: retried with half the tiles per call down to one,
-    then (adjustable mode) with two passes per tile; after that a PisaError.
+    Out of memory: retried with half the tiles per call down to one, then (adjustable mode) two passes per tile.
     """
     p = plan(lambda_pix, lambda_sem, both)
     check_tiles(tile, overlap)
@@ -99,7 +94,7 @@ def sample_eps(z: torch.Tensor, unet: Unet, sem_removal: Sequence[BypassTarget],
             del e  # drop the traceback (it holds the failed call's activations) before retrying
             hooks.empty_cache()
             if tpc > 1:
-                tpc = max(1, tpc // 2)
+                tpc //= 2
                 log.warning("PiSA-SR: out of memory; retrying with %d tile(s) per UNet call.", tpc)
             elif one_pass and p is Pass.DUAL:
                 one_pass = False
