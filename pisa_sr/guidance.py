@@ -14,7 +14,8 @@ import torch
 from .errors import PisaError
 
 # Generous around the paper's [0, 2]; still refuses typos (10 for 1.0) that would only blow the image out.
-LAMBDA_RANGE = LAMBDA_MIN, LAMBDA_MAX = -2.0, 4.0
+LAMBDA_MIN, LAMBDA_MAX = -2.0, 4.0
+LAMBDA_RANGE = (LAMBDA_MIN, LAMBDA_MAX)
 
 
 class Pass(enum.Enum):
