@@ -53,17 +53,9 @@ def _sk_y(x: torch.Tensor, crop: int) -> np.ndarray:
     return y[crop:-crop, crop:-crop] if crop else y
 
 
-CASES = [
-    ("random", 2, 32, 32, 4),
-    ("random", 1, 47, 61, 0),
-    ("random", 3, 64, 40, 8),
-    ("structured", 2, 96, 80, 4),
-    ("structured", 1, 33, 120, 2),
-    ("structured", 1, 128, 128, 4),
-]
-
-
-@pytest.mark.parametrize("kind,b,h,w,crop", CASES)
+@pytest.mark.parametrize("kind,b,h,w,crop", [
+    ("random", 2, 32, 32, 4), ("random", 1, 47, 61, 0), ("random", 3, 64, 40, 8),
+    ("structured", 2, 96, 80, 4), ("structured", 1, 33, 120, 2), ("structured", 1, 128, 128, 4)])
 def test_psnr_ssim_match_scikit_image(kind, b, h, w, crop):
     img, ref = _pair(kind, b, h, w, seed=h * 31 + w)
     ours_p, ours_s = psnr_y(img, ref, crop), ssim_y(img, ref, crop)
@@ -71,9 +63,8 @@ def test_psnr_ssim_match_scikit_image(kind, b, h, w, crop):
     for i in range(b):
         y, y_ref = _sk_y(img[i], crop), _sk_y(ref[i], crop)
         sk_p = peak_signal_noise_ratio(y_ref, y, data_range=255)
-        sk_s = structural_similarity(
-            y, y_ref, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
-        )
+        sk_s = structural_similarity(y, y_ref, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                     data_range=255)
         assert abs(ours_p[i].item() - sk_p) < TOL, (ours_p[i].item(), sk_p)
         assert abs(ours_s[i].item() - sk_s) < TOL, (ours_s[i].item(), sk_s)
 
@@ -91,41 +82,34 @@ def test_rgb_to_y_is_bt601_studio_range():
 def test_identical_images_psnr_inf_ssim_one():
     img = torch.stack([_structured(40, 40, 1), _structured(40, 40, 2)]).float()
     p = psnr_y(img, img.clone())
-    s = ssim_y(img, img.clone())
     assert torch.isinf(p).all() and (p > 0).all()
-    assert torch.allclose(s, torch.ones(2, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(ssim_y(img, img.clone()), torch.ones(2, dtype=torch.float64), atol=1e-12)
     assert score(img, "psnr", ref=img).isinf().all()
 
 
 def test_single_reference_broadcasts_over_batch():
     img, ref = _pair("random", 3, 30, 30, seed=5)
     one = ref[:1]
-    expected = torch.stack([psnr_y(img[i : i + 1], one)[0] for i in range(3)])
-    assert torch.equal(psnr_y(img, one), expected)
-    expected_s = torch.stack([ssim_y(img[i : i + 1], one)[0] for i in range(3)])
-    assert torch.allclose(ssim_y(img, one), expected_s, atol=1e-12)
+    assert torch.equal(psnr_y(img, one), torch.stack([psnr_y(img[i:i + 1], one)[0] for i in range(3)]))
+    assert torch.allclose(ssim_y(img, one), torch.stack([ssim_y(img[i:i + 1], one)[0] for i in range(3)]), atol=1e-12)
 
 
 def test_psnr_and_ssim_order_by_degradation():
     ref = _structured(64, 64, 3).unsqueeze(0).float()
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(ref.shape, generator=g)
-    levels = [0.01, 0.03, 0.1]
-    p = [psnr_y((ref + s * noise).clamp(0, 1), ref).item() for s in levels]
-    s = [ssim_y((ref + s * noise).clamp(0, 1), ref).item() for s in levels]
+    noisy = [(ref + s * noise).clamp(0, 1) for s in (0.01, 0.03, 0.1)]
+    p = [psnr_y(x, ref).item() for x in noisy]
+    s = [ssim_y(x, ref).item() for x in noisy]
     assert p[0] > p[1] > p[2] and s[0] > s[1] > s[2]
 
 
-@pytest.mark.parametrize(
-    "img_shape,ref_shape",
-    [((1, 32, 32, 3), (1, 32, 33, 3)), ((2, 32, 32, 3), (3, 32, 32, 3)), ((1, 32, 32, 4), (1, 32, 32, 4)),
-     ((32, 32, 3), (32, 32, 3))],
-)
-def test_shape_mismatch_is_a_clear_error(img_shape, ref_shape):
+@pytest.mark.parametrize("img_shape,ref_shape", [((1, 32, 32, 3), (1, 32, 33, 3)), ((2, 32, 32, 3), (3, 32, 32, 3)),
+                                                  ((1, 32, 32, 4), (1, 32, 32, 4)), ((32, 32, 3), (32, 32, 3))])
+@pytest.mark.parametrize("fn", [psnr_y, ssim_y])
+def test_shape_mismatch_is_a_clear_error(img_shape, ref_shape, fn):
     with pytest.raises(ValueError):
-        psnr_y(torch.rand(img_shape), torch.rand(ref_shape))
-    with pytest.raises(ValueError):
-        ssim_y(torch.rand(img_shape), torch.rand(ref_shape))
+        fn(torch.rand(img_shape), torch.rand(ref_shape))
 
 
 def test_metric_errors_are_the_packs_user_facing_type():
@@ -174,31 +158,22 @@ def test_sharpness_units_ramp_of_one_level_per_pixel_reads_one():
     assert sharpness(flat).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def _smooth_base(h: int = 256, w: int = 256) -> torch.Tensor:
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    base = 0.5 + 0.15 * torch.sin(xx / 23.0) * torch.cos(yy / 17.0) + 0.05 * (xx / w)
+def _smooth_base() -> torch.Tensor:
+    r = torch.arange(256, dtype=torch.float64)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    base = 0.5 + 0.15 * torch.sin(xx / 23.0) * torch.cos(yy / 17.0) + 0.05 * (xx / 256)
     return torch.stack([base, 0.9 * base + 0.05, 1.1 * base - 0.05], dim=-1).unsqueeze(0)
 
 
-@pytest.mark.parametrize("sigma", [2.0, 5.0, 10.0, 20.0])
-def test_noise_sigma_recovers_known_gray_noise(sigma):
-    base = _smooth_base()
-    g = torch.Generator().manual_seed(int(sigma * 10))
-    n = torch.randn(1, 256, 256, 1, generator=g, dtype=torch.float64) * (sigma / 255)
-    est = noise_sigma((base + n).float()).item()
-    rel = abs(est - sigma) / sigma
-    print(f"gray noise sigma {sigma}: estimated {est:.3f} (rel err {rel:.3%})")
-    assert rel < 0.15
-
-
-def test_noise_sigma_per_channel_noise_reads_as_luma_noise():
-    base = _smooth_base()
-    sigma = 10.0
-    g = torch.Generator().manual_seed(3)
-    n = torch.randn(1, 256, 256, 3, generator=g, dtype=torch.float64) * (sigma / 255)
-    expected = sigma * math.sqrt(0.299**2 + 0.587**2 + 0.114**2)
-    est = noise_sigma(base + n).item()
-    print(f"per-channel noise sigma {sigma}: luma expects {expected:.3f}, estimated {est:.3f}")
+@pytest.mark.parametrize("sigma,channels,seed", [(2.0, 1, 20), (5.0, 1, 50), (10.0, 1, 100), (20.0, 1, 200),
+                                                  (10.0, 3, 3)])
+def test_noise_sigma_recovers_known_noise(sigma, channels, seed):
+    """Gray noise reads as itself; independent per-channel noise as its luma mix."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.randn(1, 256, 256, channels, generator=g, dtype=torch.float64) * (sigma / 255)
+    expected = sigma if channels == 1 else sigma * math.sqrt(0.299**2 + 0.587**2 + 0.114**2)
+    est = noise_sigma((_smooth_base() + n).float()).item()
+    print(f"{channels}-channel noise sigma {sigma}: expects {expected:.3f}, estimated {est:.3f}")
     assert abs(est - expected) / expected < 0.15
 
 
@@ -234,17 +209,18 @@ def test_score_dispatch_and_metadata():
 
 @pytest.fixture
 def no_network(monkeypatch):
+    """Any connection attempt fails the test, even one that the code under test catches."""
     attempts: list[object] = []
 
     def refuse(*args, **kwargs):
         attempts.append(args)
         raise AssertionError(f"network attempted: {args!r}")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    return attempts
+    for owner, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"), (socket, "create_connection"),
+                        (socket, "getaddrinfo")):
+        monkeypatch.setattr(owner, name, refuse)
+    yield
+    assert attempts == []
 
 
 @pytest.mark.parametrize("name", ["musiq", "clipiqa", "maniqa"])
@@ -256,8 +232,32 @@ def test_learned_metric_without_pyiqa_is_a_clear_error(name, no_network, monkeyp
     with pytest.raises(ValueError, match="pyiqa") as err:
         score(img, name)
     assert "pip install pyiqa" in str(err.value) and "never downloads" in str(err.value)
-    assert no_network == []
     assert "pyiqa" not in sys.modules
+
+
+MUSIQ = "pyiqa/musiq_koniq_ckpt-e95806b9.pth"
+# A stand-in `pyiqa` package that records what it is asked to build, and the offline state at that moment.
+FAKE_PYIQA = {"pyiqa/utils/__init__.py": "", "pyiqa/archs/__init__.py": "",
+              "pyiqa/utils/download_util.py": "def download_url_to_file(*a, **k):\n"
+                                              "    raise AssertionError('real downloader reached')\n",
+              "pyiqa/__init__.py": textwrap.dedent("""\
+    import os
+    import sys
+    import torch
+    calls = []
+
+    class _Metric(torch.nn.Module):
+        def forward(self, x):
+            assert x.ndim == 4 and x.shape[1] == 3
+            return x.mean(dim=(1, 2, 3)).unsqueeze(1) * 10
+
+    def create_metric(name, device=None, **kw):
+        from pyiqa.utils import download_util
+        hub = sys.modules["huggingface_hub.constants"]
+        calls.append((name, str(device), (hub.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")),
+                      download_util.download_url_to_file))
+        return _Metric()
+    """)}
 
 
 def _drop_pyiqa_modules() -> None:
@@ -266,41 +266,14 @@ def _drop_pyiqa_modules() -> None:
 
 
 @pytest.fixture
-def fake_pyiqa(tmp_path, monkeypatch):
-    """A stand-in `pyiqa` package that records what it is asked to build, and the offline state at that moment."""
-    pkg = tmp_path / "site" / "pyiqa"
-    (pkg / "utils").mkdir(parents=True)
-    (pkg / "archs").mkdir()
-    (pkg / "__init__.py").write_text(
-        textwrap.dedent(
-            """
-            import os
-            import sys
-            import torch
-            calls = []
-
-            class _Metric(torch.nn.Module):
-                def forward(self, x):
-                    assert x.ndim == 4 and x.shape[1] == 3
-                    return x.mean(dim=(1, 2, 3)).unsqueeze(1) * 10
-
-            def create_metric(name, device=None, **kw):
-                from pyiqa.utils import download_util
-                hub = sys.modules["huggingface_hub.constants"]
-                calls.append((name, str(device), (hub.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")),
-                              download_util.download_url_to_file))
-                return _Metric()
-            """
-        )
-    )
-    (pkg / "utils" / "__init__.py").write_text("")
-    (pkg / "utils" / "download_util.py").write_text(
-        "def download_url_to_file(*a, **k):\n    raise AssertionError('real downloader reached')\n"
-    )
-    (pkg / "archs" / "__init__.py").write_text("")
+def hub(tmp_path, monkeypatch):
+    """An empty torch hub folder (with its pyiqa/ subfolder), with FAKE_PYIQA importable as `pyiqa`."""
+    for rel, text in FAKE_PYIQA.items():
+        (tmp_path / "site" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "site" / rel).write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     hub = tmp_path / "hub"
-    hub.mkdir()
+    (hub / "pyiqa").mkdir(parents=True)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
     monkeypatch.setattr(metrics, "_metric_cache", {})
     _drop_pyiqa_modules()
@@ -308,8 +281,7 @@ def fake_pyiqa(tmp_path, monkeypatch):
     _drop_pyiqa_modules()
 
 
-def test_learned_metric_with_pyiqa_but_missing_weights_builds_nothing(fake_pyiqa, no_network):
-    hub = fake_pyiqa
+def test_learned_metric_with_pyiqa_but_missing_weights_builds_nothing(hub, no_network):
     img = torch.rand(1, 24, 24, 3)
     for name, expect in [("musiq", "musiq_koniq_ckpt"), ("clipiqa", "RN50.pt"), ("maniqa", "ckpt_koniq10k.pt")]:
         ok, reason = metrics.learned_metric_status(name)
@@ -322,13 +294,10 @@ def test_learned_metric_with_pyiqa_but_missing_weights_builds_nothing(fake_pyiqa
     ok, reason = metrics.learned_metric_status("clipiqa")
     assert not ok and "SHA-256 mismatch" in reason
     assert "pyiqa" not in sys.modules or sys.modules["pyiqa"].calls == []
-    assert no_network == []
 
 
-def test_learned_metric_with_local_weights_builds_offline_and_scores(fake_pyiqa, monkeypatch, no_network):
-    hub = fake_pyiqa
-    (hub / "pyiqa").mkdir()
-    torch.save({"params": {"w": torch.ones(2)}}, hub / "pyiqa" / "musiq_koniq_ckpt-e95806b9.pth")
+def test_learned_metric_with_local_weights_builds_offline_and_scores(hub, monkeypatch, no_network):
+    torch.save({"params": {"w": torch.ones(2)}}, hub / MUSIQ)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     import huggingface_hub.constants as hub_constants
 
@@ -352,16 +321,13 @@ def test_learned_metric_with_local_weights_builds_offline_and_scores(fake_pyiqa,
     assert download_util.download_url_to_file is not metrics._refuse_download
     score(img, "musiq")
     assert len(pyiqa.calls) == 1
-    assert no_network == []
 
 
-def test_learned_metric_weights_that_need_code_are_refused(fake_pyiqa, no_network):
+def test_learned_metric_weights_that_need_code_are_refused(hub, no_network):
     """pyiqa unpickles with weights_only=False: a checkpoint holding more than tensors never reaches it."""
     import argparse
 
-    hub = fake_pyiqa
-    (hub / "pyiqa").mkdir()
-    path = hub / "pyiqa" / "musiq_koniq_ckpt-e95806b9.pth"
+    path = hub / MUSIQ
     torch.save({"params": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1.0)}, path)
     ok, reason = metrics.learned_metric_status("musiq")
     assert not ok and str(path) in reason and "refused" in reason and "\n" not in reason
@@ -370,4 +336,3 @@ def test_learned_metric_weights_that_need_code_are_refused(fake_pyiqa, no_networ
     path.write_bytes(b"not a checkpoint")  # damaged: refused the same way
     assert not metrics.learned_metric_status("musiq")[0]
     assert "pyiqa" not in sys.modules or sys.modules["pyiqa"].calls == []
-    assert no_network == []

@@ -28,10 +28,6 @@ NODES = ("PiSA_LambdaSweep", "PiSA_LabelledGrid", "PiSA_QualityScore")
 PAIRS = [(0.5, 1.5), (1.3, 0.7), (1.0, 1.0), (1.0, 0.0), (0.0, 0.0)]
 
 
-def _settings(pairs) -> str:
-    return "; ".join(f"{lp!r},{ls!r}" for lp, ls in pairs)
-
-
 @pytest.fixture(scope="module")
 def lat1(world):
     """One 40x36 image at x4: model size 568x512, latent 64x71 (untiled at tile_size 96)."""
@@ -62,8 +58,8 @@ def small2(lat1):
 
 
 def _sweep(model, cond, lat, pairs, tile, overlap, **kw):
-    return run_node("PiSA_LambdaSweep", model=model, positive=cond, latent=lat, settings=_settings(pairs),
-                    tile_size=tile, tile_overlap=overlap, **kw)
+    return run_node("PiSA_LambdaSweep", model=model, positive=cond, latent=lat, tile_size=tile, tile_overlap=overlap,
+                    settings="; ".join(f"{lp!r},{ls!r}" for lp, ls in pairs), **kw)
 
 
 def _sample(model, cond, lat, lp, ls, tile, overlap):
@@ -124,12 +120,8 @@ def test_sweep_batch_is_setting_major_and_keeps_lq_reference(world, pisa_model, 
     assert labels.splitlines() == sweep_labels(pairs, b) == [
         "pix 0.50 / sem 1.50 / img 1", "pix 0.50 / sem 1.50 / img 2",
         "pix 1.30 / sem 0.70 / img 1", "pix 1.30 / sem 0.70 / img 2"]
-    lq = small2["pisa_sr"].lq_u8
-    rep = latents["pisa_sr"].lq_u8
-    assert rep.shape[0] == z.shape[0] and latents["pisa_sr"].plan == small2["pisa_sr"].plan
-    for s in range(len(pairs)):
-        for i in range(b):
-            assert torch.equal(rep[s * b + i], lq[i])
+    assert torch.equal(latents["pisa_sr"].lq_u8, small2["pisa_sr"].lq_u8.repeat(len(pairs), 1, 1, 1))
+    assert latents["pisa_sr"].plan == small2["pisa_sr"].plan
     (imgs,) = run_node("PiSA_Decode", latent=latents, vae=world.comfy_vae, color_fix="adain")
     assert torch.equal(images, imgs)  # choose_best off, vae connected: 'images' is the decoded 'latents'
     for s, (lp, ls) in enumerate(pairs):
@@ -211,9 +203,8 @@ def test_sweep_refusals_come_before_any_work(world, small, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------- grid and score
-def _images(n=4, h=48, w=64, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand((n, h, w, 3), generator=g)
+def _images():
+    return torch.rand((4, 48, 64, 3), generator=torch.Generator().manual_seed(3))
 
 
 def test_labelled_grid_node_labels_and_scores():
