@@ -40,9 +40,9 @@ def small_release_dict(rank: int = 2, seed: int = 0, dtype: torch.dtype = torch.
     return sd
 
 
-def torch_save_bytes(obj) -> bytes:
+def torch_save_bytes(obj, **kw) -> bytes:
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(obj, buf, **kw)
     return buf.getvalue()
 
 
@@ -62,6 +62,11 @@ def make_zip(entries: dict[str, bytes], compress: int = zipfile.ZIP_STORED) -> b
         for name, payload in entries.items():
             z.writestr(name, payload)
     return buf.getvalue()
+
+
+def pickle_zip(pkl: bytes) -> bytes:
+    """A torch zip holding only ``pkl`` as its data.pkl."""
+    return make_zip({"archive/data.pkl": pkl, "archive/version": b"3\n"})
 
 
 class Op:
@@ -143,8 +148,6 @@ def hand_torch_zip(sd: dict, tamper=None) -> bytes:
     return make_zip(entries)
 
 
-
-
 # ------------------------------------------------------------------------------------------------ issue 11, finding 1
 def dag_key_pickle(levels: int = 80) -> bytes:
     """``{k: 1}`` whose key is ``levels`` nested pairs of one shared tuple: a few hundred bytes that torch's
@@ -157,8 +160,8 @@ CODE_PICKLE = Op.PROTO + Op.glob("os", "system") + Op.tuple([Op.str("true")]) + 
 PAYLOADS = {"dag-key": dag_key_pickle(), "code": CODE_PICKLE}
 
 
-def release_entries(seed: int = 0) -> dict[str, bytes]:
-    return zip_entries(torch_save_bytes(small_release_dict(seed=seed)))
+def release_entries() -> dict[str, bytes]:
+    return zip_entries(torch_save_bytes(small_release_dict()))
 
 
 def case_variant_archive(payload: bytes) -> bytes:

@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import pickle
 import stat
 import struct
 import subprocess
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hostile_files import (DIFFERENTIAL, PAYLOADS, Op, conversion_bytes, dag_key_pickle, hand_torch_zip,
-                           make_zip, small_release_dict, torch_save_bytes, zip_entries)
+from hostile_files import (CODE_PICKLE, DIFFERENTIAL, PAYLOADS, Op, conversion_bytes, dag_key_pickle, hand_torch_zip,
+                           make_zip, pickle_zip, release_entries, small_release_dict, torch_save_bytes)
 from pisa_sr import checkpoint as ckpt
 from pisa_sr import convert as conv
 from pisa_sr.checkpoint import CheckpointError, PisaLoras, load_checkpoint, parse_release_dict
@@ -37,8 +38,8 @@ def write(tmp_path: Path, name: str, data: bytes) -> str:
     return str(p)
 
 
-def refused(path: str, *needles: str) -> str:
-    """Load ``path``; assert a clean CheckpointError naming the file and containing every needle. Returns the text."""
+def refused(path: str, *needles: str) -> None:
+    """Load ``path``; assert a clean CheckpointError naming the file and containing every needle."""
     with pytest.raises(CheckpointError) as ei:
         load_checkpoint(path)
     msg = str(ei.value)
@@ -46,15 +47,6 @@ def refused(path: str, *needles: str) -> str:
     assert ckpt._UNEXPECTED not in msg and "weights_only" not in msg, msg
     for n in needles:
         assert n.lower() in msg.lower(), (n, msg)
-    return msg
-
-
-@pytest.fixture
-def no_torch_load(monkeypatch):
-    """Fail the test if the file reaches torch.load (the refusal must happen in the pre-load checks)."""
-    def boom(*a, **k):
-        raise AssertionError("torch.load was reached")
-    monkeypatch.setattr(ckpt.torch, "load", boom)
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -119,84 +111,57 @@ def test_checkpoint_is_not_held_open_or_mapped(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ pre-load checks
-def test_storage_declared_larger_than_its_record_is_refused_before_torch_load(tmp_path, no_torch_load):
-    def lie(name, numel, size, stride, offset, record):
-        if name.endswith("conv1.lora_A.default_encoder_pix.weight"):
-            numel *= 1000
-        return numel, size, stride, offset, record
-    refused(write(tmp_path, "lie.pkl", hand_torch_zip(small_release_dict(), lie)), "declares")
+def lie(target: str, change):
+    """A ``hand_torch_zip`` tamper: ``change(numel, size, stride, offset, record)`` for the tensor named ``target``."""
+    return lambda name, *decl: change(*decl) if target in name else decl
 
 
-def test_view_outside_its_storage_is_refused(tmp_path, no_torch_load):
-    def lie(name, numel, size, stride, offset, record):
-        return (numel, size, stride, numel - 1, record) if "to_q.lora_B" in name else (numel, size, stride, offset,
-                                                                                         record)
-    refused(write(tmp_path, "view.pkl", hand_torch_zip(small_release_dict(), lie)), "outside its storage")
+SD = small_release_dict()
+ENTRIES = release_entries()
+REFUSED = {  # file -> (bytes, fragments its refusal must contain)
+    "empty.pkl": (b"", ["empty"]),
+    "weird.txt": (b"hello", ["extension"]),
+    "random.pkl": (bytes(range(256)) * 4, ["neither a torch checkpoint"]),
+    "legacy.pkl": (torch_save_bytes(SD, _use_new_zipfile_serialization=False), ["legacy", "download"]),
+    "code.pkl": (pickle_zip(CODE_PICKLE), ["os.system", "pisa_sr.convert"]),
+    # tensors pickle via torch.load internally
+    "plain.pkl": (pickle.dumps(SD), ["torch.storage._load_from_bytes", "pisa_sr.convert"]),
+    # 64 MB of zeros in a 64 KB entry: refused from the sizes alone
+    "bomb.pkl": (make_zip({**ENTRIES, "archive/data/9": bytes(64 * 1024**2)}, zipfile.ZIP_DEFLATED),
+                 ["zip bomb", "download"]),
+    "torchscript.pkl": (make_zip({**ENTRIES, "archive/code/__torch__.py": b"def f(): pass\n"}),
+                        ["torchscript", "download"]),
+    "no_pickle.pkl": (make_zip({k: v for k, v in ENTRIES.items() if not k.endswith("data.pkl")}),
+                      ["data.pkl", "download"]),
+    "not_a_dict.pkl": (make_zip({**ENTRIES, "archive/data.pkl": Op.PROTO + Op.LIST + Op.STOP}),
+                       ["does not hold a dict", "download"]),
+    # tensor records that lie: a storage larger than its record, a view outside its storage, and one stored float
+    # expanded by zero strides (a 4-byte record, a view beyond the file)
+    "declares.pkl": (hand_torch_zip(SD, lie("conv1.lora_A.default_encoder_pix.", lambda n, *d: (n * 1000, *d))),
+                     ["declares"]),
+    "outside.pkl": (hand_torch_zip(SD, lie("to_q.lora_B", lambda n, sz, st, _, rec: (n, sz, st, n - 1, rec))),
+                    ["outside its storage"]),
+    "expand.pkl": (hand_torch_zip(SD, lie("to_q.lora_A.default_decoder_pix",
+                                          lambda n, sz, st, _, rec: (1, (2, 20480), (0, 0), 0, rec[:4]))), ["view"]),
+    # pickle structure beyond a tensor file
+    "dag_key.pkl": (pickle_zip(dag_key_pickle()), ["shares structure"]),  # a key any unpickler hashes in 2**80 steps
+    "shared_list.pkl": (pickle_zip(Op.PROTO + Op.LIST + b"q\x00" + b"h\x00h\x00\x86q\x00" * 60 + Op.STOP),
+                        ["shares structure"]),  # [x, x] nested 60 deep: exponential to print or copy
+    "deep.pkl": (pickle_zip(Op.PROTO + (Op.LIST + Op.MARK) * 20 + Op.APPENDS * 20 + Op.STOP), ["nests"]),
+    "int_key.pkl": (pickle_zip(Op.PROTO + Op.DICT + Op.int(1) + Op.int(2) + b"s" + Op.STOP),
+                    ["keys that are not strings"]),
+    "set.pkl": (pickle_zip(Op.PROTO + Op.MARK + Op.int(1) + b"\x91" + Op.STOP), ["FROZENSET"]),
+    "op_flood.pkl": (pickle_zip(Op.PROTO + Op.DICT + b"N" * (MAX_OPS + 1) + Op.STOP), ["steps"]),
+    # a persistent id that is not a tuple once reached the backstop
+    "str_persid.pkl": (pickle_zip(Op.PROTO + Op.str("x") + b"Q" + Op.STOP), ["persistent object"]),
+}
 
 
-def test_zero_stride_expansion_beyond_the_file_is_refused(tmp_path, no_torch_load):
-    # One stored float viewed as a 20480x20480 matrix: 1.6 GB of work from a 4-byte record.
-    def lie(name, numel, size, stride, offset, record):
-        if "to_q.lora_A.default_decoder_pix" in name:
-            return 1, (2, 20480), (0, 0), 0, record[:4]
-        return numel, size, stride, offset, record
-    refused(write(tmp_path, "expand.pkl", hand_torch_zip(small_release_dict(), lie)), "view")
-
-
-def test_code_in_a_torch_zip_is_refused_without_loading(tmp_path, no_torch_load):
-    evil = Op.PROTO + Op.glob("os", "system") + Op.tuple([Op.str("true")]) + Op.REDUCE + Op.STOP
-    p = write(tmp_path, "evil.pkl", make_zip({"archive/data.pkl": evil, "archive/version": b"3\n"}))
-    refused(p, "os.system", "pisa_sr.convert")
-
-
-def test_plain_pickle_of_tensors_is_refused_as_code(tmp_path):
-    import pickle
-
-    p = write(tmp_path, "plain.pkl", pickle.dumps(small_release_dict()))  # tensors pickle via torch.load internally
-    refused(p, "torch.storage._load_from_bytes", "pisa_sr.convert")
-
-
-def test_legacy_torch_format_is_refused(tmp_path):
-    buf = io.BytesIO()
-    torch.save(small_release_dict(), buf, _use_new_zipfile_serialization=False)
-    refused(write(tmp_path, "legacy.pkl", buf.getvalue()), "legacy", "download")
-
-
-@pytest.mark.parametrize("case,needle", [("bomb", "zip bomb"), ("torchscript", "torchscript"),
-                                       ("no_pickle", "data.pkl"), ("not_a_dict", "does not hold a dict")])
-def test_malformed_torch_zips_are_refused(tmp_path, no_torch_load, case, needle):
-    entries = zip_entries(torch_save_bytes(small_release_dict()))
-    if case == "bomb":  # 64 MB of zeros in a 64 KB entry: refused from the sizes alone
-        data = make_zip({**entries, "archive/data/9": bytes(64 * 1024**2)}, zipfile.ZIP_DEFLATED)
-    elif case == "torchscript":
-        data = make_zip({**entries, "archive/code/__torch__.py": b"def f(): pass\n"})
-    elif case == "no_pickle":
-        data = make_zip({k: v for k, v in entries.items() if not k.endswith("data.pkl")})
-    else:
-        data = make_zip({**entries, "archive/data.pkl": Op.PROTO + Op.LIST + Op.STOP})
-    refused(write(tmp_path, f"{case}.pkl", data), needle, "download")
-
-
-@pytest.mark.parametrize("case,needle", [
-    ("dag_key", "shares structure"),  # a key that any unpickler hashes in 2**80 steps
-    ("shared_list", "shares structure"),  # [x, x] nested 60 deep: exponential to print or copy
-    ("deep", "nests"),
-    ("int_key", "keys that are not strings"),
-    ("set", "FROZENSET"),
-    ("op_flood", "steps"),
-    ("str_persid", "persistent object")])  # a persistent id that is not a tuple once reached the backstop
-def test_pickle_structure_beyond_a_tensor_file_is_refused_before_torch_load(tmp_path, no_torch_load, case, needle):
-    body = {
-        "dag_key": dag_key_pickle()[2:-1],
-        "shared_list": Op.LIST + b"q\x00" + b"h\x00h\x00\x86q\x00" * 60,
-        "deep": (Op.LIST + Op.MARK) * 20 + Op.APPENDS * 20,
-        "int_key": Op.DICT + Op.int(1) + Op.int(2) + b"s",
-        "set": Op.MARK + Op.int(1) + b"\x91",
-        "op_flood": Op.DICT + b"N" * (MAX_OPS + 1),
-        "str_persid": Op.str("x") + b"Q",
-    }[case]
-    data = make_zip({"archive/data.pkl": Op.PROTO + body + Op.STOP, "archive/version": b"3\n"})
-    refused(write(tmp_path, f"{case}.pkl", data), needle)
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_bad_files_are_refused_before_torch_load(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(ckpt.torch, "load", lambda *a, **k: pytest.fail("torch.load was reached"))
+    data, needles = REFUSED[name]
+    refused(write(tmp_path, name, data), *needles)
 
 
 def load_in_child(path: str) -> str:
@@ -228,13 +193,6 @@ def test_oversized_file_is_refused_without_reading(tmp_path):
     with open(p, "wb") as f:
         f.truncate(ckpt.MAX_FILE_BYTES + 1)  # sparse: no disk, no memory
     refused(str(p), "refusing")
-
-
-@pytest.mark.parametrize("name,data,needle", [
-    ("empty.pkl", b"", "empty"), ("weird.txt", b"hello", "extension"),
-    ("random.pkl", bytes(range(256)) * 4, "neither a torch checkpoint")])
-def test_trivially_bad_files(tmp_path, name, data, needle):
-    refused(write(tmp_path, name, data), needle)
 
 
 def test_missing_file_and_directory(tmp_path):
@@ -271,8 +229,12 @@ def test_pickle_named_safetensors_is_refused_and_safetensors_named_pkl_is_read(t
 
 
 # ------------------------------------------------------------------------------------------------ convert CLI
-def test_convert_in_process(tmp_path):
-    src = write(tmp_path, "pisa_sr.pkl", torch_save_bytes(small_release_dict(rank=3)))
+@pytest.fixture
+def src(tmp_path) -> str:
+    return write(tmp_path, "pisa_sr.pkl", torch_save_bytes(small_release_dict(rank=3)))
+
+
+def test_convert_in_process(tmp_path, src):
     dst = str(tmp_path / "pisa_sr.safetensors")
     out = io.StringIO()
     assert conv.main([src, dst], out) == conv.EXIT_OK
@@ -292,20 +254,16 @@ def test_convert_in_process(tmp_path):
 
 
 def test_convert_refuses_bad_input_and_writes_nothing(tmp_path):
-    evil = Op.PROTO + Op.glob("os", "system") + Op.tuple([Op.str("true")]) + Op.REDUCE + Op.STOP
-    src = write(tmp_path, "evil.pkl", evil)
+    src = write(tmp_path, "evil.pkl", CODE_PICKLE)
     dst = tmp_path / "out.safetensors"
     out = io.StringIO()
     assert conv.main([src, str(dst)], out) == conv.EXIT_REFUSED
     assert "refused:" in out.getvalue() and "os.system" in out.getvalue()
     assert not dst.exists() and os.listdir(tmp_path) == ["evil.pkl"]
-    out = io.StringIO()
-    assert conv.main(["--check", src], out) == conv.EXIT_REFUSED
+    assert conv.main(["--check", src], io.StringIO()) == conv.EXIT_REFUSED
 
 
-def test_convert_reports_a_failed_verification(tmp_path, monkeypatch):
-    src = write(tmp_path, "pisa_sr.pkl", torch_save_bytes(small_release_dict()))
-
+def test_convert_reports_a_failed_verification(tmp_path, monkeypatch, src):
     real = conv.safetensors_bytes
 
     def corrupting(loras):  # flips one weight's sign on the way out
@@ -322,9 +280,8 @@ def test_convert_reports_a_failed_verification(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["pisa_sr.pkl"]  # neither the output nor the temporary remains
 
 
-def test_convert_output_is_reproducible_with_a_normal_file_mode(tmp_path):
+def test_convert_output_is_reproducible_with_a_normal_file_mode(tmp_path, src):
     """Issue 11, finding 6: same input, same bytes; the file mode follows the umask like any new file."""
-    src = write(tmp_path, "pisa_sr.pkl", torch_save_bytes(small_release_dict(rank=3)))
     old = os.umask(0o022)
     try:
         for name in ("a.safetensors", "b.safetensors"):
@@ -346,10 +303,9 @@ class _FullDisk(io.FileIO):
 
 @pytest.mark.parametrize("case,words", [
     ("missing", "no such file or directory"), ("unwritable", "permission denied"), ("full", "no space left")])
-def test_convert_output_folder_problems_give_one_clear_line(tmp_path, monkeypatch, case, words):
+def test_convert_output_folder_problems_give_one_clear_line(tmp_path, monkeypatch, src, case, words):
     """Issue 11, finding 6: a missing, unwritable or full output folder gives one line and exit code 3. Root ignores
     permissions and no disk can be filled here, so the last two use stand-ins for the file system's answer."""
-    src = write(tmp_path, "pisa_sr.pkl", torch_save_bytes(small_release_dict()))
     dst = tmp_path / ("no_such_dir" if case == "missing" else "") / "out.safetensors"
     if case == "unwritable":
         monkeypatch.setattr(conv, "open", _denied, raising=False)
@@ -362,8 +318,7 @@ def test_convert_output_folder_problems_give_one_clear_line(tmp_path, monkeypatc
     assert "Traceback" not in text and sorted(os.listdir(tmp_path)) == ["pisa_sr.pkl"]
 
 
-def test_convert_cli_subprocess_without_comfy(tmp_path):
-    src = write(tmp_path, "pisa_sr.pkl", torch_save_bytes(small_release_dict()))
+def test_convert_cli_subprocess_without_comfy(tmp_path, src):
     dst = str(tmp_path / "pisa_sr.safetensors")
     run = subprocess.run([PY, "-m", "pisa_sr.convert", src, dst], cwd=REPO, capture_output=True, text=True,
                          timeout=120, env=CHILD_ENV)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import host
-from hostile_files import DIFFERENTIAL, PAYLOADS, make_zip
+from hostile_files import DIFFERENTIAL, PAYLOADS, pickle_zip
 
 sys.path.insert(0, str(host.REPO / "scripts"))
 import make_tiny_weights  # noqa: E402
@@ -19,24 +19,12 @@ pytestmark = pytest.mark.slow
 MAX_ANSWER_S = 1.0
 
 
-def hostile_files() -> dict[str, bytes]:
-    files = {f"hostile_{fam}_{pay}.pkl": build(PAYLOADS[pay]) for fam, build in DIFFERENTIAL.items()
-             for pay in PAYLOADS}
-    files["hostile_plain_dag-key.pkl"] = make_zip({"archive/data.pkl": PAYLOADS["dag-key"],
-                                                   "archive/version": b"3\n"})
-    return files
-
-
-def prompt(ckpt: str, lora: str) -> dict:
-    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-            "2": {"class_type": "PiSA_LoadLoRAs", "inputs": {"model": ["1", 0], "lora_name": lora}},
-            "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
-
-
 def error_of(srv: ComfyServer, ckpt: str, lora: str) -> str:
     """Run the graph; it must fail in Load PiSA LoRAs. Returns the exception message the user sees."""
     with pytest.raises(PromptFailed) as ei:
-        srv.run(prompt(ckpt, lora), timeout=300)
+        srv.run({"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+                 "2": {"class_type": "PiSA_LoadLoRAs", "inputs": {"model": ["1", 0], "lora_name": lora}},
+                 "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}, timeout=300)
     errors = [m[1] for m in ei.value.entry["status"]["messages"] if m[0] == "execution_error"]
     assert len(errors) == 1 and errors[0]["node_type"] == "PiSA_LoadLoRAs", errors
     return errors[0]["exception_message"]
@@ -44,7 +32,9 @@ def error_of(srv: ComfyServer, ckpt: str, lora: str) -> str:
 
 def test_hostile_files_fail_cleanly_while_the_server_keeps_answering(tmp_path):
     ckpt, _ = make_tiny_weights.make(make_tiny_weights.cache_dir())
-    files = hostile_files()
+    files = {f"hostile_{fam}_{pay}.pkl": build(PAYLOADS[pay]) for fam, build in DIFFERENTIAL.items()
+             for pay in PAYLOADS}
+    files["hostile_plain_dag-key.pkl"] = pickle_zip(PAYLOADS["dag-key"])
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     srv = ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [str(tmp_path / n) for n in files]})
