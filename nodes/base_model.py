@@ -15,8 +15,7 @@ EXPECTED = ("PiSA-SR needs Stable Diffusion 2.1-base (512 px, epsilon prediction
 def check_sd2_eps(model: Any) -> None:
     """Refuse anything that is not an SD 2.x epsilon-prediction UNet with the stock noise schedule."""
     base = getattr(model, "model", None)
-    cfg = getattr(base, "model_config", None)
-    if base is None or cfg is None:
+    if (cfg := getattr(base, "model_config", None)) is None:
         raise PisaError(f"the MODEL input is not a diffusion model. {EXPECTED}")
     name = type(cfg).__name__
     unet = getattr(cfg, "unet_config", {}) or {}

@@ -42,18 +42,13 @@ def register_model_folder() -> None:
 def lora_file_choices() -> list[str]:
     """Files in models/pisa_sr, then files in models/loras whose name mentions pisa."""
     names = list(folder_paths.get_filename_list(MODEL_FOLDER))
-    try:
-        extra = [n for n in folder_paths.get_filename_list("loras") if "pisa" in os.path.basename(n).lower()
-                 and os.path.splitext(n)[1].lower() in LORA_EXTENSIONS]
-    except Exception:
-        extra = []
-    return names + [n for n in extra if n not in names]
+    return names + [n for n in folder_paths.get_filename_list("loras") if n not in names
+                    and "pisa" in os.path.basename(n).lower() and os.path.splitext(n)[1].lower() in LORA_EXTENSIONS]
 
 
 def lora_folder_hint() -> str:
     """Where a LoRA file is looked for, as a user reads it: models/pisa_sr with its full path(s), or models/loras."""
-    paths = folder_paths.get_folder_paths(MODEL_FOLDER) if MODEL_FOLDER in folder_paths.folder_names_and_paths else []
-    return f"models/pisa_sr ({', '.join(paths) or 'not registered'}) or models/loras"
+    return f"models/pisa_sr ({', '.join(folder_paths.get_folder_paths(MODEL_FOLDER))}) or models/loras"
 
 
 def lora_file_path(name: str) -> str | None:
@@ -104,12 +99,20 @@ def add_lora_patches(model: Any, pairs: dict[str, Any], module_map: dict[str, st
 #   comfyanonymous/ComfyUI main.py @ 002f2bedd6e4              (ModelPatcherDynamic becomes CoreModelPatcher on NVIDIA)
 # tests/test_compat_branches.py drives each branch with a stand-in shaped like the object named in its comment.
 def load_model(model: Any, batch_shape: list[int]) -> None:
-    """Claim device memory through ComfyUI's manager (applies patches, evicts other models as needed)."""
+    """Claim device memory through ComfyUI's manager (applies patches, evicts other models as needed). 0.3.75
+    ModelPatcher.load: a later partial load (--lowvram) can add a cast-time LowVramPatch to a module whose weight an
+    earlier one already merged (``comfy_patched_weights``, original in ``backup``), applying the LoRA twice (eps off
+    by 2.2 on the tiny models); that patch is dropped. Patchers without ``backup`` are left alone."""
     # upstream: Comfy-Org/ComfyUI comfy/sampler_helpers.py @ 53757775fa60 (prepare_sampling calls
     # load_models_gpu(models, memory_required=, minimum_memory_required=) as 0.3.75 does; unchanged signature)
     need = memory_required(model, batch_shape)
     mm.load_models_gpu([model], memory_required=need, minimum_memory_required=need)
-    drop_double_lowvram_patches(model)
+    if backup := getattr(model, "backup", None):
+        for module in model.model.modules():
+            if getattr(module, "comfy_patched_weights", False) is True:
+                for attr in ("weight_function", "bias_function"):
+                    if fns := getattr(module, attr, None):
+                        setattr(module, attr, [f for f in fns if getattr(f, "key", None) not in backup])
 
 
 @contextlib.contextmanager
@@ -124,20 +127,6 @@ def unet_session(model: Any):
         yield
     finally:
         model.cleanup()
-
-
-def drop_double_lowvram_patches(model: Any) -> None:
-    """0.3.75 ModelPatcher.load: a later partial load (--lowvram) can add a cast-time LowVramPatch to a module whose
-    weight an earlier one already merged (``comfy_patched_weights``, original in ``backup``), applying the LoRA twice
-    (eps off by 2.2 on the tiny models); drop that patch. Patchers without these attributes are left alone."""
-    backup = getattr(model, "backup", None)
-    if not isinstance(backup, dict) or not backup:
-        return
-    for module in model.model.modules():
-        if getattr(module, "comfy_patched_weights", False) is True:
-            for attr in ("weight_function", "bias_function"):
-                if fns := getattr(module, attr, None):
-                    setattr(module, attr, [f for f in fns if getattr(f, "key", None) not in backup])
 
 
 def memory_required(model: Any, shape: list[int]) -> int:
@@ -203,12 +192,9 @@ def vae_free_memory(vae: Any) -> int:
 # ---------------------------------------------------------------- UNet internals
 def compute_dtype(model: Any) -> torch.dtype:
     """The dtype the UNet computes in: a compute-dtype override, else ComfyUI's manual cast, else the weights'."""
-    base = model.model
-    if "manual_cast_dtype" in model.object_patches:
-        d = model.object_patches["manual_cast_dtype"]
-    else:
-        d = base.model_config.manual_cast_dtype  # not base.manual_cast_dtype: another clone may have patched it
-    return d if d is not None else base.get_dtype()
+    # model_config's, not model.model.manual_cast_dtype: another clone may have patched that
+    d = model.object_patches.get("manual_cast_dtype", model.model.model_config.manual_cast_dtype)
+    return d if d is not None else model.model.get_dtype()
 
 
 def options_with_outer_unet_wrapper(model: Any, key: str, wrapper) -> dict:

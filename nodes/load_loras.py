@@ -34,14 +34,11 @@ def read_loras(path: str) -> PisaLoras:
     data = read_file(path)
     key = content_key(data)
     with _cache_lock:
-        hit = _cache.get(key)
-    if hit is not None:
-        return hit
-    loras = load_bytes(data, path)
-    with _cache_lock:
-        _cache.clear()  # one checkpoint at a time is the norm; keep memory flat
-        _cache[key] = loras
-    return loras
+        if key not in _cache:
+            loras = load_bytes(data, path)
+            _cache.clear()  # one checkpoint at a time is the norm; keep memory flat
+            _cache[key] = loras
+        return _cache[key]
 
 
 def apply_pisa_loras(model, loras: PisaLoras, file_name: str = ""):
@@ -53,19 +50,15 @@ def apply_pisa_loras(model, loras: PisaLoras, file_name: str = ""):
     check_weight_dtype(model)
     module_map = compat.diffusers_to_comfy_modules(model)
     shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
+    mismatch = "The LoRA file and the base model do not match: PiSA-SR needs Stable Diffusion 2.1-base."
     for lset in loras.sets():
         for name, pair in lset.pairs.items():
-            target = module_map.get(name)
-            if target is None:
-                raise CheckpointError(
-                    f"the {lset.kind} LoRA targets '{name}', which this UNet does not have. The LoRA file and the "
-                    "base model do not match: PiSA-SR needs Stable Diffusion 2.1-base.")
-            want = shapes.get(target + ".weight")
-            if want != pair.weight_shape():
-                raise CheckpointError(
-                    f"the {lset.kind} LoRA for '{name}' has shape {pair.weight_shape()} but the model's weight "
-                    f"is {want or 'missing'}. The LoRA file and the base model do not match: PiSA-SR needs "
-                    "Stable Diffusion 2.1-base.")
+            if (target := module_map.get(name)) is None:
+                raise CheckpointError(f"the {lset.kind} LoRA targets '{name}', which this UNet does not have. "
+                                      + mismatch)
+            if (want := shapes.get(target + ".weight")) != pair.weight_shape():
+                raise CheckpointError(f"the {lset.kind} LoRA for '{name}' has shape {pair.weight_shape()} but the "
+                                      f"model's weight is {want or 'missing'}. {mismatch}")
     clone = model.clone()
     for lset in loras.sets():
         n = compat.add_lora_patches(clone, lset.pairs, module_map, loras.alpha)

@@ -21,7 +21,7 @@ from .pisa_model import info_of, sem_removal_targets
 NODE = "Dual-Guided One-Step Sample"
 
 
-def conditioning_context(positive, width: int | None) -> torch.Tensor:
+def conditioning_context(positive, width: int) -> torch.Tensor:
     """The text embedding [1,77,width] of CONDITIONING; refused unless it is as wide as the UNet's context."""
     try:
         ctx = positive[0][0]
@@ -30,7 +30,7 @@ def conditioning_context(positive, width: int | None) -> torch.Tensor:
     if not isinstance(ctx, torch.Tensor) or ctx.dim() != 3:
         raise PisaError("'positive' must be CONDITIONING from CLIPTextEncode (an empty prompt is the release's "
                         "setting).")
-    if width is not None and ctx.shape[-1] != width:
+    if ctx.shape[-1] != width:
         raise PisaError(f"the conditioning width is {ctx.shape[-1]} but this UNet takes {width}: it comes from "
                         "another text encoder. Use CLIPTextEncode with the CLIP of the SD 2.1-base checkpoint.")
     check_finite(ctx, "conditioning")
@@ -40,11 +40,9 @@ def conditioning_context(positive, width: int | None) -> torch.Tensor:
 def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,
                  tile_overlap: int, *, precision: str = "auto", both: bool = False, one_pass: bool = True,
                  tiles_per_call: int | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """(frames, z_lq scaled, eps fp32) per chunk of the batch, on the model's device.
-
-    A chunk is as many whole frames as one UNet call of ``tiles_per_call`` tiles takes (None: as free memory allows;
-    at least one frame), so device memory is bounded by the call. ``both`` gives C = 8: eps_pix then eps_sem.
-    """
+    """(frames, z_lq scaled, eps fp32) per chunk of the batch, on the model's device. A chunk is as many whole frames
+    as one UNet call of ``tiles_per_call`` tiles takes (None: as free memory allows; at least one frame), so device
+    memory is bounded by the call. ``both`` gives C = 8: eps_pix then eps_sem."""
     info = info_of(model)
     plan = sampling.plan(lambda_pix, lambda_sem, both)
     sampling.check_tiles(tile_size, tile_overlap)
@@ -82,9 +80,6 @@ def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: f
             # Contiguous NCHW: a channels_last latent (CPU VAEEncode) runs the UNet channels_last, whose GroupNorm
             # sums in another order (eps moved 2e-4); one layout keeps tiled, untiled and batched calls identical.
             z = model.model.process_latent_in(raw[part].to(dev, torch.float32)).contiguous()
-            if plan is Pass.NONE:
-                yield part, z, torch.zeros_like(z)
-                continue
             done = start // frames * calls_per_chunk
             chunk_hooks = replace(hooks, progress=lambda d, t, done=done: hooks.progress(min(total, done + d),
                                                                                          total))
@@ -108,7 +103,7 @@ def sample_hq(model, latent: dict, positive, lambda_pix: float, lambda_sem: floa
     out = torch.empty(raw.shape, dtype=torch.float32)
     for part, z, eps in frame_chunks(model, latent, positive, lambda_pix, lambda_sem, tile_size, tile_overlap,
                                      precision=precision, tiles_per_call=tiles_per_call):
-        out[part] = model.model.process_latent_out(z - eps.to(z.device)).to(torch.float32).cpu()
+        out[part] = model.model.process_latent_out(z - eps).to(torch.float32).cpu()
     return out
 
 
