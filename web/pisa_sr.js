@@ -8,17 +8,14 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const EXT = "comfyui-pisa-sr.ui";
 const PAD = "pisa_sr_pad";
 const COMPARE = "pisa_sr_compare";
-const DECODE = "PiSA_Decode";
-const LQ_KEY = "pisa_lq";
 const PIX = "lambda_pix";
 const SEM = "lambda_sem";
 const DEFAULT = { pix: 1.0, sem: 1.0 }; // the release's default mode
 const PAD_HEIGHT = 230;
-const DEFAULT_PREVIEW_WIDGET = "$$canvas-image-preview"; // the front end's canvas image preview
 const FAINT = "rgba(255,255,255,0.35)";
+const SMALL = "10px sans-serif", TINY = "9px sans-serif";
 
 const warn = (what, e) => console.warn(`[PiSA-SR] ${what}:`, e);
 const color = (key, fallback) => globalThis.LiteGraph?.[key] ?? fallback;
@@ -63,26 +60,24 @@ function setWidget(node, w, value, e) {
 // The classic canvas repaints on setDirtyCanvas; Vue nodes repaint a custom widget only through triggerDraw.
 function redraw(node, w) {
   node.setDirtyCanvas?.(true, true);
-  w?.triggerDraw?.();
+  w.triggerDraw?.();
 }
 
-// Vue nodes before 1.33 let a widget canvas's pointer events bubble to the node, which then dragged the node away
-// from under the pointer; the Vue nodes of 1.32.9 also lay their output preview over a tall widget's canvas, which
-// then took the pointer. Keep the events on the widget and its canvas on top.
-function ownPointer(ctx) {
+// A widget's own canvas (Vue nodes; the classic renderer draws on the graph canvas). Returns the width to draw at.
+// Vue nodes before 1.33 let its pointer events bubble to the node, which then dragged the node away from under the
+// pointer; the Vue nodes of 1.32.9 also lay their output preview over a tall widget's canvas, which then took the
+// pointer: keep the events on the widget and its canvas on top. The Vue nodes of 1.53 size it from its zoomed width
+// while pointer positions come in unzoomed CSS pixels: pin its height and scale back, so drawing and pointer agree.
+function ownCanvas(ctx, width, height) {
   const el = ctx?.canvas;
-  if (!el || el === app.canvas?.canvas || el.pisaOwnPointer) return;
-  el.pisaOwnPointer = true;
-  if (getComputedStyle(el).position === "static") el.style.position = "relative";
-  el.style.zIndex = "1";
-  for (const type of ["pointerdown", "pointermove", "pointerup"]) el.addEventListener(type, (e) => e.stopPropagation());
-}
-
-// The Vue nodes of 1.53 size a widget's canvas from its zoomed width while pointer positions come in unzoomed CSS
-// pixels: pin the canvas height and scale back, so drawing and pointer agree. Returns the width to draw at.
-function cssWidth(ctx, width, height) {
-  const el = ctx?.canvas;
-  if (!el || el === app.canvas?.canvas || !el.clientWidth) return width;
+  if (!el || el === app.canvas?.canvas) return width;
+  if (!el.pisaOwnPointer) {
+    el.pisaOwnPointer = true;
+    if (getComputedStyle(el).position === "static") el.style.position = "relative";
+    el.style.zIndex = "1";
+    for (const t of ["pointerdown", "pointermove", "pointerup"]) el.addEventListener(t, (e) => e.stopPropagation());
+  }
+  if (!el.clientWidth) return width;
   const k = width / el.clientWidth;
   if (Math.abs(k - 1) > 0.01 && height > 0) {
     el.style.height = `${height + 2}px`;
@@ -115,9 +110,8 @@ function customWidget(node, name, what) {
 
     draw(ctx, _node, width, y, H, lowQuality) {
       try {
-        ownPointer(ctx);
         ctx.save();
-        this.paint(ctx, cssWidth(ctx, width, H), y, lowQuality);
+        this.paint(ctx, ownCanvas(ctx, width, H), y, lowQuality);
         ctx.restore();
       } catch (e) {
         warn(`${what} draw`, e);
@@ -150,7 +144,6 @@ function customWidget(node, name, what) {
   };
 }
 
-// Grow a node to fit its widgets.
 function grow(node, minWidth = 0) {
   const s = node.computeSize?.();
   if (s) node.setSize?.([Math.max(node.size[0], s[0], minWidth), Math.max(node.size[1], s[1])]);
@@ -202,7 +195,7 @@ function makePad(node) {
         ctx.fillStyle = color("WIDGET_BGCOLOR", "#222");
         roundRect(ctx, r.x0, r.y0, 48, 16, 4);
         ctx.fill();
-        label(ctx, "default", r.x0 + 24, y + 10, "center", dim, "10px sans-serif");
+        label(ctx, "default", r.x0 + 24, y + 10, "center", dim, SMALL);
       }
       ctx.fillStyle = color("WIDGET_BGCOLOR", "#222");
       ctx.strokeStyle = color("WIDGET_OUTLINE_COLOR", "#666");
@@ -229,17 +222,16 @@ function makePad(node) {
       for (let s = Math.ceil(a.sLo); s <= a.sHi; s++) {
         const [gx] = this.toXY(a, a.pLo, s);
         line(s, gx, y0, gx, y1);
-        if (!lowQuality) label(ctx, String(s), gx + 2, y1 - 7, "left", FAINT, "9px sans-serif");
+        if (!lowQuality) label(ctx, String(s), gx + 2, y1 - 7, "left", FAINT, TINY);
       }
       for (let p = Math.ceil(a.pLo); p <= a.pHi; p++) {
         const [, gy] = this.toXY(a, p, a.sLo);
         line(p, x0, gy, x1, gy);
-        if (lowQuality || p === Math.ceil(a.pLo)) continue;
-        label(ctx, String(p), x1 - 3, gy - 6, "right", FAINT, "9px sans-serif");
+        if (!lowQuality && p > Math.ceil(a.pLo)) label(ctx, String(p), x1 - 3, gy - 6, "right", FAINT, TINY);
       }
       if (!lowQuality) {
-        label(ctx, "\u2191 clean harder", x0 + 5, y0 + 9, "left", dim, "10px sans-serif");
-        label(ctx, "\u2193 keep input", x0 + 5, y1 - 20, "left", dim, "10px sans-serif");
+        label(ctx, "\u2191 clean harder", x0 + 5, y0 + 9, "left", dim, SMALL);
+        label(ctx, "\u2193 keep input", x0 + 5, y1 - 20, "left", dim, SMALL);
       }
       ctx.restore();
       // release default (1, 1)
@@ -248,7 +240,7 @@ function makePad(node) {
       ctx.strokeStyle = "rgba(255,255,255,0.7)";
       ctx.beginPath(); ctx.arc(dx, dy, 8, 0, Math.PI * 2); ctx.stroke();
       ctx.setLineDash([]);
-      if (!lowQuality) label(ctx, "release default", dx + 11, dy - 9, "left", "rgba(255,255,255,0.75)", "9px sans-serif");
+      if (!lowQuality) label(ctx, "release default", dx + 11, dy - 9, "left", "rgba(255,255,255,0.75)", TINY);
       // the current setting
       const pix = Number(a.wp.value), sem = Number(a.ws.value);
       if (Number.isFinite(pix) && Number.isFinite(sem)) {
@@ -267,17 +259,16 @@ function makePad(node) {
         label(ctx, "lambdas are set by a link", xm, ym, "center", text);
       }
       if (!lowQuality) { // axis labels
-        label(ctx, "\u2190 faithful", x0, y1 + 12, "left", dim, "10px sans-serif");
-        label(ctx, "\u03bb_sem: semantic detail", xm, y1 + 12, "center", text, "10px sans-serif");
-        label(ctx, "more detail \u2192", x1, y1 + 12, "right", dim, "10px sans-serif");
+        label(ctx, "\u2190 faithful", x0, y1 + 12, "left", dim, SMALL);
+        label(ctx, "\u03bb_sem: semantic detail", xm, y1 + 12, "center", text, SMALL);
+        label(ctx, "more detail \u2192", x1, y1 + 12, "right", dim, SMALL);
         ctx.translate(20, ym);
         ctx.rotate(-Math.PI / 2);
-        label(ctx, "\u03bb_pix: pixel cleanup", 0, 0, "center", text, "10px sans-serif");
+        label(ctx, "\u03bb_pix: pixel cleanup", 0, 0, "center", text, SMALL);
       }
     },
 
     press([x, y], e) {
-      if (!this.box) return false;
       if (inside(this.resetBox, x, y)) {
         this.setLambdas(DEFAULT.pix, DEFAULT.sem, e);
         return "handled";
@@ -289,7 +280,6 @@ function makePad(node) {
 
     dragTo([x, y], e) {
       const a = this.axes(), b = this.box;
-      if (!a) return;
       this.setLambdas(a.pLo + ((b.y1 - y) / (b.y1 - b.y0)) * (a.pHi - a.pLo),
                       a.sLo + ((x - b.x0) / (b.x1 - b.x0)) * (a.sHi - a.sLo), e);
     },
@@ -323,7 +313,7 @@ function makeCompare(node) {
       const tag = (this.loadTag = {});
       try {
         const [after, before] = await Promise.all(
-          [output.images, output[LQ_KEY]].map((list) => Promise.all(list.map(loadView))));
+          [output.images, output.pisa_lq].map((list) => Promise.all(list.map(loadView))));
         if (tag !== this.loadTag) return;
         this.after = after;
         this.before = before;
@@ -346,9 +336,7 @@ function makeCompare(node) {
       return Math.round(clamp(Math.max(40, (width ?? node.size[0]) - 20) * aspect, 80, 640));
     },
 
-    computeSize(width) {
-      return [width ?? node.size[0], this.imageHeight(width) + 24];
-    },
+    computeSize(width) { return [width ?? node.size[0], this.imageHeight(width) + 24]; },
 
     paint(ctx, width, y, lowQuality) {
       const availH = this.imageHeight(width);
@@ -372,7 +360,6 @@ function makeCompare(node) {
       ctx.clip();
       ctx.drawImage(before, x, top, w, h);
       ctx.restore();
-      // split line and handle
       ctx.strokeStyle = "#fff";
       ctx.lineWidth = 2;
       ctx.beginPath(); ctx.moveTo(sx, top); ctx.lineTo(sx, top + h); ctx.stroke();
@@ -386,25 +373,22 @@ function makeCompare(node) {
       ctx.fill();
       if (lowQuality) return;
       const tag = (text, tx, align) => {
-        ctx.font = "10px sans-serif";
+        ctx.font = SMALL;
         const tw = ctx.measureText(text).width + 8;
         const bx = align === "left" ? tx : tx - tw;
         ctx.fillStyle = "rgba(0,0,0,0.6)";
         roundRect(ctx, bx, top + 4, tw, 15, 3);
         ctx.fill();
-        label(ctx, text, bx + 4, top + 11.5, "left", "#fff", "10px sans-serif");
+        label(ctx, text, bx + 4, top + 11.5, "left", "#fff", SMALL);
       };
       if (this.split > 0.02) tag("before: input (resized)", x + 4, "left");
       if (this.split < 0.98) tag("after: PiSA-SR", x + w - 4, "right");
-      const n = this.after.length;
+      const n = this.after.length, ty = top + h + 11;
       const cap = `${after.naturalWidth}\u00d7${after.naturalHeight} preview \u00b7 drag to compare`;
-      label(ctx, cap, width / 2, top + h + 11, "center", null, "10px sans-serif");
-      this.navBox = null;
-      if (n > 1) {
-        const nav = `\u25c0 ${this.index + 1}/${n} \u25b6`;
-        label(ctx, nav, x + w, top + h + 11, "right", color("WIDGET_TEXT_COLOR", "#ddd"));
-        this.navBox = { x0: x + w - 60, x1: x + w, y0: top + h + 2, y1: top + h + 22 };
-      }
+      label(ctx, cap, width / 2, ty, "center", null, SMALL);
+      this.navBox = n > 1 ? { x0: x + w - 60, x1: x + w, y0: top + h + 2, y1: top + h + 22 } : null;
+      const nav = `\u25c0 ${this.index + 1}/${n} \u25b6`;
+      if (n > 1) label(ctx, nav, x + w, ty, "right", color("WIDGET_TEXT_COLOR", "#ddd"));
     },
 
     press([x, y]) {
@@ -427,7 +411,7 @@ function makeCompare(node) {
   };
 }
 
-const hasComparison = (output) => [output?.images, output?.[LQ_KEY]].every((l) => Array.isArray(l) && l.length > 0);
+const hasComparison = (output) => [output?.images, output?.pisa_lq].every((l) => Array.isArray(l) && l.length > 0);
 
 function showComparison(node, output) {
   let w = findWidget(node, COMPARE);
@@ -468,7 +452,7 @@ function setupCompare(node) {
       const out = w ? null : app.nodeOutputs?.[String(this.id)];
       if (hasComparison(out)) w = showComparison(this, out);
       if (w && !w.failed) {
-        const i = this.widgets.findIndex((p) => p.name === DEFAULT_PREVIEW_WIDGET);
+        const i = this.widgets.findIndex((p) => p.name === "$$canvas-image-preview");
         if (i >= 0) {
           this.widgets[i].onRemove?.();
           this.widgets.splice(i, 1);
@@ -487,7 +471,7 @@ const padTypes = new Set();
 
 try {
   app.registerExtension({
-    name: EXT,
+    name: "comfyui-pisa-sr.ui",
     beforeRegisterNodeDef(nodeType, nodeData) {
       try {
         const ins = { ...nodeData?.input?.required, ...nodeData?.input?.optional };
@@ -509,7 +493,7 @@ try {
           }
           grow(node, 300);
         }
-        if (type === DECODE) setupCompare(node);
+        if (type === "PiSA_Decode") setupCompare(node);
       } catch (e) {
         warn("nodeCreated", e);
       }
