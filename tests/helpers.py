@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -22,3 +23,53 @@ def pipeline(model, vae, conditioning, image, *, upscale=4, lambda_pix=1.0, lamb
                      lambda_sem=lambda_sem, tile_size=tile_size, tile_overlap=tile_overlap)
     (img,) = run_node("PiSA_Decode", latent=hq, vae=vae, color_fix=color_fix)
     return img, lat, hq
+
+
+def encode_lq(vae, image, upscale=4, **kw) -> dict:
+    """The Encode LQ node (bicubic pre-resize); returns its LATENT."""
+    return run_node("PiSA_EncodeLQ", image=image, vae=vae, upscale=upscale, resize_filter="bicubic", **kw)[0]
+
+
+def random_latent(h: int, w: int, seed: int = 0, b: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"samples": torch.randn(b, 4, h, w, generator=g) * 4.0}  # raw SD latent scale (x 0.18215 inside)
+
+
+def sample_eps(model, cond, latent, lp, ls, tile=96, overlap=32, **kw):
+    """nodes.sample.sample_eps with the node's default tiling; returns (z, eps)."""
+    import host
+
+    return host.pack("nodes.sample").sample_eps(model, latent, cond, lp, ls, tile, overlap, **kw)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def forward_hooks(model) -> int:
+    return sum(len(m._forward_hooks) for m in model.model.modules())
+
+
+def log_unet_calls(monkeypatch, model, fail=lambda i: None) -> list[tuple[int, int]]:
+    """Wraps nodes.unet.unet_eps_t1; returns the list it fills with (batch, active forward hooks) per call.
+    ``fail(i)`` may return an exception to raise on call i."""
+    import host
+
+    unet, calls = host.pack("nodes.unet"), []
+    real = unet.unet_eps_t1
+
+    def wrapped(m, z, context, sigma):
+        calls.append((z.shape[0], forward_hooks(model)))
+        if (exc := fail(len(calls) - 1)) is not None:
+            raise exc
+        return real(m, z, context, sigma)
+
+    monkeypatch.setattr(unet, "unet_eps_t1", wrapped)
+    return calls
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    """Import into a module to run its tests without autograd (nodes run under inference mode)."""
+    with torch.no_grad():
+        yield

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import make_image, pil_to_image, pipeline
+import host
+from helpers import encode_lq, make_image, max_diff, pil_to_image, pipeline, run_node
 
 
 @pytest.mark.parametrize("w,h,upscale,expect", [
@@ -16,7 +17,7 @@ from helpers import make_image, pil_to_image, pipeline
     (517, 263, 2, (1032, 520)),  # 1034x526 rescaled to multiples of 8 (as the release), latent 129x65: thin tiles
 ])
 def test_thin_and_odd_sizes(world, pisa_model, w, h, upscale, expect):
-    img, lat, hq = pipeline(pisa_model, world.comfy_vae, world.conditioning, pil_to_image(make_image(w, h, 5)),
+    img, _, _ = pipeline(pisa_model, world.comfy_vae, world.conditioning, pil_to_image(make_image(w, h, 5)),
                             upscale=upscale, lambda_pix=0.8, lambda_sem=1.2)
     assert tuple(img.shape) == (1, expect[1], expect[0], 3)
     assert torch.isfinite(img).all() and img.min() >= 0 and img.max() <= 1
@@ -25,37 +26,28 @@ def test_thin_and_odd_sizes(world, pisa_model, w, h, upscale, expect):
 
 def test_vae_tile_override_equals_auto(world, pisa_model):
     """A forced small VAE tile (synchronised GroupNorm, global attention) gives the untiled result."""
-    from conftest import run_node
-
     image = pil_to_image(make_image(150, 140, 6))
-    (lat_auto,) = run_node("PiSA_EncodeLQ", image=image, vae=world.comfy_vae, upscale=4, resize_filter="bicubic",
-                           vae_tile_size=0)
-    (lat_tiled,) = run_node("PiSA_EncodeLQ", image=image, vae=world.comfy_vae, upscale=4, resize_filter="bicubic",
-                            vae_tile_size=128)
+    lat_auto, lat_tiled = (encode_lq(world.comfy_vae, image, vae_tile_size=t) for t in (0, 128))
     # fp32 rounding only: GroupNorm statistics are merged in fp64 across tiles vs torch's fp32 group_norm; through
     # eight norms of a random-weight encoder that stays far below 1e-4 of the latent's range (PSNR ~ 100 dB+).
-    scale = lat_auto["samples"].abs().max()
-    rel = ((lat_auto["samples"] - lat_tiled["samples"]).abs().max() / scale).item()
+    rel = ((lat_auto["samples"] - lat_tiled["samples"]).abs().max() / lat_auto["samples"].abs().max()).item()
     print(f"encode tiled(128 px) vs auto: max abs diff / max |latent| = {rel:.2e}")
     assert rel < 1e-4
     (hq,) = run_node("PiSA_Sample", model=pisa_model, positive=world.conditioning, latent=lat_auto)
     # color_fix none: compare the decoders themselves, before the release's 8-bit step (which can turn a 1e-6
     # difference into a one-level flip that colour fix then rescales).
-    (a,) = run_node("PiSA_Decode", latent=hq, vae=world.comfy_vae, color_fix="none", vae_tile_size=0)
-    (b,) = run_node("PiSA_Decode", latent=hq, vae=world.comfy_vae, color_fix="none", vae_tile_size=128)
-    diff = (a - b).abs().max().item()
+    a, b = (run_node("PiSA_Decode", latent=hq, vae=world.comfy_vae, color_fix="none", vae_tile_size=t)[0]
+            for t in (0, 128))
+    diff = max_diff(a, b)
     print(f"decode tiled(128 px) vs auto: max abs diff {diff:.2e}")
     assert diff < 1e-4
 
 
-@pytest.mark.parametrize("override,decode_tile,encode_tile", [(0, None, None), (1, 16, 128), (7, 16, 128),
+@pytest.mark.parametrize("override,decode_tile,encode_tile", [(0, 40, 576), (1, 16, 128), (7, 16, 128),
                                                               (64, 16, 128), (200, 25, 200)])
 def test_small_vae_tile_sizes_mean_the_smallest_tile(world, monkeypatch, override, decode_tile, encode_tile):
     """vae_tile_size 1..128 means the smallest tile (128 px) on both nodes; only 0 is automatic (it used to be
     1..7 too on the decoder, silently)."""
-    import host
-    from conftest import run_node
-
     vae_ops = host.pack("nodes.vae_ops")
     tiles = []
 
@@ -65,11 +57,10 @@ def test_small_vae_tile_sizes_mean_the_smallest_tile(world, monkeypatch, overrid
             return real(ae, x, tile, **kw)
         return run
 
-    monkeypatch.setattr(vae_ops, "tiled_decode", recorder(vae_ops.tiled_decode))
-    monkeypatch.setattr(vae_ops, "tiled_encode", recorder(vae_ops.tiled_encode))
+    for name in ("tiled_decode", "tiled_encode"):
+        monkeypatch.setattr(vae_ops, name, recorder(getattr(vae_ops, name)))
     monkeypatch.setattr(vae_ops.compat, "vae_free_memory", lambda vae: 1 << 40)  # automatic = one whole tile
     run_node("PiSA_Decode", latent={"samples": torch.randn(1, 4, 32, 40)}, vae=world.comfy_vae, color_fix="none",
              vae_tile_size=override)
-    run_node("PiSA_EncodeLQ", image=torch.rand(1, 512, 576, 3), vae=world.comfy_vae, upscale=1,
-             resize_filter="bicubic", vae_tile_size=override)
-    assert tiles == [decode_tile or 40, encode_tile or 576]
+    encode_lq(world.comfy_vae, torch.rand(1, 512, 576, 3), upscale=1, vae_tile_size=override)
+    assert tiles == [decode_tile, encode_tile]

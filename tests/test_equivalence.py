@@ -15,24 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import pil_to_image, pipeline, run_node, make_image
+from helpers import encode_lq, make_image, max_diff, pil_to_image, pipeline, sample_eps
 
 EPS_TOL = 1e-4
 IMG_TOL = 2 / 255
 PAIRS = [(1.0, 1.0), (0.5, 1.5), (1.0, 0.0), (0.0, 1.0), (1.3, 0.7)]
-
-
-@pytest.fixture
-def batch1():
-    """The release's batching: one configuration and one tile per UNet call."""
-    return {"one_pass": False, "tiles_per_call": 1}
-
-
-def _our_eps(model, cond, latent, lp, ls, tile=96, overlap=32, **batching):
-    import host
-
-    z, eps = host.pack("nodes.sample").sample_eps(model, latent, cond, lp, ls, tile, overlap, **batching)
-    return z, eps
+BATCH1 = {"one_pass": False, "tiles_per_call": 1}  # the release's batching: one configuration and one tile per call
 
 
 @pytest.fixture(scope="module")
@@ -40,51 +28,34 @@ def lq_small():
     return make_image(40, 36, seed=1)  # x4 -> pre-resized (short side 128) -> 568x512 model size, untiled latent
 
 
-@pytest.mark.parametrize("default", [True, False])
-def test_eps_matches_reference(world, pisa_model, ref, lq_small, default, batch1):
-    (lat,) = run_node("PiSA_EncodeLQ", image=pil_to_image(lq_small), vae=world.comfy_vae, upscale=4,
-                      resize_filter="bicubic")
-    pairs = [(1.0, 1.0)] if default else PAIRS
-    for lp, ls in pairs:
-        z, eps = _our_eps(pisa_model, world.conditioning, lat, lp, ls, **batch1)
+@pytest.fixture(scope="module")
+def lat_small(world, lq_small):
+    return encode_lq(world.comfy_vae, pil_to_image(lq_small))
+
+
+@pytest.mark.parametrize("default,batching", [(True, BATCH1), (False, BATCH1), (False, {})],
+                         ids=["default", "release-batching", "one-pass"])
+def test_eps_matches_reference(world, pisa_model, ref, lat_small, default, batching):
+    """Release-style batch 1, and the shipping path: one UNet call on [z, z] with both LoRA configurations (the
+    release makes two calls); lambdas (1, 1) in adjustable mode equal the default mode."""
+    for lp, ls in [(1.0, 1.0)] if default else PAIRS:
+        z, eps = sample_eps(pisa_model, world.conditioning, lat_small, lp, ls, **batching)
         want = ref.eps(z.cpu(), default=default, lambda_pix=lp, lambda_sem=ls)
-        diff = (eps.cpu() - want).abs().max().item()
-        print(f"eps default={default} ({lp},{ls}): max abs diff {diff:.2e} (|eps| max {want.abs().max():.2f})")
+        diff = max_diff(eps.cpu(), want)
+        print(f"eps default={default} {batching} ({lp},{ls}): max abs diff {diff:.2e} (|eps| max "
+              f"{want.abs().max():.2f})")
         assert diff <= EPS_TOL
         assert want.abs().max() > 0.1  # the comparison is not vacuous
 
 
-def test_batched_one_pass_matches_reference(world, pisa_model, ref, lq_small):
-    """The shipping path: one UNet call on [z, z] with both LoRA configurations, against the release's two calls."""
-    (lat,) = run_node("PiSA_EncodeLQ", image=pil_to_image(lq_small), vae=world.comfy_vae, upscale=4,
-                      resize_filter="bicubic")
-    for lp, ls in PAIRS[1:]:
-        z, eps = _our_eps(pisa_model, world.conditioning, lat, lp, ls)
-        want = ref.eps(z.cpu(), default=False, lambda_pix=lp, lambda_sem=ls)
-        diff = (eps.cpu() - want).abs().max().item()
-        print(f"one-pass eps ({lp},{ls}): max abs diff {diff:.2e}")
-        assert diff <= EPS_TOL
-
-
-def test_sampler_is_layout_independent(world, pisa_model, lq_small):
+def test_sampler_is_layout_independent(world, pisa_model, lat_small):
     """A channels_last LATENT (ComfyUI's CPU VAEEncode makes one) gives bit-identical eps to a contiguous one."""
-    (lat,) = run_node("PiSA_EncodeLQ", image=pil_to_image(lq_small), vae=world.comfy_vae, upscale=4,
-                      resize_filter="bicubic")
-    assert lat["samples"].is_contiguous()
-    cl = dict(lat, samples=lat["samples"].contiguous(memory_format=torch.channels_last))
+    assert lat_small["samples"].is_contiguous()
+    cl = dict(lat_small, samples=lat_small["samples"].contiguous(memory_format=torch.channels_last))
     assert not cl["samples"].is_contiguous()
     for tile in (0, 48):
-        _, a = _our_eps(pisa_model, world.conditioning, lat, 0.5, 1.5, tile, 16)
-        _, b = _our_eps(pisa_model, world.conditioning, cl, 0.5, 1.5, tile, 16)
+        a, b = (sample_eps(pisa_model, world.conditioning, lat, 0.5, 1.5, tile, 16)[1] for lat in (lat_small, cl))
         assert torch.equal(a, b)
-
-
-def test_lambda_one_one_equals_default(world, pisa_model, ref, lq_small):
-    (lat,) = run_node("PiSA_EncodeLQ", image=pil_to_image(lq_small), vae=world.comfy_vae, upscale=4,
-                      resize_filter="bicubic")
-    z, eps = _our_eps(pisa_model, world.conditioning, lat, 1.0, 1.0)
-    adj = ref.eps(z.cpu(), default=False, lambda_pix=1.0, lambda_sem=1.0)
-    assert (eps.cpu() - adj).abs().max().item() <= EPS_TOL
 
 
 @pytest.mark.parametrize("lp,ls,default,align", [
@@ -95,18 +66,16 @@ def test_final_image_matches_reference(world, pisa_model, ref, lq_small, lp, ls,
                           lambda_pix=lp, lambda_sem=ls, color_fix=align)
     want, _ = ref.run(lq_small, 4, default, lp, ls, align)
     assert tuple(ours.shape[1:3]) == want.shape[:2] == (36 * 4, 40 * 4)
-    diff = (ours[0].numpy() - want.astype(np.float32) / 255).__abs__().max()
+    diff = np.abs(ours[0].numpy() - want.astype(np.float32) / 255).max()
     print(f"image ({lp},{ls}) default={default} {align}: max abs diff {diff * 255:.2f}/255")
     assert diff <= IMG_TOL
 
 
-def test_tiled_matches_reference_tiled_path(world, pisa_model, ref, batch1):
+def test_tiled_matches_reference_tiled_path(world, pisa_model, ref):
     img = make_image(200, 208, seed=2)  # x4 -> 800x832 -> latent 104x100 > 96^2: the release tiles (2x2)
-    (lat,) = run_node("PiSA_EncodeLQ", image=pil_to_image(img), vae=world.comfy_vae, upscale=4,
-                      resize_filter="bicubic")
+    lat = encode_lq(world.comfy_vae, pil_to_image(img))
     for lp, ls, default in [(1.0, 1.0, True), (0.5, 1.5, False)]:
-        z, eps = _our_eps(pisa_model, world.conditioning, lat, lp, ls, 96, 32, **batch1)
-        want = ref.eps_tiled(z.cpu(), default, lp, ls, 96, 32)
-        diff = (eps.cpu() - want).abs().max().item()
+        z, eps = sample_eps(pisa_model, world.conditioning, lat, lp, ls, 96, 32, **BATCH1)
+        diff = max_diff(eps.cpu(), ref.eps_tiled(z.cpu(), default, lp, ls, 96, 32))
         print(f"tiled eps ({lp},{ls}): max abs diff vs reference tiled path {diff:.2e}")
         assert diff <= EPS_TOL

@@ -1,26 +1,23 @@
 """Freed host memory goes back to the OS after our heavy nodes (the soak's RSS plateau, issue 4)."""
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import host
-heap = host.pack("pisa_sr.heap")
 
-glibc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+heap = host.pack("pisa_sr.heap")
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return int(re.search(r"^VmRSS:\s+(\d+)", Path("/proc/self/status").read_text(), re.MULTILINE)[1]) / 1024
 
 
-@glibc
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
 def test_trim_returns_retained_arena_pages(monkeypatch):
     monkeypatch.delenv(heap.DISABLE_ENV, raising=False)
     heap.trim_heap()

@@ -3,22 +3,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import folder_paths
 import torch
 from PIL import Image
 
 import host
-from conftest import run_node
+from helpers import encode_lq
+
+preview = host.pack("nodes.preview")
 
 
-def lq_info(h: int, w: int, b: int = 1):
-    LQInfo = host.pack("nodes.lq_info").LQInfo
-    plan = object()  # comparison_images reads only the LQ image
-    lq = torch.arange(b * h * w * 3, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(b, h, w, 3)
-    return LQInfo(lq_u8=lq, plan=plan)
+def lq_info(h: int, w: int):
+    lq = torch.arange(h * w * 3).remainder(256).to(torch.uint8).reshape(1, h, w, 3)
+    return host.pack("nodes.lq_info").LQInfo(lq_u8=lq, plan=object())  # comparison_images reads only the LQ image
 
 
 def test_previews_share_the_result_size_and_stay_small():
-    preview = host.pack("nodes.preview")
     res, lq = preview.comparison_images(torch.rand(1, 96, 80, 3), lq_info(128, 104))
     assert res.shape == lq.shape == (1, 96, 80, 3)  # the LQ is resized to the result's size
     big, big_lq = preview.comparison_images(torch.rand(2, 600, 2400, 3), lq_info(150, 600))
@@ -29,9 +29,6 @@ def test_previews_share_the_result_size_and_stay_small():
 
 
 def test_ui_output_is_written_as_temp_images():
-    preview = host.pack("nodes.preview")
-    import folder_paths
-
     result = torch.rand(1, 48, 40, 3)
     ui = preview.comparison_ui(result, lq_info(24, 20))
     assert set(ui) == {"images", preview.LQ_KEY}
@@ -43,8 +40,6 @@ def test_ui_output_is_written_as_temp_images():
 
 
 def test_preview_failure_never_fails_the_node(monkeypatch, caplog):
-    preview = host.pack("nodes.preview")
-
     def broken(*a, **k):
         raise OSError("disk full")
 
@@ -55,10 +50,7 @@ def test_preview_failure_never_fails_the_node(monkeypatch, caplog):
 
 def test_decode_node_returns_the_previews_and_an_unchanged_image(world):
     """Through the registered node: the IMAGE output is decode_hq's, the UI output names the two previews."""
-    node = host.node("PiSA_Decode")
-    decode = host.pack("nodes.decode")
-    lat = run_node("PiSA_EncodeLQ", image=torch.rand(1, 32, 32, 3), vae=world.comfy_vae, upscale=2)[0]
-    out = node.execute(latent=lat, vae=world.comfy_vae, color_fix="adain")
-    img = out.result[0]
-    assert torch.equal(img, decode.decode_hq(lat, world.comfy_vae, "adain"))
+    lat = encode_lq(world.comfy_vae, torch.rand(1, 32, 32, 3), upscale=2)
+    out = host.node("PiSA_Decode").execute(latent=lat, vae=world.comfy_vae, color_fix="adain")
+    assert torch.equal(out.result[0], host.pack("nodes.decode").decode_hq(lat, world.comfy_vae, "adain"))
     assert len(out.ui["images"]) == 1 and len(out.ui["pisa_lq"]) == 1

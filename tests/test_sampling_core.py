@@ -5,11 +5,13 @@ activations must give the net with only "pix", so every plan can be checked agai
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
 import torch
 
+from helpers import no_grad  # noqa: F401  (autouse fixture)
 from pisa_sr.bypass import BypassTarget
 from pisa_sr.checkpoint import LoraPair
 from pisa_sr.errors import PisaError
@@ -25,26 +27,17 @@ TOL = 1e-5  # fp32, a few hundred multiply-adds per output
 class Nets:
     """``sem`` (weights W + d) and ``pix`` (weights W) as two nets, plus the LoRA pair of d on ``sem``'s first conv."""
 
-    def __init__(self, kernel: int = 3, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        pad = kernel // 2
-
-        def net():
-            return torch.nn.Sequential(torch.nn.Conv2d(4, 8, kernel, padding=pad), torch.nn.SiLU(),
-                                       torch.nn.Conv2d(8, 4, kernel, padding=pad))
-
-        self.pix, self.sem = net(), net()
-        self.sem.load_state_dict(self.pix.state_dict())
+    def __init__(self, kernel: int = 3):
+        g = torch.Generator().manual_seed(0)
+        self.pix = torch.nn.Sequential(torch.nn.Conv2d(4, 8, kernel, padding=kernel // 2), torch.nn.SiLU(),
+                                       torch.nn.Conv2d(8, 4, kernel, padding=kernel // 2))
+        self.sem = copy.deepcopy(self.pix)
         down = torch.randn(2, 4, kernel, kernel, generator=g) * 0.3
         up = torch.randn(8, 2, 1, 1, generator=g) * 0.3
-        self.pair = LoraPair(down=down, up=up, scale=0.5)
         with torch.no_grad():
             self.sem[0].weight += 0.5 * torch.einsum("or,rikl->oikl", up.flatten(1), down)
+        self.removal = [BypassTarget(self.sem[0], LoraPair(down=down, up=up, scale=0.5), sign=-1.0)]
         self.calls: list[tuple[int, int]] = []  # (batch, forward hooks active on the LoRA'd conv)
-
-    @property
-    def removal(self) -> list[BypassTarget]:
-        return [BypassTarget(self.sem[0], self.pair, sign=-1.0)]
 
     def unet(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.append((x.shape[0], len(self.sem[0]._forward_hooks)))
@@ -55,14 +48,8 @@ class Nets:
         return lp * p + ls * (s - p)
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-def _x(h: int = 12, w: int = 10, b: int = 1, seed: int = 1) -> torch.Tensor:
-    return torch.randn(b, 4, h, w, generator=torch.Generator().manual_seed(seed))
+def _x(h: int = 12, w: int = 10, b: int = 1) -> torch.Tensor:
+    return torch.randn(b, 4, h, w, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("lp,ls", [(1.0, 1.0), (0.7, 0.7), (0.8, 0.0), (0.5, 1.5), (1.3, 0.7), (0.0, 0.0)])
@@ -132,8 +119,7 @@ def _failing(nets: Nets, fail):
     def unet(x):
         i = len(nets.calls)
         out = nets.unet(x)
-        exc = fail(i)
-        if exc is not None:
+        if (exc := fail(i)) is not None:
             raise exc
         return out
     return unet
@@ -151,18 +137,16 @@ def test_out_of_memory_halves_tiles_per_call_then_splits_the_passes(error, caplo
     base = sample_eps(x, nets.unet, nets.removal, 0.8, 1.2, 16, 4, tiles_per_call=4)
     nets.calls.clear()
     emptied = []
-    hooks = Hooks(empty_cache=lambda: emptied.append(1))
-    with caplog.at_level(logging.WARNING, logger="PiSA-SR"):
-        eps = sample_eps(x, _failing(nets, lambda i: error if i == 0 else None), nets.removal, 0.8, 1.2, 16, 4,
-                         tiles_per_call=4, hooks=hooks)
+    first_fails = _failing(nets, lambda i: error if i == 0 else None)
+    caplog.set_level(logging.WARNING, logger="PiSA-SR")
+    eps = sample_eps(x, first_fails, nets.removal, 0.8, 1.2, 16, 4, tiles_per_call=4,
+                     hooks=Hooks(empty_cache=lambda: emptied.append(1)))
     assert [b for b, _ in nets.calls] == [8, 4, 4, 4]  # 4 tiles x [z, z] failed; then 2 tiles x 2 per call
     assert "retrying with 2 tile(s) per UNet call" in caplog.text and emptied == [1]
     assert (eps - base).abs().max().item() <= TOL
 
     nets.calls.clear()
-    with caplog.at_level(logging.WARNING, logger="PiSA-SR"):
-        eps = sample_eps(x, _failing(nets, lambda i: error if i == 0 else None), nets.removal, 0.8, 1.2, 16, 4,
-                         tiles_per_call=1)
+    eps = sample_eps(x, first_fails, nets.removal, 0.8, 1.2, 16, 4, tiles_per_call=1)
     assert "two UNet passes per tile" in caplog.text
     assert nets.calls[0] == (2, 1) and nets.calls[1:] == [(1, 1), (1, 0)] * 6  # then pix and sem per tile
     assert (eps - base).abs().max().item() <= TOL
