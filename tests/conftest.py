@@ -40,10 +40,9 @@ def pytest_configure(config):
 
 
 class _RepoRootIsAFolder:
-    """The repo root is the pack's package (its __init__.py imports the nodes, hence ComfyUI). pytest would import
-    it as a package when the clone's folder name is an identifier; the tests load the pack the way ComfyUI does
-    (tests/host.py), so pytest collects the root as a plain folder. Registered globally: conftest hooks do not reach
-    the folder above tests/."""
+    """pytest would import the repo root (the pack's package, whose __init__ imports ComfyUI) as a package when the
+    clone's folder name is an identifier; the tests load the pack as ComfyUI does (tests/host.py). Registered
+    globally: conftest hooks do not reach the folder above tests/."""
 
     @staticmethod
     def pytest_collect_directory(path, parent):
@@ -53,7 +52,6 @@ class _RepoRootIsAFolder:
 def pytest_ignore_collect(collection_path, config):
     if config.getoption("core") and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
         return not _is_core(collection_path) or None
-    return None
 
 
 def pytest_collect_file(file_path, parent):
@@ -61,13 +59,11 @@ def pytest_collect_file(file_path, parent):
     if (file_path.suffix == ".py" and file_path.name.startswith("test_") and "host" not in sys.modules
             and not parent.config.getoption("core") and not _is_core(file_path)):
         import host  # noqa: F401
-    return None
 
 
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
-    yield
 
 
 @pytest.fixture(scope="session")
@@ -106,10 +102,17 @@ def pisa_model(world, pisa_files):
     return run_node("PiSA_LoadLoRAs", model=world.model, lora_name=pisa_files["pkl"])[0]
 
 
+@pytest.fixture(scope="session")
+def tiny_weights():
+    """(checkpoint, PiSA LoRA file): the tiny SD 2.x weights real-server tests load (scripts/make_tiny_weights.py)."""
+    import make_tiny_weights  # in scripts/, on the path once tests/host.py ran
+
+    return make_tiny_weights.make(make_tiny_weights.cache_dir())
+
+
 def run_node(node_id: str, **inputs):
     """Call a registered node's execute() the way unit tests of V3 nodes do; returns its outputs tuple."""
     import host
 
-    out = host.node(node_id).execute(**inputs)
-    return out.result
+    return host.node(node_id).execute(**inputs).result
 

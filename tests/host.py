@@ -13,11 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 if os.environ.get("PISA_TEST_TIER") == "core":
     raise RuntimeError("the core test tier must not boot ComfyUI: a module marked `pytestmark = pytest.mark.core` "
                        "imported tests/host.py (directly or through tiny_models/conftest fixtures); unmark it")
-if str(REPO / "scripts") not in sys.path:
-    sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "scripts"))
 
 import comfy_boot  # noqa: E402
-from comfy_boot import PACK_NAME, comfy_nodes, load_pack, node, pack  # noqa: E402,F401  (the test-facing API)
+from comfy_boot import comfy_nodes, node, pack  # noqa: E402,F401  (the test-facing API)
 
 BASE_DIR = comfy_boot.boot(base_dir=os.environ.get("PISA_TEST_BASE"), cpu=True, pytorch_attention=True)
 COMFY_DIR = Path(os.environ["PISA_COMFY_DIR"])  # the ComfyUI 0.3.75 folder booted above

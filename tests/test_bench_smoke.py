@@ -17,8 +17,7 @@ def test_bench_cpu_tiny_runs(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "bench" / "bench_pipeline.py"), "--cpu", "--tiny", "--runs", "1",
            "--warmup", "0", "--modes", "adjustable", "--self-check", "--json", str(out)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True,
                           timeout=3600)  # hang guard only
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| workload | mode | release ms (min-max) | ours ms (min-max) |" in proc.stdout

@@ -32,9 +32,7 @@ class NewestBaseModel:
     flash attention); current_patcher is what the patcher's pre_run/cleanup set."""
 
     memory_usage_factor = 2.0
-
-    def __init__(self):
-        self.current_patcher = None
+    current_patcher = None
 
     def memory_required(self, input_shape, cond_shapes={}):  # noqa: B006  (upstream's signature)
         return input_shape[0] * math.prod(input_shape[2:]) * 0.15 * self.memory_usage_factor * (1024 * 1024)
@@ -83,17 +81,19 @@ class NewestDynamicPatcher(NewestPatcher):
         return super().memory_required(input_shape) * 1.3 + (1024 ** 3)
 
 
-def recording_cuda_device_context(entered: list):
-    """Shaped like cuda_device_context(device) in Comfy-Org/ComfyUI comfy/model_management.py @ 02b2b3886164: a
-    context manager taking a torch.device that acts only for a cuda device with an index (here it records that
-    device, else None, instead of setting torch.cuda's current device)."""
+def record_device_context(monkeypatch) -> list:
+    """Installs a stand-in shaped like cuda_device_context(device) in Comfy-Org/ComfyUI comfy/model_management.py @
+    02b2b3886164: a context manager taking a torch.device that acts only for a cuda device with an index (here it
+    records that device, else None, instead of setting torch.cuda's current device). Returns the record."""
+    entered: list = []
 
     @contextlib.contextmanager
     def cuda_device_context(device):
         entered.append(device if device.type == "cuda" and device.index is not None else None)
         yield
 
-    return cuda_device_context
+    monkeypatch.setattr(mm, "cuda_device_context", cuda_device_context, raising=False)
+    return entered
 
 
 @pytest.mark.parametrize("cls", [NewestPatcher, NewestDynamicPatcher])
@@ -151,8 +151,7 @@ def test_linear_estimate_matches_per_tile_division(compat, world):
 def test_unet_session_brackets_like_the_sampler(compat, monkeypatch):
     """CFGGuider.outer_sample (samplers.py @ 311c01406130): pre_run() inside cuda_device_context(load_device),
     the UNet calls, cleanup() in a finally."""
-    entered: list = []
-    monkeypatch.setattr(mm, "cuda_device_context", recording_cuda_device_context(entered), raising=False)
+    entered = record_device_context(monkeypatch)
     p = NewestDynamicPatcher(GIB)
     with pytest.raises(RuntimeError):
         with compat.unet_session(p):
@@ -165,12 +164,10 @@ def test_unet_session_brackets_like_the_sampler(compat, monkeypatch):
 def test_sampler_node_runs_pre_run_and_cleanup(world, pisa_model, monkeypatch):
     """The PiSA sampler brackets its UNet calls with the real 0.3.75 patcher's ON_PRE_RUN / ON_CLEANUP callbacks
     (0.3.75's KSampler does the same) and enters the device context around each UNet call when ComfyUI has one."""
-    entered: list = []
-    m = pisa_model.clone()
-    seen = []
+    m, seen = pisa_model.clone(), []
     m.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, lambda patcher: seen.append(("pre_run", patcher)))
     m.add_callback(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, lambda patcher: seen.append(("cleanup", patcher)))
-    monkeypatch.setattr(mm, "cuda_device_context", recording_cuda_device_context(entered), raising=False)
+    entered = record_device_context(monkeypatch)
     lat = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))}
     (out,) = run_node("PiSA_Sample", model=m, positive=world.conditioning, latent=lat)
     assert seen == [("pre_run", m), ("cleanup", m)]
@@ -180,16 +177,14 @@ def test_sampler_node_runs_pre_run_and_cleanup(world, pisa_model, monkeypatch):
 
 def test_vae_ops_enter_the_vae_device_context(compat, world, monkeypatch):
     """VAE.encode/decode run inside cuda_device_context(self.device) (sd.py @ 033046cc4fac); so do the pack's."""
-    entered: list = []
     assert isinstance(compat.device_context(world.comfy_vae.device), contextlib.nullcontext)  # 0.3.75: none
-    monkeypatch.setattr(mm, "cuda_device_context", recording_cuda_device_context(entered), raising=False)
+    entered = record_device_context(monkeypatch)
     image = pil_to_image(make_image(16, 16, seed=3))
     (lat,) = run_node("PiSA_EncodeLQ", image=image, vae=world.comfy_vae, upscale=1, resize_filter="bicubic")
     assert entered and all(e is None for e in entered)  # the CPU VAE: entered, a no-op upstream too
     entered.clear()
     with compat.device_context(CUDA1):
-        pass
-    assert entered == [CUDA1]
+        assert entered == [CUDA1]
     assert torch.isfinite(lat["samples"]).all()
 
 
@@ -210,9 +205,8 @@ def test_is_oom_asks_comfyui(compat, monkeypatch):
     assert compat.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory"))
 
     def is_oom(e):
-        if isinstance(e, mm.OOM_EXCEPTION):
-            return True
-        return isinstance(e, AcceleratorError) and (e.error_code == 2 or "out of memory" in str(e).lower())
+        return isinstance(e, mm.OOM_EXCEPTION) or (
+            isinstance(e, AcceleratorError) and (e.error_code == 2 or "out of memory" in str(e).lower()))
 
     monkeypatch.setattr(mm, "is_oom", is_oom, raising=False)
     assert compat.is_oom(err)

@@ -31,11 +31,8 @@ import pytest
 from PIL import Image
 
 import host
-
-sys.path.insert(0, str(host.REPO / "scripts"))
-import make_tiny_weights  # noqa: E402
-from comfy_server import PACK_NAME, ComfyServer, use_files  # noqa: E402
-from run_example import example_image  # noqa: E402
+from comfy_server import PACK_NAME, ComfyServer, use_files
+from run_example import example_image
 
 CATEGORY = "image/upscaling/PiSA-SR"
 CORE_NODES = ["PiSA_LoadLoRAs", "PiSA_EncodeLQ", "PiSA_Sample", "PiSA_Decode"]
@@ -45,21 +42,6 @@ MANAGER_SKIPS = {"torch", "torchvision", "torchaudio", "torchsde"}
 PYPROJECT = tomllib.loads((host.REPO / "pyproject.toml").read_text())
 MANAGER_VENV = Path(os.environ.get("PISA_HOST_PYTHON", sys.executable)).parents[1]
 MANAGER_VENV = MANAGER_VENV.with_name(MANAGER_VENV.name + "-manager-4.3")  # built by scripts/setup_host.sh
-
-
-def requirement_lines(text: str) -> list[str]:
-    """The install lines of a requirements.txt, as ComfyUI-Manager reads them (comments and blank lines dropped)."""
-    lines = []
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line:
-            lines.append(line)
-    return lines
-
-
-def requirement_name(line: str) -> str:
-    m = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)
-    return m.group(0).lower().replace("_", "-") if m else ""
 
 
 def git(*args: str, cwd: Path | None = None) -> str:
@@ -93,8 +75,11 @@ def test_pyproject_has_registry_metadata():
 
 
 def test_requirements_never_pin_torch():
-    lines = requirement_lines((host.REPO / "requirements.txt").read_text())
-    names = {requirement_name(line) for line in lines}
+    # the install lines as ComfyUI-Manager reads them: comments and blank lines dropped
+    lines = [ln for raw in (host.REPO / "requirements.txt").read_text().splitlines()
+             if (ln := raw.split("#", 1)[0].strip())]
+    names = {m.group(0).lower().replace("_", "-") for ln in lines
+             if (m := re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", ln))}
     assert not names & MANAGER_SKIPS, lines
     assert not any(line.startswith(("-", "git+", "http")) for line in lines), lines  # plain PyPI names only
 
@@ -117,33 +102,29 @@ def git_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory, git_url):
+def installed(tmp_path_factory, git_url, tiny_weights):
     assert (MANAGER_VENV / ".complete").exists(), f"{MANAGER_VENV} is missing: scripts/setup_host.sh builds it"
     comfy = tmp_path_factory.mktemp("fresh") / "ComfyUI"
     shutil.copytree(host.COMFY_DIR, comfy, ignore=shutil.ignore_patterns("user", "__pycache__", PACK_NAME))
-    env = dict(os.environ, COMFYUI_PATH=str(comfy))
-    r = subprocess.run([str(MANAGER_VENV / "bin" / "cm-cli"), "install", git_url, "--mode", "local"],
-                       cwd=comfy, env=env, capture_output=True, text=True, timeout=900)
-    ckpt, lora = make_tiny_weights.make(make_tiny_weights.cache_dir())
+    r = subprocess.run([str(MANAGER_VENV / "bin" / "cm-cli"), "install", git_url, "--mode", "local"], cwd=comfy,
+                       env=dict(os.environ, COMFYUI_PATH=str(comfy)), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "[INSTALLED]" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    ckpt, lora = tiny_weights
     srv = ComfyServer(comfy_dir=str(comfy), python=str(MANAGER_VENV / "bin" / "python"), base=str(comfy),
                       link_pack=False, models={"checkpoints": [ckpt], "pisa_sr": [lora]})
     srv.tiny = (Path(ckpt).name, Path(lora).name)
-    srv.cm_cli = r
-    srv.git_url = git_url
     srv.pack = comfy / "custom_nodes" / PACK_NAME
-    assert r.returncode == 0 and "[INSTALLED]" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     with srv:
         yield srv
-    srv.stop()
     shutil.rmtree(comfy, ignore_errors=True)
 
 
 @pytest.mark.slow
-def test_manager_installs_and_every_node_registers(installed):
+def test_manager_installs_and_every_node_registers(installed, git_url):
     # cm-cli cloned the URL into custom_nodes: this repo's HEAD, a real git checkout the Manager can update later
     pack = installed.pack
     assert git("rev-parse", "HEAD", cwd=pack) == git("rev-parse", "HEAD", cwd=host.REPO)
-    assert git("remote", "get-url", "origin", cwd=pack) == installed.git_url
+    assert git("remote", "get-url", "origin", cwd=pack) == git_url
     assert not git("status", "--porcelain", cwd=pack), "the Manager's install left changes in the checkout"
     log = installed.log_path.read_text(errors="replace")
     assert "IMPORT FAILED" not in "\n".join(line for line in log.splitlines() if PACK_NAME in line), log[-3000:]
@@ -209,13 +190,10 @@ def test_example_api_twin_runs_on_installed_pack(installed, name, size):
     assert Image.open(outs[0]).size == (4 * size[0], 4 * size[1])
     # the decoder's UI output: the result and the resized LQ as temp previews of the same size
     dec = next(v for k, v in entry["outputs"].items() if prompt[k]["class_type"] == "PiSA_Decode")
-    assert len(dec["images"]) == 1 and len(dec["pisa_lq"]) == 1
-    sizes = set()
-    for item in (dec["images"][0], dec["pisa_lq"][0]):
-        assert item["type"] == "temp"
-        path = installed.base / "temp" / item["subfolder"] / item["filename"]
-        sizes.add(Image.open(path).size)
-    assert sizes == {(4 * size[0], 4 * size[1])}
+    (result,), (lq,) = dec["images"], dec["pisa_lq"]
+    assert result["type"] == lq["type"] == "temp"
+    assert {Image.open(installed.base / "temp" / i["subfolder"] / i["filename"]).size
+            for i in (result, lq)} == {(4 * size[0], 4 * size[1])}
 
 
 def test_entry_point_tolerates_being_imported_alone():

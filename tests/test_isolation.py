@@ -31,10 +31,6 @@ def compat():
     return host.pack("nodes.compat")
 
 
-def unet_module():
-    return host.pack("nodes.unet")
-
-
 @pytest.fixture(scope="module")
 def latent():
     """A 24x24 latent: 2x2 tiles of 16 with overlap 8 (no VAE needed: the sampler only reads 'samples')."""
@@ -49,8 +45,7 @@ def one_tile_per_call(compat, monkeypatch):
 
 
 def n_tiles(lat) -> int:
-    _, _, h, w = lat["samples"].shape
-    return len(plan_tiles(h, w, TILE, OVERLAP))
+    return len(plan_tiles(*lat["samples"].shape[2:], TILE, OVERLAP))
 
 
 def sample(model, world, lat, lp, ls):
@@ -60,13 +55,20 @@ def sample(model, world, lat, lp, ls):
     return out["samples"]
 
 
+def unet_calls(monkeypatch, fn) -> list:
+    """Route every UNet call through ``fn(n, real, *args)``, n counting from 1 (each ``fn`` acts at one n only, so
+    later reruns pass through); returns the growing list of calls."""
+    unet, calls = host.pack("nodes.unet"), []
+    real = unet.unet_eps_t1
+    monkeypatch.setattr(unet, "unet_eps_t1", lambda *a, **k: calls.append(1) or fn(len(calls), real, *a, **k))
+    return calls
+
+
 def hooked_modules(model) -> list[str]:
     """Every UNet module that carries a forward (pre-)hook, plus any global module hook."""
     names = [n for n, m in model.model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
     g = torch.nn.modules.module
-    if g._global_forward_hooks or g._global_forward_pre_hooks:
-        names.append("<global>")
-    return names
+    return names + (["<global>"] if g._global_forward_hooks or g._global_forward_pre_hooks else [])
 
 
 @pytest.fixture(scope="module")
@@ -118,73 +120,56 @@ def test_base_model_is_bit_identical_after_pisa_runs(world, pisa_model, latent, 
     assert torch.equal(sample(pisa_model, world, latent, 0.5, 1.5), clean[(0.5, 1.5)])
 
 
-
-
 # ------------------------------------------------------------------------------------------------ errors mid-run
 @pytest.mark.parametrize("lam", LAMBDAS[1:])  # the two settings that hook modules
-def test_exception_inside_a_tile_leaves_no_hooks_and_next_run_is_clean(world, pisa_model, latent, clean, compat,
-                                                                       monkeypatch, lam):
-    real = unet_module().unet_eps_t1
-    calls = []
-
-    def failing(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
+def test_exception_inside_a_tile_leaves_no_hooks_and_next_run_is_clean(world, pisa_model, latent, clean, monkeypatch,
+                                                                       lam):
+    def failing(n, real, *a, **k):
+        if n == 2:
             raise RuntimeError("simulated failure inside tile 2")
         return real(*a, **k)
 
-    monkeypatch.setattr(unet_module(), "unet_eps_t1", failing)
+    calls = unet_calls(monkeypatch, failing)
     with pytest.raises(RuntimeError, match="simulated failure inside tile 2"):
         sample(pisa_model, world, latent, *lam)
     assert len(calls) == 2
     assert hooked_modules(world.model) == []
-    monkeypatch.setattr(unet_module(), "unet_eps_t1", real)
     assert torch.equal(sample(pisa_model, world, latent, *lam), clean[lam])
 
 
-def test_out_of_memory_in_a_tile_retries_and_matches_the_clean_run(world, pisa_model, latent, clean, compat,
-                                                                   monkeypatch):
-    real = unet_module().unet_eps_t1
-    calls = []
-
-    def oom_once(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
+def test_out_of_memory_in_a_tile_retries_and_matches_the_clean_run(world, pisa_model, latent, clean, monkeypatch):
+    def oom_once(n, real, *a, **k):
+        if n == 3:
             raise mm.OOM_EXCEPTION("simulated out of memory in tile 3")
         return real(*a, **k)
 
-    monkeypatch.setattr(unet_module(), "unet_eps_t1", oom_once)
     lam = (0.5, 1.5)
+    calls = unet_calls(monkeypatch, oom_once)
     out = sample(pisa_model, world, latent, *lam)  # falls back to two passes per tile and finishes
     assert len(calls) > n_tiles(latent)
     # two passes instead of one batched call: equal up to fp32 rounding
     assert (out - clean[lam]).abs().max() <= 1e-5 * clean[lam].abs().max()
     assert hooked_modules(world.model) == []
-    monkeypatch.setattr(unet_module(), "unet_eps_t1", real)
     assert torch.equal(sample(pisa_model, world, latent, *lam), clean[lam])
 
 
 # ------------------------------------------------------------------------------------------------ interruption
 @pytest.mark.parametrize("lam,k", [((0.5, 1.5), 2), ((1.0, 0.0), 1), ((1.0, 1.0), 2)])
-def test_interrupt_stops_within_one_tile_and_next_run_works(world, pisa_model, latent, clean, compat, monkeypatch,
-                                                            never, lam, k):
+def test_interrupt_stops_within_one_tile_and_next_run_works(world, pisa_model, latent, clean, never, monkeypatch,
+                                                            lam, k):
     assert n_tiles(latent) > k + 1
-    real = unet_module().unet_eps_t1
-    calls = []
 
-    def interrupting(*a, **kw):
-        calls.append(1)
+    def interrupting(n, real, *a, **kw):
         out = real(*a, **kw)
-        if len(calls) == k:
+        if n == k:
             mm.interrupt_current_processing(True)  # what POST /interrupt does, while tile k is running
         return out
 
-    monkeypatch.setattr(unet_module(), "unet_eps_t1", interrupting)
+    calls = unet_calls(monkeypatch, interrupting)
     with pytest.raises(mm.InterruptProcessingException):
         sample(pisa_model, world, latent, *lam)
     assert len(calls) == k  # no UNet call began after the interrupt: stopped within the tile that was running
     assert hooked_modules(world.model) == []
     mm.interrupt_current_processing(False)
-    monkeypatch.setattr(unet_module(), "unet_eps_t1", real)
     assert base_weights_differ(world, never) == []
     assert torch.equal(sample(pisa_model, world, latent, *lam), clean[lam])

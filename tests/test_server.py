@@ -10,19 +10,16 @@ import pytest
 from PIL import Image
 
 import host
-
-sys.path.insert(0, str(host.REPO / "scripts"))
-import make_tiny_weights  # noqa: E402
-from comfy_server import ComfyServer, use_files  # noqa: E402
-from run_example import example_image  # noqa: E402
+from comfy_server import ComfyServer, use_files
+from run_example import example_image
 
 pytestmark = pytest.mark.slow
 NODE_IDS = ["PiSA_LoadLoRAs", "PiSA_EncodeLQ", "PiSA_Sample", "PiSA_Decode"]
 
 
 @pytest.fixture(scope="module")
-def server():
-    ckpt, lora = make_tiny_weights.make(make_tiny_weights.cache_dir())
+def server(tiny_weights):
+    ckpt, lora = tiny_weights
     srv = ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [lora]})
     srv.tiny = (os.path.basename(ckpt), os.path.basename(lora))
     with srv:
@@ -72,14 +69,14 @@ def test_sweep_workflow_runs_on_real_server(server):
     assert "2 setting(s)" in report and "choose_best: sharpness" in report and "chosen: pix " in report, report
 
 
-def test_replaced_lora_file_reruns_the_loader_through_the_executor(server):
+def test_replaced_lora_file_reruns_the_loader_through_the_executor(server, tiny_weights):
     """Load PiSA LoRAs' fingerprint is the file's content: ComfyUI's output cache keeps the node while the file is
     unchanged and re-runs it when the file was replaced by one of the same size and mtime."""
     import torch
     from pisa_sr.checkpoint import parse_release_dict
     from pisa_sr.convert import safetensors_bytes
 
-    release = torch.load(make_tiny_weights.make(make_tiny_weights.cache_dir())[1], weights_only=True)
+    release = torch.load(tiny_weights[1], weights_only=True)
 
     def flip(v):  # every weight negated: same layout and byte size, other content
         if isinstance(v, dict):

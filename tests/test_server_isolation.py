@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -13,11 +12,8 @@ import pytest
 from PIL import Image
 
 import host
-
-sys.path.insert(0, str(host.REPO / "scripts"))
-import make_tiny_weights  # noqa: E402
-from comfy_server import HANG_GUARD_S, ComfyServer, PromptFailed, use_files  # noqa: E402
-from run_example import example_image  # noqa: E402
+from comfy_server import HANG_GUARD_S, ComfyServer, PromptFailed, use_files
+from run_example import example_image
 
 pytestmark = pytest.mark.slow
 
@@ -55,14 +51,8 @@ def pixels(srv: ComfyServer, entry: dict) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-@pytest.fixture(scope="module")
-def weights():
-    ckpt, lora = make_tiny_weights.make(make_tiny_weights.cache_dir())
-    return ckpt, lora
-
-
-def test_plain_graph_unchanged_after_pisa_and_interrupt(weights):
-    ckpt, lora = weights
+def test_plain_graph_unchanged_after_pisa_and_interrupt(tiny_weights):
+    ckpt, lora = tiny_weights
     cn, ln = os.path.basename(ckpt), os.path.basename(lora)
     srv = ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [lora]})
     with srv:

@@ -70,8 +70,8 @@ def _load_as(monkeypatch, compat, mode: str):
                 mp.setattr(mm, "minimum_inference_memory", lambda: need)
                 # lowvram: the same device every run; grow: the same free memory again after the first run, on
                 # top of what is loaded (what ComfyUI sees when other models were evicted meanwhile)
-                free = (lambda: size // 2 + need - model.loaded_size()) if mode == "lowvram" or partial \
-                    else (lambda: size // 2 + need)
+                def free():
+                    return size // 2 + need - (model.loaded_size() if partial else 0)
                 mp.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False:
                            (free(), free()) if torch_free_too else free())
             orig(model, shape)
@@ -88,15 +88,14 @@ def _load_as(monkeypatch, compat, mode: str):
 
 @pytest.mark.parametrize("dtype,mode", VARIANTS)
 def test_eps_within_bound(world, pisa_files, ref, latent, monkeypatch, dtype, mode):
-    compat = host.pack("nodes.compat")
-    sample = host.pack("nodes.sample")
+    sample_eps = host.pack("nodes.sample").sample_eps
     base = tiny_models.comfy_model_from_diffusers(world.unet, weight_dtype=dtype)
     (model,) = run_node("PiSA_LoadLoRAs", model=base, lora_name=pisa_files["pkl"])
-    _load_as(monkeypatch, compat, mode)
+    _load_as(monkeypatch, host.pack("nodes.compat"), mode)
     worst = 0.0
     with torch.no_grad():
         for lp, ls in PAIRS:
-            z, eps = sample.sample_eps(model, latent, world.conditioning, lp, ls, 96, 32)
+            z, eps = sample_eps(model, latent, world.conditioning, lp, ls, 96, 32)
             want = ref.eps(z.cpu(), default=(lp, ls) == (1.0, 1.0), lambda_pix=lp, lambda_sem=ls)
             assert want.abs().max() > 0.1
             err = (eps.cpu() - want).abs().max().item()

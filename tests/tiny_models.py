@@ -35,17 +35,6 @@ def diffusers_unet(seed: int = 0):
     return unet.eval()
 
 
-def comfy_unet_config() -> dict:
-    return {
-        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-        "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": CHANNELS[0],
-        "context_dim": CONTEXT_DIM, "use_linear_in_transformer": True, "num_res_blocks": [1, 1],
-        "channel_mult": [1, CHANNELS[1] // CHANNELS[0]], "transformer_depth": [1, 0],
-        "transformer_depth_output": [1, 1, 0, 0], "transformer_depth_middle": 1,
-        "use_temporal_resblock": False, "use_temporal_attention": False,
-    }
-
-
 def comfy_model_from_diffusers(unet, model_class=comfy.supported_models.SD20, model_type=None,
                                unet_overrides: dict | None = None, weight_dtype: torch.dtype = torch.float32):
     """A ComfyUI ModelPatcher holding exactly ``unet``'s weights (converted with ComfyUI's own key map).
@@ -53,31 +42,24 @@ def comfy_model_from_diffusers(unet, model_class=comfy.supported_models.SD20, mo
     ``weight_dtype`` other than fp32 stores the weights in it and computes in fp32 through ComfyUI's manual cast
     (what UNETLoader's weight_dtype or an fp16 checkpoint give on a device that computes in another dtype).
     """
-    cfg = comfy_unet_config()
-    cfg.update(unet_overrides or {})
-    mc = model_class(cfg)
+    mc = model_class({
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": CHANNELS[0],
+        "context_dim": CONTEXT_DIM, "use_linear_in_transformer": True, "num_res_blocks": [1, 1],
+        "channel_mult": [1, CHANNELS[1] // CHANNELS[0]], "transformer_depth": [1, 0],
+        "transformer_depth_output": [1, 1, 0, 0], "transformer_depth_middle": 1,
+        "use_temporal_resblock": False, "use_temporal_attention": False, **(unet_overrides or {}),
+    })
     mc.unet_config["num_head_channels"] = CHANNELS[0] // HEADS[0]
     mc.set_inference_dtype(weight_dtype, None if weight_dtype == torch.float32 else torch.float32)
-    if model_type is None:
-        base = mc.get_model({})
-    else:
-        base = comfy.model_base.BaseModel(mc, model_type=model_type)
+    base = mc.get_model({}) if model_type is None else comfy.model_base.BaseModel(mc, model_type=model_type)
     if unet is not None:
-        mapping = comfy.utils.unet_to_diffusers(mc.unet_config)
         sd = unet.state_dict()
-        new = {}
-        for dk, ck in mapping.items():
-            if dk in sd:
-                new[ck] = sd[dk]
+        new = {ck: sd[dk] for dk, ck in comfy.utils.unet_to_diffusers(mc.unet_config).items() if dk in sd}
         base.diffusion_model.load_state_dict(new, strict=True)
         assert len(new) == len(sd), f"{len(sd) - len(new)} diffusers keys did not map"
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
-
-
-def vae_ddconfig() -> dict:
-    return {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": VAE_CH,
-            "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 
 
 def diffusers_vae(seed: int = 1):
@@ -91,9 +73,10 @@ def diffusers_vae(seed: int = 1):
 
 
 def comfy_vae_from_diffusers(vae):
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": VAE_CH,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
     sd = {k: v.clone() for k, v in vae.state_dict().items()}
-    cv = comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": 4, "ddconfig": vae_ddconfig()}})
-    return cv
+    return comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": 4, "ddconfig": ddconfig}})
 
 
 @dataclass
@@ -113,7 +96,6 @@ class TinyWorld:
 def tiny_world(seed: int = 0) -> TinyWorld:
     unet = diffusers_unet(seed)
     vae = diffusers_vae(seed + 1)
-    ckpt = synthetic_checkpoint(unet, seed + 2)
-    g = torch.Generator().manual_seed(seed + 3)
-    ctx = torch.randn(1, 77, CONTEXT_DIM, generator=g)
-    return TinyWorld(unet, vae, comfy_model_from_diffusers(unet), comfy_vae_from_diffusers(vae), ckpt, ctx)
+    ctx = torch.randn(1, 77, CONTEXT_DIM, generator=torch.Generator().manual_seed(seed + 3))
+    return TinyWorld(unet, vae, comfy_model_from_diffusers(unet), comfy_vae_from_diffusers(vae),
+                     synthetic_checkpoint(unet, seed + 2), ctx)
