@@ -48,14 +48,24 @@ EXT_NAME = "comfyui-pisa-sr.ui"
 PAD, COMPARE = "pisa_sr_pad", "pisa_sr_compare"
 DOCS_SHOTS = host.REPO / "docs" / "screenshots"
 PROMPT_TIMEOUT_S = 1200  # hang guard only: an honest run takes 20-250 s on a loaded 2-core CPU
-
-
-def front_end_args(version: str) -> list[str]:
-    if version == PINNED:
-        return []
-    static = host.COMFY_DIR.parent / f"frontend-{version}" / "comfyui_frontend_package" / "static"
-    assert static.is_dir(), f"{static} is missing: scripts/setup_host.sh installs it"
-    return ["--front-end-root", str(static)]
+# Without the extension the queued prompt and the decoder's preview are the front end's alone, the same in both
+# renderers: one run per front end, in a different renderer each (every cell still types and checks the prompt).
+RUN_WITHOUT_EXTENSION = {f"{PINNED}-vue", f"{NEWEST}-classic"}
+# Test probes, installed through the public API: what loadGraphData reports missing, the execution events, and small
+# lookups the other snippets share (a widget by name, a node's element, where a classic node's (0, 0) is on the page).
+PROBE = """async () => {
+    const { api } = await import('/scripts/api.js');
+    window.__t = { missing: null, events: [],
+        w: (id, k) => app.graph.getNodeById(id).widgets.find(w => w.name === k),
+        q: (id, sel = '') => document.querySelector(`[data-node-id="${id}"] ${sel}`),
+        at: (n) => { const r = app.canvas.canvas.getBoundingClientRect(), ds = app.canvas.ds;
+            return { k: ds.scale, ox: r.left + (n.pos[0] + ds.offset[0]) * ds.scale,
+                     oy: r.top + (n.pos[1] + ds.offset[1]) * ds.scale }; } };
+    app.registerExtension({ name: 'pisa-sr.test-probe',
+        afterConfigureGraph(missing) { window.__t.missing = (missing || []).map(m => m.type ?? m); } });
+    for (const ev of ['executed', 'execution_error', 'execution_success', 'execution_interrupted'])
+        api.addEventListener(ev, (e) => window.__t.events.push({ type: ev, detail: e.detail }));
+}"""
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -70,10 +80,16 @@ def servers():
             return state["srv"]
         if state["srv"] is not None:
             state["srv"].cleanup()
-        srv = ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [lora]}, extra_args=front_end_args(version))
-        srv.tiny = {"ckpt": Path(ckpt).name, "lora": Path(lora).name}
-        srv.image = f"lq_{INPUT[0]}x{INPUT[1]}.png"
-        example_image(str(srv.base / "input" / srv.image), *INPUT)
+        args = []
+        if version != PINNED:
+            static = host.COMFY_DIR.parent / f"frontend-{version}" / "comfyui_frontend_package" / "static"
+            assert static.is_dir(), f"{static} is missing: scripts/setup_host.sh installs it"
+            args = ["--front-end-root", str(static)]
+        srv = ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [lora]}, extra_args=args)
+        # each loader's input and the test's file for it
+        srv.tiny = {"CheckpointLoaderSimple": ("ckpt_name", Path(ckpt).name), "PiSA_LoadLoRAs": ("lora_name",
+                    Path(lora).name), "LoadImage": ("image", "lq_{}x{}.png".format(*INPUT))}
+        example_image(str(srv.base / "input" / srv.tiny["LoadImage"][1]), *INPUT)
         state.update(version=version, srv=srv.start())
         return srv
 
@@ -97,17 +113,12 @@ def browser():
         b.close()
 
 
-def set_renderer(server, vue: bool) -> None:
-    """The user's settings file, read by the front end at load: no first-run dialogs, no minimap, the renderer."""
+def open_front_end(browser, server, vue: bool, block_extension: bool = False):
+    """A fresh browser context on the server's front end, with the test probes installed."""
+    # the user's settings, read by the front end at load: no first-run dialogs, no minimap, the renderer
     (server.base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(
         {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.VueNodes.Enabled": vue}))
-
-
-def open_front_end(browser, server, vue: bool, block_extension: bool = False):
-    """A fresh browser context on the server's front end, with test probes installed through the public API."""
-    set_renderer(server, vue)
-    ctx = browser.new_context(viewport={"width": 1600, "height": 900})
-    pg = ctx.new_page()
+    pg = browser.new_context(viewport={"width": 1600, "height": 900}).new_page()
     pg.vue, pg.server = vue, server
     pg.console_lines, pg.blocked, pg.posted = [], [], []
     pg.on("console", lambda m: pg.console_lines.append(f"{m.type}: {m.text}"))
@@ -121,15 +132,7 @@ def open_front_end(browser, server, vue: bool, block_extension: bool = False):
     pg.goto(server.url, timeout=300_000)
     pg.wait_for_function("() => window.app && window.app.graph && window.app.canvas && window.LiteGraph",
                          timeout=300_000)
-    # what loadGraphData reports missing, and the execution events
-    pg.evaluate("""async () => {
-        const { api } = await import('/scripts/api.js');
-        window.__t = { missing: null, events: [] };
-        app.registerExtension({ name: 'pisa-sr.test-probe',
-            afterConfigureGraph(missing) { window.__t.missing = (missing || []).map(m => m.type ?? m); } });
-        for (const ev of ['executed', 'execution_error', 'execution_success', 'execution_interrupted'])
-            api.addEventListener(ev, (e) => window.__t.events.push({ type: ev, detail: e.detail }));
-    }""")
+    pg.evaluate(PROBE)
     return pg
 
 
@@ -143,38 +146,50 @@ def page(request, browser, servers):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def workflow_for_server(server, name: str) -> dict:
-    """The shipped UI workflow with the tiny model files and the test input image selected."""
-    data = json.loads((host.REPO / "example_workflows" / f"{name}.json").read_text())
-    for n in data["nodes"]:
-        if n["type"] == "CheckpointLoaderSimple":
-            n["widgets_values"][0] = server.tiny["ckpt"]
-        elif n["type"] == "PiSA_LoadLoRAs":
-            n["widgets_values"][0] = server.tiny["lora"]
-        elif n["type"] == "LoadImage":
-            n["widgets_values"][0] = server.image
+def workflow(server, name: str, api: bool = False) -> dict:
+    """A shipped example, UI workflow or its API twin, on the tiny model files and the test input image."""
+    data = json.loads((host.REPO / "example_workflows" / ("api" if api else ".") / f"{name}.json").read_text())
+    for n in data.values() if api else data["nodes"]:
+        if pick := server.tiny.get(n["class_type" if api else "type"]):
+            (n["inputs"] if api else n["widgets_values"])[pick[0] if api else 0] = pick[1]
     return data
 
 
-def api_twin_for_server(server, name: str) -> dict:
-    prompt = json.loads((host.REPO / "example_workflows" / "api" / f"{name}.json").read_text())
-    for n in prompt.values():
-        ins = n["inputs"]
-        if n["class_type"] == "CheckpointLoaderSimple":
-            ins["ckpt_name"] = server.tiny["ckpt"]
-        elif n["class_type"] == "PiSA_LoadLoRAs":
-            ins["lora_name"] = server.tiny["lora"]
-        elif n["class_type"] == "LoadImage":
-            ins["image"] = server.image
-    return prompt
+def ui_prompt(page) -> dict:
+    return page.evaluate("async () => (await app.graphToPrompt()).output")
+
+
+def assert_prompt_is_twin(page, name: str) -> None:
+    """The UI workflow converts to the same prompt as its API twin (every twin input, same value)."""
+    prompt, twin = ui_prompt(page), workflow(page.server, name, api=True)
+    assert set(prompt) == set(twin), (sorted(prompt), sorted(twin))
+    for nid, node in twin.items():
+        got = prompt[nid]
+        assert (got["class_type"], {k: got["inputs"].get(k) for k in node["inputs"]}) == \
+            (node["class_type"], node["inputs"]), (name, nid)
 
 
 def load_workflow(page, name: str) -> None:
-    data = workflow_for_server(page.server, name)
-    page.evaluate("() => { window.__t.missing = null; }")
-    page.evaluate("async ([d, name]) => { await app.loadGraphData(d, true, true, name); }", [data, name])
+    page.evaluate("async ([d, name]) => { window.__t.missing = null; await app.loadGraphData(d, true, true, name); }",
+                  [workflow(page.server, name), name])
     page.wait_for_function("() => window.__t.missing !== null", timeout=60_000)
     page.wait_for_timeout(800)
+    assert page.evaluate("() => window.__t.missing") == []
+    # no widget value the front end would refuse: numbers out of range, combo values not offered
+    assert page.evaluate("""() => {
+        const bad = [];
+        for (const n of app.graph.nodes) for (const w of n.widgets ?? []) {
+            if (w.type === 'number') {
+                const v = w.value, o = w.options ?? {};
+                if (typeof v !== 'number' || !Number.isFinite(v) || (o.min != null && v < o.min) ||
+                    (o.max != null && v > o.max)) bad.push(`${n.type}.${w.name}=${v}`);
+            } else if (w.type === 'combo') {
+                const vals = typeof w.options?.values === 'function' ? w.options.values() : w.options?.values;
+                if (Array.isArray(vals) && !vals.includes(w.value)) bad.push(`${n.type}.${w.name}=${w.value}`);
+            }
+        }
+        return bad;
+    }""") == []
 
 
 def node_id(page, type_: str) -> int:
@@ -216,16 +231,9 @@ def geometry(page, nid: int, widget: str) -> dict:
     The classic renderer draws widgets in node coordinates on the graph canvas; the Vue-nodes renderer draws each
     custom widget on its own canvas inside the node's DOM element."""
     return page.evaluate("""([id, name]) => {
-        const n = app.graph.getNodeById(id), w = n.widgets.find(w => w.name === name);
-        const el = document.querySelector(`[data-node-id="${id}"] canvas`);
-        const rects = { box: w.box ?? null, rect: w.rect ?? null, resetBox: w.resetBox ?? null };
-        if (el) {
-            const r = el.getBoundingClientRect();
-            return { ...rects, vue: true, ox: r.left, oy: r.top, k: r.width / el.clientWidth };
-        }
-        const r = app.canvas.canvas.getBoundingClientRect(), ds = app.canvas.ds;
-        return { ...rects, vue: false, k: ds.scale,
-                 ox: r.left + (n.pos[0] + ds.offset[0]) * ds.scale, oy: r.top + (n.pos[1] + ds.offset[1]) * ds.scale };
+        const w = __t.w(id, name), el = __t.q(id, 'canvas'), r = el?.getBoundingClientRect();
+        return { box: w.box ?? null, rect: w.rect ?? null, resetBox: w.resetBox ?? null, y: w.y,
+                 ...(el ? { ox: r.left, oy: r.top, k: r.width / el.clientWidth } : __t.at(app.graph.getNodeById(id))) };
     }""", [nid, widget])
 
 
@@ -236,15 +244,12 @@ def to_screen(g: dict, x: float, y: float) -> tuple[float, float]:
 def lambdas(page, nid: int) -> dict:
     """The widget values, and the numbers the node shows (Vue nodes: its input elements, labelled with the widget
     name in both versions; classic: the canvas draws the widget value itself)."""
-    return page.evaluate("""(id) => { const n = app.graph.getNodeById(id);
-        const get = (k) => n.widgets.find(w => w.name === k);
-        const shown = (k) => { const i = document.querySelector(
-                                   `[data-node-id="${id}"] :is(input[aria-label="${k}"], [aria-label="${k}"] input)`);
-                               return i ? Number(i.value) : get(k).value; };
-        return { pix: get('lambda_pix').value, sem: get('lambda_sem').value,
-                 shown: [shown('lambda_pix'), shown('lambda_sem')],
-                 pix_range: [get('lambda_pix').options.min, get('lambda_pix').options.max],
-                 sem_range: [get('lambda_sem').options.min, get('lambda_sem').options.max] }; }""", nid)
+    return page.evaluate("""(id) => {
+        const shown = (k) => { const i = __t.q(id, `:is(input[aria-label="${k}"], [aria-label="${k}"] input)`);
+                               return i ? Number(i.value) : __t.w(id, k).value; };
+        const [p, s] = [__t.w(id, 'lambda_pix'), __t.w(id, 'lambda_sem')];
+        return { pix: p.value, sem: s.value, shown: [shown('lambda_pix'), shown('lambda_sem')],
+                 pix_range: [p.options.min, p.options.max], sem_range: [s.options.min, s.options.max] }; }""", nid)
 
 
 def assert_lambdas(page, nid: int, pix: float, sem: float) -> None:
@@ -256,13 +261,23 @@ def assert_lambdas(page, nid: int, pix: float, sem: float) -> None:
     assert got["shown"] == [pix, sem], got  # values written = values shown
 
 
-def pad_point(g: dict, lam: dict, pix: float, sem: float) -> tuple[float, float]:
-    """Where (pix, sem) lies on the pad: x = lambda_sem left to right, y = lambda_pix bottom to top."""
-    b = g["box"]
-    (slo, shi), (plo, phi) = lam["sem_range"], lam["pix_range"]
-    x = b["x0"] + (sem - slo) / (shi - slo) * (b["x1"] - b["x0"])
-    y = b["y1"] - (pix - plo) / (phi - plo) * (b["y1"] - b["y0"])
-    return to_screen(g, x, y)
+def pad(page, sid: int):
+    """The pad's geometry, the lambda widgets' ranges, and at(pix, sem): where that setting lies on the page
+    (x = lambda_sem left to right, y = lambda_pix bottom to top)."""
+    g, lam = geometry(page, sid, PAD), lambdas(page, sid)
+    assert g["box"] is not None, "the pad was never drawn"
+    b, (slo, shi), (plo, phi) = g["box"], lam["sem_range"], lam["pix_range"]
+
+    def at(pix: float, sem: float) -> tuple[float, float]:
+        return to_screen(g, b["x0"] + (sem - slo) / (shi - slo) * (b["x1"] - b["x0"]),
+                         b["y1"] - (pix - plo) / (phi - plo) * (b["y1"] - b["y0"]))
+    return g, lam, at
+
+
+def is_dot(img: Image.Image, xy) -> bool:
+    """The pad's current-setting dot (#ffb347), blended a little by antialiasing, is at page point xy."""
+    r, g, b = img.getpixel(tuple(round(v) for v in xy))
+    return r > 200 and 140 < g < 215 and b < 120
 
 
 def drag(page, start, end, steps: int = 8) -> None:
@@ -289,12 +304,8 @@ def type_number(page, nid: int, name: str, value: str) -> None:
         page.keyboard.type(value)
         page.keyboard.press("Enter")
     else:
-        wy = page.evaluate("([id, k]) => app.graph.getNodeById(id).widgets.find(w => w.name === k).y", [nid, name])
-        g = page.evaluate("""(id) => { const n = app.graph.getNodeById(id), ds = app.canvas.ds,
-            r = app.canvas.canvas.getBoundingClientRect();
-            return { k: ds.scale, ox: r.left + (n.pos[0] + ds.offset[0]) * ds.scale,
-                     oy: r.top + (n.pos[1] + ds.offset[1]) * ds.scale }; }""", nid)
-        page.mouse.click(*to_screen(g, 170, wy + 10))
+        g = geometry(page, nid, name)
+        page.mouse.click(*to_screen(g, 170, g["y"] + 10))
         dialog_input = page.locator(".graphdialog input.value").first
         dialog_input.wait_for(timeout=10_000)
         dialog_input.fill(value)
@@ -305,21 +316,24 @@ def type_number(page, nid: int, name: str, value: str) -> None:
 def screenshot(page, path: Path, clip: dict | None = None) -> Image.Image:
     page.evaluate("() => app.canvas.draw(true, true)")
     page.wait_for_timeout(100)
-    png = page.screenshot(path=str(path), clip=clip)
-    return Image.open(io.BytesIO(png)).convert("RGB")
+    return Image.open(io.BytesIO(page.screenshot(path=str(path), clip=clip))).convert("RGB")
 
 
-def node_clip(page, nid: int, g: dict | None = None) -> dict:
+def readme_shot(page, shots: Path, name: str, clip: dict | None = None) -> None:
+    """A screenshot the README shows: the newest front end with Vue nodes is copied to docs/screenshots/."""
+    path = shots / f"{name}{'_vue' if page.vue else ''}.png"
+    screenshot(page, path, clip)
+    if page.version == NEWEST and page.vue:
+        shutil.copy(path, DOCS_SHOTS / path.name)
+
+
+def node_clip(page, nid: int) -> dict:
     """The page rectangle of a whole node (title included), with a small margin."""
     return page.evaluate("""(id) => {
-        const el = document.querySelector(`[data-node-id="${id}"]`);
-        let r;
-        if (el) r = el.getBoundingClientRect();
-        else {
-            const n = app.graph.getNodeById(id), ds = app.canvas.ds, c = app.canvas.canvas.getBoundingClientRect();
-            const t = LiteGraph.NODE_TITLE_HEIGHT;
-            r = { left: c.left + (n.pos[0] + ds.offset[0]) * ds.scale, top: c.top + (n.pos[1] - t + ds.offset[1]) * ds.scale,
-                  width: n.size[0] * ds.scale, height: (n.size[1] + t) * ds.scale };
+        let r = __t.q(id)?.getBoundingClientRect();
+        if (!r) {
+            const n = app.graph.getNodeById(id), o = __t.at(n), t = LiteGraph.NODE_TITLE_HEIGHT;
+            r = { left: o.ox, top: o.oy - t * o.k, width: n.size[0] * o.k, height: (n.size[1] + t) * o.k };
         }
         return { x: r.left - 10, y: r.top - 10, width: r.width + 20, height: r.height + 20 };
     }""", nid)
@@ -327,55 +341,13 @@ def node_clip(page, nid: int, g: dict | None = None) -> dict:
 
 def mean_abs_diff(a: Image.Image, b: Image.Image, frac_box: tuple[float, float, float, float]) -> float:
     """Mean absolute 8-bit difference of two same-size screenshots inside a box given in fractions of the size."""
-    box = tuple(int(f * (a.width if i % 2 == 0 else a.height)) for i, f in enumerate(frac_box))
-    x = np.asarray(a.crop(box), dtype=np.float32)
-    y = np.asarray(b.crop(box), dtype=np.float32)
-    return float(np.abs(x - y).mean())
-
-
-def to_docs(page, path: Path) -> None:
-    """The README's screenshots: the newest front end with Vue nodes."""
-    if page.version == NEWEST and page.vue:
-        DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, DOCS_SHOTS / path.name)
-
-
-def visible_dialogs(page) -> list[str]:
-    return page.evaluate("""() => [...document.querySelectorAll('.p-dialog')]
-        .filter(d => d.offsetParent !== null).map(d => d.innerText.slice(0, 300))""")
-
-
-def error_toasts(page) -> list[str]:
-    return page.evaluate("""() => [...document.querySelectorAll('.p-toast-message-error, .p-toast-message-warn')]
-        .map(t => t.innerText.slice(0, 300))""")
-
-
-def widget_problems(page) -> list[str]:
-    """Widgets whose value the front end would not accept: numbers out of range, combo values not offered."""
-    return page.evaluate("""() => {
-        const bad = [];
-        for (const n of app.graph.nodes) for (const w of n.widgets ?? []) {
-            if (w.type === 'number') {
-                const v = w.value, o = w.options ?? {};
-                if (typeof v !== 'number' || !Number.isFinite(v) || (o.min != null && v < o.min) ||
-                    (o.max != null && v > o.max)) bad.push(`${n.type}.${w.name}=${v}`);
-            } else if (w.type === 'combo') {
-                const vals = typeof w.options?.values === 'function' ? w.options.values() : w.options?.values;
-                if (Array.isArray(vals) && !vals.includes(w.value)) bad.push(`${n.type}.${w.name}=${w.value}`);
-            }
-        }
-        return bad;
-    }""")
+    box = tuple(int(f * a.size[i % 2]) for i, f in enumerate(frac_box))
+    return float(np.abs(np.asarray(a.crop(box), np.float32) - np.asarray(b.crop(box), np.float32)).mean())
 
 
 def pisa_console_problems(page) -> list[str]:
     """Warnings of the extension (it logs '[PiSA-SR] ...' instead of throwing) and errors raised in its file."""
     return [line for line in page.console_lines if "[PiSA-SR]" in line or "pisa_sr.js" in line]
-
-
-def is_dot(px) -> bool:
-    """The pad's current-setting dot (#ffb347), blended a little by antialiasing."""
-    return px[0] > 200 and 140 < px[1] < 215 and px[2] < 120
 
 
 def run_setting(page, test: str) -> tuple[float, float]:
@@ -386,31 +358,34 @@ def run_setting(page, test: str) -> tuple[float, float]:
             ("plain", False): (2, 2), ("plain", True): (2, 3)}[(test, page.vue)]
 
 
-# Without the extension the queued prompt and the decoder's preview are the front end's alone, the same in both
-# renderers: one run per front end, in a different renderer each (every cell still types and checks the prompt).
-RUN_WITHOUT_EXTENSION = {f"{PINNED}-vue", f"{NEWEST}-classic"}
-
-
-def wait_for_prompt(page, timeout_s: float) -> dict:
-    """Wait for execution_success (or fail on error); returns {node id: executed output}."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        events = page.evaluate("() => window.__t.events.map(e => ({ type: e.type, detail: e.detail }))")
+def queue(page, sid: int, pix: float, sem: float) -> dict:
+    """Queue from the browser and wait for execution_success (fail on an error); the prompt the front end sent
+    carries the sampler's (pix, sem). Returns {node id: executed output}."""
+    page.posted.clear()
+    page.evaluate("() => { window.__t.events = []; app.queuePrompt(0); }")
+    deadline = time.time() + PROMPT_TIMEOUT_S
+    while True:
+        events = page.evaluate("() => window.__t.events")
         for ev in events:
             if ev["type"] in ("execution_error", "execution_interrupted"):
                 raise AssertionError(f"{ev['type']}: {json.dumps(ev['detail'])[:3000]}")
         if any(ev["type"] == "execution_success" for ev in events):
-            return {str(ev["detail"]["node"]): ev["detail"]["output"] for ev in events if ev["type"] == "executed"}
+            break
+        if time.time() > deadline:
+            raise TimeoutError(f"the prompt did not finish in {PROMPT_TIMEOUT_S}s")
         page.wait_for_timeout(1000)
-    raise TimeoutError(f"the prompt did not finish in {timeout_s}s")
+    assert page.evaluate("() => app.lastNodeErrors") in (None, {})
+    assert len(page.posted) == 1, page.posted
+    sent = page.posted[0]["prompt"][str(sid)]["inputs"]
+    assert (sent["lambda_pix"], sent["lambda_sem"]) == (pix, sem), sent
+    return {str(ev["detail"]["node"]): ev["detail"]["output"] for ev in events if ev["type"] == "executed"}
 
 
 def wait_for_preview(page, nid: int) -> None:
     """Wait until the front end's own image preview of a node shows one loaded image: node.imgs (classic, and Vue
     nodes of 1.58) or an image element in the node (Vue nodes of 1.32 leave node.imgs unset)."""
     page.wait_for_function("""(id) => {
-        const ok = (i) => i.length === 1 && i[0].complete && i[0].naturalWidth > 0;
-        const el = document.querySelector(`[data-node-id="${id}"]`);
+        const ok = (i) => i.length === 1 && i[0].complete && i[0].naturalWidth > 0, el = __t.q(id);
         return ok(app.graph.getNodeById(id).imgs ?? []) || (el !== null && ok([...el.querySelectorAll('img')]));
     }""", arg=nid, timeout=60_000)
 
@@ -421,63 +396,50 @@ def test_front_end_and_renderer_are_the_ones_asked_for(page):
     load_workflow(page, QUEUED)
     vue_nodes = page.evaluate("() => document.querySelectorAll('[data-node-id]').length")
     assert (vue_nodes > 0) == page.vue, vue_nodes
-    js = page.server.get_bytes("/extensions/ComfyUI-PiSA-SR/pisa_sr.js").decode()
-    assert "registerExtension" in js
+    assert "registerExtension" in page.server.get_bytes("/extensions/ComfyUI-PiSA-SR/pisa_sr.js").decode()
     assert EXT_NAME in page.evaluate("() => app.extensions.map(e => e.name)")
-    assert not pisa_console_problems(page), pisa_console_problems(page)
+    assert pisa_console_problems(page) == []
 
 
 @pytest.mark.parametrize("name", ALL_WORKFLOWS)
 def test_workflow_loads_cleanly(page, shots, name):
-    load_workflow(page, name)
-    assert page.evaluate("() => window.__t.missing") == []
-    assert visible_dialogs(page) == []
-    assert error_toasts(page) == []
-    assert widget_problems(page) == []
-    # The UI workflow converts to the same prompt as its API twin (every twin input, same value).
-    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
-    twin = api_twin_for_server(page.server, name)
-    assert set(prompt) == set(twin), (sorted(prompt), sorted(twin))
-    for nid, node in twin.items():
-        assert prompt[nid]["class_type"] == node["class_type"]
-        for k, v in node["inputs"].items():
-            assert prompt[nid]["inputs"].get(k) == v, (name, nid, k, prompt[nid]["inputs"].get(k), v)
+    load_workflow(page, name)  # nothing missing, no widget value the front end would refuse
+    assert page.evaluate("() => [...document.querySelectorAll('.p-dialog')].filter(d => d.offsetParent !== null)"
+                         ".map(d => d.innerText.slice(0, 300))") == []  # no visible dialog
+    assert page.evaluate("() => [...document.querySelectorAll('.p-toast-message-error, .p-toast-message-warn')]"
+                         ".map(t => t.innerText.slice(0, 300))") == []  # no error or warning toast
+    assert_prompt_is_twin(page, name)
     # Every sampler carries the pad.
     pads = page.evaluate("""() => app.graph.nodes.filter(n => n.type === 'PiSA_Sample')
         .map(n => n.widgets.some(w => w.name === 'pisa_sr_pad'))""")
-    samplers = sum(n["type"] == "PiSA_Sample" for n in workflow_for_server(page.server, name)["nodes"])
+    samplers = sum(n["type"] == "PiSA_Sample" for n in workflow(page.server, name)["nodes"])
     assert len(pads) == samplers and all(pads), pads
     fit_all(page)
     screenshot(page, shots / f"{page.version}_{page.vue}_{name}_loaded.png")
-    assert not pisa_console_problems(page), pisa_console_problems(page)
+    assert pisa_console_problems(page) == []
 
 
 def test_pad_sets_lambdas_by_pointer(page, shots):
     load_workflow(page, QUEUED)
     sid = node_id(page, "PiSA_Sample")
     focus(page, sid, 1.5)
-    lam = lambdas(page, sid)
     assert_lambdas(page, sid, 0.8, 1.5)
-    g = geometry(page, sid, PAD)
-    assert g["box"] is not None, "the pad was never drawn"
-    shot0 = screenshot(page, shots / "pad_before.png")
-    assert is_dot(shot0.getpixel(tuple(round(v) for v in pad_point(g, lam, 0.8, 1.5))))
+    g, lam, at = pad(page, sid)
+    assert is_dot(screenshot(page, shots / "pad_before.png"), at(0.8, 1.5))
 
     # 1. drag the dot to (pix 1.5, sem 0.5): the Vue-nodes renderer once set lambda_pix to its minimum on release
-    drag(page, pad_point(g, lam, 0.8, 1.5), pad_point(g, lam, 1.5, 0.5))
+    drag(page, at(0.8, 1.5), at(1.5, 0.5))
     assert_lambdas(page, sid, 1.5, 0.5)
     # the pad draws the new setting (the dot moved with the pointer)
     img = screenshot(page, shots / "pad_dragged.png")
-    assert is_dot(img.getpixel(tuple(round(v) for v in pad_point(g, lam, 1.5, 0.5))))
-    assert not is_dot(img.getpixel(tuple(round(v) for v in pad_point(g, lam, 0.8, 1.5))))
+    assert is_dot(img, at(1.5, 0.5)) and not is_dot(img, at(0.8, 1.5))
 
     # 2. values snap to 0.05: aim between grid steps
-    drag(page, pad_point(g, lam, 1.5, 0.5), pad_point(g, lam, 0.62, 2.23))
+    drag(page, at(1.5, 0.5), at(0.62, 2.23))
     assert_lambdas(page, sid, 0.6, 2.25)
 
     # 3. dragging past the pad's corner clamps to the widgets' min/max
-    b = g["box"]
-    drag(page, pad_point(g, lam, 0.6, 2.25), to_screen(g, b["x1"] + 40, b["y1"] + 30))
+    drag(page, at(0.6, 2.25), to_screen(g, g["box"]["x1"] + 40, g["box"]["y1"] + 30))
     assert_lambdas(page, sid, lam["pix_range"][0], lam["sem_range"][1])
 
     # 4. the "default" button restores the release default (1, 1)
@@ -489,56 +451,41 @@ def test_pad_sets_lambdas_by_pointer(page, shots):
     type_number(page, sid, "lambda_sem", "3")
     assert_lambdas(page, sid, 2, 3)
     img = screenshot(page, shots / "pad_after_widget_edit.png")
-    assert is_dot(img.getpixel(tuple(round(v) for v in pad_point(g, lam, 2, 3)))), "the pad missed a typed edit"
-    assert not is_dot(img.getpixel(tuple(round(v) for v in pad_point(g, lam, 1.0, 1.0))))
+    assert is_dot(img, at(2, 3)) and not is_dot(img, at(1.0, 1.0)), "the pad missed a typed edit"
 
-    # the UI's prompt carries the values the pad set
-    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
-    assert prompt[str(sid)]["inputs"]["lambda_pix"] == 2 and prompt[str(sid)]["inputs"]["lambda_sem"] == 3
-    # and the pad is not a prompt input or a saved widget value
-    assert PAD not in prompt[str(sid)]["inputs"]
+    # the UI's prompt carries the values the pad set, and the pad is not a prompt input or a saved widget value
+    inputs = ui_prompt(page)[str(sid)]["inputs"]
+    assert (inputs["lambda_pix"], inputs["lambda_sem"]) == (2, 3) and PAD not in inputs, inputs
     saved = page.evaluate("(id) => app.graph.serialize().nodes.find(n => String(n.id) === String(id)).widgets_values", sid)
     assert saved[:4] == [2, 3, 96, 32] and None not in saved, saved
 
     # the pad is drawn inside its node: its canvas (Vue nodes) ends where the node ends
     if page.vue:
-        inside = page.evaluate("""(id) => { const el = document.querySelector(`[data-node-id="${id}"]`);
+        inside = page.evaluate("""(id) => { const el = __t.q(id);
             const c = el.querySelector('canvas').getBoundingClientRect(), r = el.getBoundingClientRect();
             return [c.bottom <= r.bottom + 1, c.right <= r.right + 1, c.height, r.height]; }""", sid)
         assert inside[0] and inside[1], inside
 
     # a README-sized crop of the pad
-    drag(page, pad_point(g, lam, 2, 3), pad_point(g, lam, 0.8, 1.5))
+    drag(page, at(2, 3), at(0.8, 1.5))
     assert_lambdas(page, sid, 0.8, 1.5)
-    shot = shots / f"pisa_sr_pad{'_vue' if page.vue else ''}.png"
-    screenshot(page, shot, clip=node_clip(page, sid))
-    to_docs(page, shot)
-    assert not pisa_console_problems(page), pisa_console_problems(page)
+    readme_shot(page, shots, "pisa_sr_pad", clip=node_clip(page, sid))
+    assert pisa_console_problems(page) == []
 
 
 def test_queue_from_browser_and_compare_slider(page, shots):
     """The adjustable workflow, its setting dialled in on the pad from the release default, queued from the browser.
     Each renderer queues its own setting (run_setting), so the decoder really runs in each."""
     load_workflow(page, QUEUED)
-    sid, did = node_id(page, "PiSA_Sample"), node_id(page, "PiSA_Decode")
-    save_id = node_id(page, "SaveImage")
+    sid, did, save_id = (node_id(page, t) for t in ("PiSA_Sample", "PiSA_Decode", "SaveImage"))
     focus(page, sid, 1.4)
-    g, lam = geometry(page, sid, PAD), lambdas(page, sid)
+    g, lam, at = pad(page, sid)
     click_mid(page, g, g["resetBox"])
     assert_lambdas(page, sid, 1.0, 1.0)
     pix, sem = run_setting(page, "queue")
-    drag(page, pad_point(g, lam, 1.0, 1.0), pad_point(g, lam, pix, sem))
+    drag(page, at(1.0, 1.0), at(pix, sem))
     assert_lambdas(page, sid, pix, sem)
-
-    page.evaluate("() => { window.__t.events = []; }")
-    page.posted.clear()
-    page.evaluate("() => { app.queuePrompt(0); }")
-    outputs = wait_for_prompt(page, PROMPT_TIMEOUT_S)
-    assert page.evaluate("() => app.lastNodeErrors") in (None, {})
-    # the prompt the front end sent carries the values the pad set
-    assert len(page.posted) == 1, page.posted
-    sent = page.posted[0]["prompt"][str(sid)]["inputs"]
-    assert (sent["lambda_pix"], sent["lambda_sem"]) == (pix, sem), sent
+    outputs = queue(page, sid, pix, sem)
 
     # the saved output image exists, at x4 the input size
     saved = outputs[str(save_id)]["images"]
@@ -548,14 +495,13 @@ def test_queue_from_browser_and_compare_slider(page, shots):
     # the decoder sent the result and the resized LQ previews; the extension drew them as one before/after widget
     dec = outputs[str(did)]
     assert len(dec["images"]) == 1 and len(dec["pisa_lq"]) == 1
-    page.wait_for_function("(id) => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === 'pisa_sr_compare');"
-                           " return w && w.ready && w.rect; }", arg=did, timeout=60_000)
-    state = page.evaluate("""(id) => { const n = app.graph.getNodeById(id), w = n.widgets.find(w => w.name === 'pisa_sr_compare');
+    page.wait_for_function("(id) => { const w = __t.w(id, 'pisa_sr_compare'); return w && w.ready && w.rect; }",
+                           arg=did, timeout=60_000)
+    state = page.evaluate("""(id) => { const w = __t.w(id, 'pisa_sr_compare');
         return { split: w.split, after: w.after.map(i => [i.naturalWidth, i.naturalHeight, i.src]),
                  before: w.before.map(i => [i.naturalWidth, i.naturalHeight, i.src]),
-                 widgets: n.widgets.map(w => w.name),
-                 imgs: [...(document.querySelector(`[data-node-id="${id}"]`)?.querySelectorAll('img') ?? [])].length }; }""",
-                          did)
+                 widgets: app.graph.getNodeById(id).widgets.map(w => w.name),
+                 imgs: [...(__t.q(id)?.querySelectorAll('img') ?? [])].length }; }""", did)
     assert state["after"][0][:2] == [4 * INPUT[0], 4 * INPUT[1]] and state["before"][0][:2] == state["after"][0][:2]
     assert dec["pisa_lq"][0]["filename"] in state["before"][0][2]
     assert dec["images"][0]["filename"] in state["after"][0][2]
@@ -569,21 +515,18 @@ def test_queue_from_browser_and_compare_slider(page, shots):
     wait_for_preview(page, save_id)  # the Save Image node's own preview, for the screenshot
     page.mouse.move(800, 870)  # empty canvas at the bottom: no tooltip or tab preview over the graph
     page.wait_for_timeout(500)
-    done = shots / f"{QUEUED}_done{'_vue' if page.vue else ''}.png"
-    screenshot(page, done)
-    to_docs(page, done)
+    readme_shot(page, shots, f"{QUEUED}_done")
 
     # drag the slider: the split follows the pointer and the pixels between the old and new split change
     focus(page, did, 1.3)
     g = geometry(page, did, COMPARE)
     r = g["rect"]
     x0, y0 = to_screen(g, r["x"], r["y"])
-    x1, y1 = to_screen(g, r["x"] + r["w"], r["y"] + r["h"])
-    clip = {"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0}
+    clip = {"x": x0, "y": y0, "width": r["w"] * g["k"], "height": r["h"] * g["k"]}
+    slider = lambda f: to_screen(g, r["x"] + r["w"] * f, r["y"] + r["h"] * 0.75)  # noqa: E731
     before = screenshot(page, shots / "compare_mid.png", clip=clip)
-    mid_y = r["y"] + r["h"] * 0.75
-    drag(page, to_screen(g, r["x"] + r["w"] * state["split"], mid_y), to_screen(g, r["x"] + r["w"] * 0.15, mid_y))
-    split = page.evaluate("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'pisa_sr_compare').split", did)
+    drag(page, slider(state["split"]), slider(0.15))
+    split = page.evaluate("(id) => __t.w(id, 'pisa_sr_compare').split", did)
     assert abs(split - 0.15) < 0.02, split
     after = screenshot(page, shots / "compare_left.png", clip=clip)
     # between the old and the new split the LQ gave way to the result; right of the old split nothing changed
@@ -592,11 +535,9 @@ def test_queue_from_browser_and_compare_slider(page, shots):
     same = mean_abs_diff(before, after, (0.6, 0.3, 0.95, 0.9))
     assert same < 2, f"the result side changed when only the split moved ({same:.1f})"
     # README shot: the whole node with the slider in the middle
-    drag(page, to_screen(g, r["x"] + r["w"] * 0.15, mid_y), to_screen(g, r["x"] + r["w"] * 0.5, mid_y))
-    shot = shots / f"pisa_sr_compare{'_vue' if page.vue else ''}.png"
-    screenshot(page, shot, clip=node_clip(page, did))
-    to_docs(page, shot)
-    assert not pisa_console_problems(page), pisa_console_problems(page)
+    drag(page, slider(0.15), slider(0.5))
+    readme_shot(page, shots, "pisa_sr_compare", clip=node_clip(page, did))
+    assert pisa_console_problems(page) == []
 
 
 def test_graph_works_without_the_extension(page, browser, shots):
@@ -608,32 +549,20 @@ def test_graph_works_without_the_extension(page, browser, shots):
         assert pg.blocked, "the extension was not requested"
         assert EXT_NAME not in pg.evaluate("() => app.extensions.map(e => e.name)")
         load_workflow(pg, QUEUED)
-        assert pg.evaluate("() => window.__t.missing") == []
-        assert widget_problems(pg) == []
-        did = node_id(pg, "PiSA_Decode")
         assert not pg.evaluate("() => app.graph.nodes.some(n => (n.widgets ?? []).some(w => w.name.startsWith('pisa_sr_')))")
-        prompt = pg.evaluate("async () => (await app.graphToPrompt()).output")
-        for nid, node in api_twin_for_server(pg.server, QUEUED).items():
-            for k, v in node["inputs"].items():
-                assert prompt[nid]["inputs"].get(k) == v
-        sid = node_id(pg, "PiSA_Sample")
+        assert_prompt_is_twin(pg, QUEUED)
+        sid, did = node_id(pg, "PiSA_Sample"), node_id(pg, "PiSA_Decode")
         focus(pg, sid, 1.4)
         pix, sem = run_setting(pg, "plain")
         type_number(pg, sid, "lambda_pix", str(pix))
         type_number(pg, sid, "lambda_sem", str(sem))
         assert_lambdas(pg, sid, pix, sem)
-        prompt = pg.evaluate("async () => (await app.graphToPrompt()).output")
-        assert (prompt[str(sid)]["inputs"]["lambda_pix"], prompt[str(sid)]["inputs"]["lambda_sem"]) == (pix, sem)
+        inputs = ui_prompt(pg)[str(sid)]["inputs"]
+        assert (inputs["lambda_pix"], inputs["lambda_sem"]) == (pix, sem)
         if f"{page.version}-{'vue' if page.vue else 'classic'}" not in RUN_WITHOUT_EXTENSION:
             return
         fit_all(pg)
-        pg.posted.clear()
-        pg.evaluate("() => { app.queuePrompt(0); }")
-        outputs = wait_for_prompt(pg, PROMPT_TIMEOUT_S)
-        assert len(pg.posted) == 1, pg.posted
-        sent = pg.posted[0]["prompt"][str(sid)]["inputs"]
-        assert (sent["lambda_pix"], sent["lambda_sem"]) == (pix, sem), sent
-        assert outputs[str(did)]["images"]
+        assert queue(pg, sid, pix, sem)[str(did)]["images"]
         # the front end's ordinary preview shows the result on the decoder
         wait_for_preview(pg, did)
         screenshot(pg, shots / "without_extension.png")

@@ -12,6 +12,7 @@ import os
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,10 +49,9 @@ def cluster(tmp_path_factory):
     t0 = time.perf_counter()
     ckpt, lora = make_tiny_weights.make(make_tiny_weights.cache_dir())
     folder = tmp_path_factory.mktemp("lq")
-    images = []
-    for i in range(3):
-        images.append(str(folder / f"lq_{i}.png"))
-        make_image(SIZE, SIZE, seed=10 + i).save(images[-1])
+    images = [str(folder / f"lq_{i}.png") for i in range(3)]
+    for i, path in enumerate(images):
+        make_image(SIZE, SIZE, seed=10 + i).save(path)
     clip = write_clip(folder / "clip.mp4", [make_image(SIZE, SIZE, seed=20 + i) for i in range(3)])
     # workers of type "local" read their own input/ folder (ComfyUI-Distributed uploads media to remote ones only)
     servers = [ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [lora]}, inputs=images + [clip])
@@ -107,21 +107,19 @@ def read_clip(path: Path) -> dict:
 
 def example_prompt(name: str, c: dict, **by_class: dict) -> dict:
     """The shipped example ``name`` (API twin) on the tiny weights, with ``by_class[class_type]`` merged into the
-    inputs of every node of that class (a list value is handed out one item per node, in order)."""
+    inputs of every node of that class (an iterator value is handed out one item per node, in order)."""
     p = json.loads((host.REPO / "example_workflows" / "api" / f"{name}.json").read_text())
     by_class = {"CheckpointLoaderSimple": {"ckpt_name": c["ckpt"]}, "PiSA_LoadLoRAs": {"lora_name": c["lora"]},
                 **by_class}
-    queues = {k: {n: iter(v) for n, v in ins.items() if isinstance(v, list)} for k, ins in by_class.items()}
     for node in p.values():
-        kind = node["class_type"]
-        for key, value in by_class.get(kind, {}).items():
-            node["inputs"][key] = next(queues[kind][key]) if key in queues[kind] else value
+        for key, value in by_class.get(node["class_type"], {}).items():
+            node["inputs"][key] = next(value) if isinstance(value, Iterator) else value
     return p
 
 
 def batch_prompt(c: dict, prefix: str, participants: int = 3) -> dict:
     """pisa_sr_distributed_batch on the 3 test images."""
-    return example_prompt("pisa_sr_distributed_batch", c, LoadImage={"image": c["images"]},
+    return example_prompt("pisa_sr_distributed_batch", c, LoadImage={"image": iter(c["images"])},
                           PiSA_DistributedSlice={"participants": participants}, SaveImage={"filename_prefix": prefix})
 
 
