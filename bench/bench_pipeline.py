@@ -63,6 +63,21 @@ class Row:
     ref: SideResult
     ours: SideResult
     psnr_db: float = float("nan")
+    bound_db: float = 40.0
+
+
+# PSNR bounds of our output against the release's (issue 7: 40 dB in fp16). Where the release runs its approximate
+# tiled VAE (bench/_release.py: encode above 1088 px, decode above 246 latent px) its output is not the plain VAE's:
+# per-tile mid-block attention, GroupNorm variance without the between-tile term, hard-cropped 11-latent-px pads.
+# Those rows get their own bound, stated in bench/RESULTS.md with the CPU measurement that sizes it.
+BOUND_DB = 40.0
+APPROX_VAE_BOUND_DB = 30.0
+
+
+def release_vae_is_approximate(hq: int) -> bool:
+    import _release
+
+    return hq > _release.ENC_TILE + 2 * _release.ENC_PAD or hq // 8 > _release.DEC_TILE + 2 * _release.DEC_PAD
 
 
 # ------------------------------------------------------------------------------------------------ measurement
@@ -109,6 +124,26 @@ class PeakMemory:
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cap_device_memory(gib: float) -> None:
+    """Make this process see a ``gib`` GiB card: the caching allocator refuses more (an OOM, as on that card), and
+    torch.cuda.mem_get_info, which ComfyUI's and the pack's free-memory figures read, reports that card's total and
+    what is left of it. Call before ComfyUI is imported (it reads the total once)."""
+    import torch
+
+    cap = int(gib * 2 ** 30)
+    real = torch.cuda.mem_get_info
+    total = real()[1]
+    if cap >= total:
+        raise SystemExit(f"--cap-gib {gib}: the device has only {total / 2 ** 30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+
+    def capped(device=None):
+        free, _ = real(device)
+        return min(free, max(0, cap - torch.cuda.memory_reserved(device))), cap
+
+    torch.cuda.mem_get_info = capped
 
 
 def sync(device) -> None:
@@ -306,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--use-pytorch-cross-attention, which is ComfyUI's default on CUDA and what the release side uses")
     p.add_argument("--self-check", action="store_true",
                    help="first check the release-equivalent tiled VAE against the plain VAE (fp32, CPU, one tile)")
+    p.add_argument("--cap-gib", type=float, default=None,
+                   help="GPU: let this process use and see only this much device memory (24 = a 24 GB card)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--comfy-dir", default=os.environ.get("PISA_COMFY_DIR"))
     p.add_argument("--json", default=None, help="also write the results here")
@@ -314,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.comfy_dir:
         raise SystemExit("set PISA_COMFY_DIR or --comfy-dir (a ComfyUI 0.3.75 folder); see the docstring")
     t_start = time.perf_counter()
+    if args.cap_gib:
+        if args.cpu:
+            raise SystemExit("--cap-gib applies to the GPU only")
+        cap_device_memory(args.cap_gib)
 
     import _comfy_side
 
@@ -371,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             (r_res, r_img), (o_res, o_img) = ref[mode][wl], ours[mode][wl]
             if tuple(r_img.shape) != tuple(o_img.shape):
                 raise RuntimeError(f"{wl} {mode}: output shapes differ {tuple(r_img.shape)} vs {tuple(o_img.shape)}")
-            rows.append(Row(wl.replace(":", "->"), mode, r_res, o_res, psnr(to_8bit(o_img), r_img)))
+            bound = APPROX_VAE_BOUND_DB if release_vae_is_approximate(int(wl.split(":")[1])) else BOUND_DB
+            rows.append(Row(wl.replace(":", "->"), mode, r_res, o_res, psnr(to_8bit(o_img), r_img), bound))
     table = fmt_table(rows, peak, device.type == "cuda")
     total = time.perf_counter() - t_start
     info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -380,13 +422,13 @@ def main(argv: list[str] | None = None) -> int:
                                      "threads)"),
             "torch": torch.__version__, "precision": precision, "arch": weights.arch.name,
             "command": "python bench/bench_pipeline.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "bf16_matmul_peak_tflops": peak, "total_s": round(total, 1)}
+            "bf16_matmul_peak_tflops": peak, "cap_gib": args.cap_gib, "total_s": round(total, 1)}
     print()
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "rows": [
-            {"workload": r.workload, "mode": r.mode, "psnr_db": r.psnr_db,
+            {"workload": r.workload, "mode": r.mode, "psnr_db": r.psnr_db, "bound_db": r.bound_db,
              "release": asdict(r.ref), "ours": asdict(r.ours)} for r in rows]}, indent=1))
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")

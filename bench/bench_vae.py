@@ -36,7 +36,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--tile", type=int, default=0, help="our decode tile in latent px (0 = auto from free memory)")
+    ap.add_argument("--cap-gib", type=float, default=None, help="GPU: see and use only this much device memory")
     a = ap.parse_args()
+    if a.cap_gib and not a.cpu:  # before ComfyUI reads the device's total
+        from bench_pipeline import cap_device_memory
+
+        cap_device_memory(a.cap_gib)
 
     from comfy_boot import boot
 

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Run here, where PyPI is reachable, before a GPU run: put into the ignored folder .whl/ exactly the wheels that the
+# GPU machine lacks (scripts/device-wheels.txt: cp312, manylinux x86-64), which `bash scripts/gpu_check.sh --device`
+# installs there with --no-index. Prints the size of what travels (repository + .whl; the limit is 64 MiB).
+#
+#   bash scripts/prepare_device.sh              .whl/ (re-downloaded only when the list changes)
+#   bash scripts/prepare_device.sh --venv       also the CI rehearsal: a venv built like the GPU machine's image
+#                                               (scripts/device-image.txt; cached per machine, flock-locked, keyed
+#                                               by the list's hash) and, if its Python is not 3.12, the same wheel
+#                                               list for its version; prints PISA_DEVICE_PYTHON=... and
+#                                               PISA_DEVICE_WHEELS=... (the lines are for eval)
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+list="$here/device-wheels.txt"
+cache="${PISA_HOST_CACHE:-$HOME/.cache/comfyui-pisa-sr}"
+limit=$((64 * 1024 * 1024))
+die() { echo "prepare_device.sh: $*" >&2; exit 2; }
+
+base_python() {  # the rehearsal's Python: 3.12 like the GPU machine's where this machine has one
+  local p
+  for p in $(ls -d /root/.pyenv/versions/3.12.*/bin/python 2>/dev/null | sort -V | tail -1) python3.12 python3; do
+    if command -v "$p" >/dev/null 2>&1; then command -v "$p"; return; fi
+  done
+  die "no python3"
+}
+py="$(base_python)"
+
+# download LIST PYVER DEST: the pinned wheels for CPython PYVER (e.g. 3.12) on manylinux x86-64, nothing else.
+download() {
+  local pyver="$1" dest="$2" tmp reqs
+  mapfile -t reqs < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$list" | grep -v '^$')
+  tmp="$(mktemp -d "${dest%/}.tmp.XXXX")"
+  "$py" -m pip download -q --no-deps --only-binary=:all: --disable-pip-version-check --python-version "$pyver" \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$tmp" "${reqs[@]}" >&2
+  local n
+  n="$(find "$tmp" -name '*.whl' | wc -l)"
+  [ "$n" = "${#reqs[@]}" ] || die "expected ${#reqs[@]} wheels for Python $pyver, got $n (one per line of $list)"
+  rm -rf "$dest"
+  mv "$tmp" "$dest"
+  sha256sum "$list" | cut -c1-12 > "$dest/.list-sha"
+}
+
+key="$(sha256sum "$list" | cut -c1-12)"
+if [ ! -f "$repo/.whl/.list-sha" ] || [ "$(cat "$repo/.whl/.list-sha")" != "$key" ]; then
+  echo "prepare_device: downloading the device wheels into .whl/" >&2
+  download 3.12 "$repo/.whl"
+fi
+git -C "$repo" check-ignore -q .whl/x.whl || die ".whl/ is not ignored by git: it would be committed"
+total="$("$py" - "$repo" <<'PY'
+import os, subprocess, sys
+repo = sys.argv[1]
+names = subprocess.run(["git", "-C", repo, "ls-files", "-z", "-co", "--exclude-standard"], check=True,
+                       capture_output=True).stdout.decode().split("\0")
+tree = sum(os.path.getsize(os.path.join(repo, n)) for n in names if n and os.path.isfile(os.path.join(repo, n)))
+whl = sum(e.stat().st_size for e in os.scandir(os.path.join(repo, ".whl")) if e.name.endswith(".whl"))
+print(f"prepare_device: repository {tree / 2**20:.1f} MiB + .whl {whl / 2**20:.1f} MiB = "
+      f"{(tree + whl) / 2**20:.1f} MiB (limit 64 MiB)", file=sys.stderr)
+print(tree + whl)
+PY
+)"
+[ "$total" -le "$limit" ] || die "what travels is over 64 MiB"
+
+[ "${1:-}" = "--venv" ] || exit 0
+pyver="$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+vkey="$( (cat "$here/device-image.txt"; "$py" --version) | sha256sum | cut -c1-12)"
+venv="$cache/device-venv-$vkey"
+mkdir -p "$cache"
+exec 9>"$cache/.device-lock"; flock 9
+if [ ! -f "$venv/.complete" ]; then
+  echo "prepare_device: building the rehearsal venv $venv from scripts/device-image.txt (minutes, once)" >&2
+  rm -rf "$venv"
+  "$py" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$here/device-image.txt" >&2
+  touch "$venv/.complete"
+fi
+wheels="$repo/.whl"
+if [ "$pyver" != 3.12 ]; then  # the device set stays exactly cp312; the rehearsal gets its own copy of the list
+  wheels="$cache/device-wheels-py$pyver-$key"
+  [ -f "$wheels/.list-sha" ] || download "$pyver" "$wheels"
+fi
+echo "PISA_DEVICE_PYTHON=$venv/bin/python"
+echo "PISA_DEVICE_WHEELS=$wheels"
