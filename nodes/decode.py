@@ -22,9 +22,9 @@ def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0) -> torc
     with the batch beyond the IMAGE itself; every frame's result is what it would be alone.
 
     Memory per frame beyond the IMAGE and the decoder's output (issue 23): the 8-bit truncation and the colour fix
-    work in place on that output; the LQ frame as fp32 (one [3,H,W] image, 12 bytes per output pixel) plus the
-    wavelet fix's planes (~4/3 image). The resize back happens only after the release's small-image pre-resize, so
-    its output is at most ``upscale`` x 1024 px long (pisa_sr.resize)."""
+    work in place on that output; the LQ frame as fp32 (one [3,H,W] image, 12 bytes per output pixel) plus, for
+    the wavelet fix, two single-channel planes and a few bands (pisa_sr.color). The resize back happens only after
+    the release's small-image pre-resize, so its output is at most ``upscale`` x 1024 px long (pisa_sr.resize)."""
     z = check_latent(latent, "Dual-Guided One-Step Sample")
     check_color_fix(color_fix)  # V3 combo values are not validated at queue time (ComfyUI 0.3.75)
     info = lq_info_of(latent)
