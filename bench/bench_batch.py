@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import weakref
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,57 +24,11 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(1, str(REPO / "tests"))
 
 
-def live_bytes_mode():
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    class LiveBytes(TorchDispatchMode):
-        """Peak bytes of tensor storages allocated inside the mode and still alive."""
-
-        def __init__(self):
-            super().__init__()
-            self.live: dict[int, int] = {}
-            self.now = self.peak = 0
-
-        def _free(self, key: int) -> None:
-            self.now -= self.live.pop(key)
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                    if isinstance(t, torch.Tensor)}
-            for t in tree_flatten(out)[0]:
-                if not isinstance(t, torch.Tensor):
-                    continue
-                st = t.untyped_storage()
-                key = st.data_ptr()
-                if key in seen or key in self.live or st.nbytes() == 0:
-                    continue
-                self.live[key] = st.nbytes()
-                self.now += st.nbytes()
-                self.peak = max(self.peak, self.now)
-                weakref.finalize(st, self._free, key)
-            return out
-
-    return LiveBytes()
-
-
-def tensor_bytes(obj) -> int:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if hasattr(obj, "lq_u8"):
-        return tensor_bytes(obj.lq_u8)
-    return 0
-
-
 def measured(node, **inputs):
     """(result, peak working bytes beyond the result)."""
-    with live_bytes_mode() as mem:
+    from helpers import LiveBytes, tensor_bytes
+
+    with LiveBytes() as mem:
         out = node.execute(**inputs).result[0]
     return out, max(0, mem.peak - tensor_bytes(out))
 
@@ -99,7 +52,7 @@ def main() -> int:
 
     torch.manual_seed(0)
     import tiny_models
-    from helpers import make_image, pil_to_image
+    from helpers import make_image, pil_to_image, tensor_bytes
 
     world = tiny_models.tiny_world(seed=0)
     folder = comfy_boot._base / "models" / "pisa_sr"

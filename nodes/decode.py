@@ -19,7 +19,12 @@ NODE = "PiSA Tiled VAE Decode"
 
 def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0) -> torch.Tensor:
     """The IMAGE [B,H,W,3], decoded and colour-fixed one frame at a time into the output, so memory does not grow
-    with the batch beyond the IMAGE itself; every frame's result is what it would be alone."""
+    with the batch beyond the IMAGE itself; every frame's result is what it would be alone.
+
+    Memory per frame beyond the IMAGE and the decoder's output (issue 23): the 8-bit truncation and the colour fix
+    work in place on that output; the LQ frame as fp32 (one [3,H,W] image, 12 bytes per output pixel) plus, for
+    the wavelet fix, two single-channel planes and a few bands (pisa_sr.color). The resize back happens only after
+    the release's small-image pre-resize, so its output is at most ``upscale`` x 1024 px long (pisa_sr.resize)."""
     z = check_latent(latent, "Dual-Guided One-Step Sample")
     check_color_fix(color_fix)  # V3 combo values are not validated at queue time (ComfyUI 0.3.75)
     info = lq_info_of(latent)
@@ -28,8 +33,8 @@ def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0) -> torc
                         f"'{color_fix}'. Connect the chain PiSA Encode LQ -> Sample -> this node without nodes in "
                         "between that rebuild the latent, or set color_fix to none.")
     b = z.shape[0]
-    if info is not None and info.lq_u8.shape[0] not in (b, 1):
-        raise PisaError(f"the latent batch ({b}) does not match the LQ batch ({info.lq_u8.shape[0]}). Decode the "
+    if info is not None and info.lq_u8.shape[0] != 1 and info.batch != b:
+        raise PisaError(f"the latent batch ({b}) does not match the LQ batch ({info.batch}). Decode the "
                         "LATENT that came from the same PiSA Encode LQ.")
     img: torch.Tensor | None = None
     for i in range(b):
@@ -40,8 +45,9 @@ def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0) -> torc
                 raise PisaError(f"the latent decodes to {out.shape[-1]}x{out.shape[-2]} px but the LQ reference "
                                 f"is {w}x{h}; the latent was resized between nodes.")
             if color_fix != "none":  # on the release's 8-bit (truncated) decoder output, to stay equal to it
-                out = apply_color_fix(torch.floor(out.clamp(0, 1) * 255.0) / 255.0, info.lq_float_bchw(i), color_fix)
-        frame = out.movedim(1, -1).clamp(0, 1)
+                out = out.clamp_(0, 1).mul_(255.0).floor_().div_(255.0)
+                out = apply_color_fix(out, info.lq_float_bchw(i), color_fix)
+        frame = out.clamp_(0, 1).movedim(1, -1)
         if info is not None and info.plan.resize_back:
             frame = resize_output(frame, info.plan.output)
         if img is None:

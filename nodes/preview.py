@@ -1,10 +1,14 @@
 """Before/after previews for PiSA Tiled VAE Decode: the result (``images``) and the resized LQ (``pisa_lq``) as
 small temp images, which web/pisa_sr.js draws with a slider. They never change the IMAGE or fail the node.
+
+Memory (issue 23): a preview is shrunk band by band, so at most BAND_BYTES of input rows (or one output row's,
+``ceil(H / h) + 1`` rows, if more) is converted to fp32 at a time; nothing full-size is copied, whatever the
+picture's size. Only an input smaller than the preview in some side (at most PREVIEW_MAX_SIDE px there) is enlarged
+whole.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -15,33 +19,61 @@ from .lq_info import LQInfo
 log = logging.getLogger("PiSA-SR")
 
 PREVIEW_MAX_SIDE = 1024  # larger results are downscaled for the preview only (cheap to save and to send)
+BAND_BYTES = 16 << 20  # fp32 input rows shrunk at once (at least one output row's)
 LQ_KEY = "pisa_lq"
 
 
+def _float01(img: torch.Tensor) -> torch.Tensor:
+    """[B,H,W,C] float in [0,1] (uint8 / 255); a copy only for another dtype."""
+    return img.to(torch.float32).div_(255.0) if img.dtype == torch.uint8 else img.to(torch.float32)
+
+
 def resize_bhwc(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[B,H,W,C] float in [0,1] to ``size`` (h, w); area-averaged when shrinking, bilinear when enlarging."""
-    if tuple(img.shape[1:3]) == tuple(size):
-        return img
-    x = img.movedim(-1, 1).to(torch.float32)
-    if size[0] <= x.shape[-2] and size[1] <= x.shape[-1]:
-        x = F.interpolate(x, size=size, mode="area")
-    else:
+    """[B,H,W,C] float in [0,1] or uint8 to float [B,h,w,C] at ``size`` (h, w): area-averaged when shrinking (band
+    by band, see _shrink), bilinear when enlarging."""
+    h_in, w_in = img.shape[1:3]
+    if (h_in, w_in) == tuple(size):
+        return _float01(img)
+    if size[0] > h_in or size[1] > w_in:
+        x = _float01(img).movedim(-1, 1)
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return x.clamp(0, 1).movedim(1, -1)
+        return x.clamp(0, 1).movedim(1, -1)
+    return _shrink(img, size)
 
 
-def comparison_images(result: torch.Tensor, info: LQInfo | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(result preview, LQ preview or None), both [B,h,w,3] float at the same preview size."""
-    h, w = result.shape[1:3]
+def _shrink(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """F.interpolate's area mode (output pixel (i, j) averages input rows [i*H//h, ceil((i+1)*H/h)) and the columns
+    likewise), over bands of about BAND_BYTES of fp32 input: each band's rows are averaged over their columns,
+    then each output row over its rows. Equal to the whole-image call up to fp32 rounding (mean of means)."""
+    (h_in, w_in), (h, w) = img.shape[1:3], size
+    out = torch.empty((img.shape[0], h, w, img.shape[3]), dtype=torch.float32)
+    rows = max(1, BAND_BYTES // (w_in * img.shape[3] * 4) * h // h_in)  # output rows per band
+    for i0 in range(0, h, rows):
+        i1 = min(h, i0 + rows)
+        a0, b1 = i0 * h_in // h, -(-i1 * h_in // h)
+        band = _float01(img[:, a0:b1]).movedim(-1, 1)
+        cols = F.adaptive_avg_pool2d(band, (b1 - a0, w)).movedim(1, -1)  # rows kept, columns averaged
+        for i in range(i0, i1):
+            out[:, i] = cols[:, i * h_in // h - a0:-(-(i + 1) * h_in // h) - a0].mean(1)
+        del band, cols  # before the next band is made
+    return out.clamp_(0, 1)
+
+
+def preview_size(h: int, w: int) -> tuple[int, int]:
     s = min(1.0, PREVIEW_MAX_SIDE / max(h, w))
-    size = (max(1, round(h * s)), max(1, round(w * s)))
-    res = resize_bhwc(result.detach().cpu().to(torch.float32), size)
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def comparison_images(result: torch.Tensor, info: LQInfo | None,
+                      first: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(result preview, LQ preview or None), both [B,h,w,3] float at the same preview size; the LQ of result frame k
+    is the one the decoder colour-fixed it against, frame ``first + k`` of the latent."""
+    size = preview_size(*result.shape[1:3])
+    res = resize_bhwc(result.detach().cpu(), size)
     if info is None:
         return res, None
-    lq = info.lq_u8.detach().cpu().to(torch.float32).div(255.0)
-    if lq.shape[0] != res.shape[0]:
-        lq = lq[:1].expand(res.shape[0], -1, -1, -1)
-    return res, resize_bhwc(lq, size)
+    lq = [resize_bhwc(info.frame_u8(first + k).cpu(), size) for k in range(result.shape[0])]
+    return res, lq[0] if len(lq) == 1 else torch.cat(lq)
 
 
 def comparison_ui(result: torch.Tensor, info: LQInfo | None) -> dict | None:
@@ -50,9 +82,7 @@ def comparison_ui(result: torch.Tensor, info: LQInfo | None) -> dict | None:
     try:
         out = {"images": []} if info is None else {"images": [], LQ_KEY: []}
         for i in range(result.shape[0]):
-            one = None if info is None else replace(info, lq_u8=info.lq_u8[i:i + 1] if info.lq_u8.shape[0] > 1
-                                                    else info.lq_u8)
-            res, lq = comparison_images(result[i:i + 1], one)
+            res, lq = comparison_images(result[i:i + 1], info, i)
             out["images"] += compat.preview_images(res)
             if lq is not None:
                 out[LQ_KEY] += compat.preview_images(lq)

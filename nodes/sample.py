@@ -91,9 +91,16 @@ def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: f
 
 def sample_eps(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,
                tile_overlap: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z_lq scaled, eps [B,C,h,w] fp32) for the whole batch, both on the model's device (see frame_chunks)."""
-    parts = list(frame_chunks(model, latent, positive, lambda_pix, lambda_sem, tile_size, tile_overlap, **kw))
-    return torch.cat([z for _, z, _ in parts]), torch.cat([e for _, _, e in parts])
+    """(z_lq scaled, eps [B,C,h,w] fp32) for the whole batch, on the CPU: each chunk is moved off the device as it
+    is produced, so the device holds one chunk's latents (see frame_chunks) however long the batch."""
+    z_all = eps_all = None
+    for part, z, eps in frame_chunks(model, latent, positive, lambda_pix, lambda_sem, tile_size, tile_overlap, **kw):
+        if z_all is None:
+            b = latent["samples"].shape[0]
+            z_all = torch.empty((b, *z.shape[1:]), dtype=z.dtype)
+            eps_all = torch.empty((b, *eps.shape[1:]), dtype=eps.dtype)
+        z_all[part], eps_all[part] = z, eps
+    return z_all, eps_all
 
 
 def sample_hq(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import torch
 
@@ -20,7 +21,7 @@ from . import compat
 from .compat import io
 from .decode import decode_hq
 from .errors import names_refusals
-from .lq_info import LATENT_KEY, LQInfo, lq_info_of
+from .lq_info import LATENT_KEY, lq_info_of
 from .sample import sample_eps
 
 NODE = "PiSA Lambda Sweep"
@@ -36,9 +37,10 @@ def _repeat_extras(latent: dict, samples: torch.Tensor, settings: int, batch: in
     """The LATENT of a setting-major batch, LQ reference and batch_index repeated as RepeatLatentBatch does."""
     out = dict(latent, samples=samples)
     info = lq_info_of(latent)
-    # A batch-1 LQ reference applies to every image; a batch-B one repeats so row s * B + b keeps image b's.
-    if info is not None and batch > 1 and settings > 1 and info.lq_u8.shape[0] == batch:
-        out[LATENT_KEY] = LQInfo(lq_u8=info.lq_u8.repeat(settings, 1, 1, 1), plan=info.plan)
+    # A batch-1 LQ reference applies to every image; a batch-B one repeats so row s * B + b keeps image b's: marked
+    # as repeated, not copied (S x B copies of an 8K image would be S x B x 200 MB).
+    if info is not None and batch > 1 and settings > 1 and info.batch == batch:
+        out[LATENT_KEY] = replace(info, repeats=info.repeats * settings)
     index = out.get("batch_index")
     if isinstance(index, list) and index:
         offset = max(index) - min(index) + 1
@@ -49,20 +51,25 @@ def _repeat_extras(latent: dict, samples: torch.Tensor, settings: int, batch: in
 def decode_settings(latent: dict, z_hq_raw: torch.Tensor, settings: int, batch: int, vae, color_fix: str,
                     metric: str | None = None, ref_raw: torch.Tensor | None = None):
     """Each setting decoded once, B at a time as PiSA Tiled VAE Decode does -> (images, quality[s][b], fidelity[s][b]);
-    the scores (``metric``, and PSNR on Y vs the decoded pix-only ``ref_raw``) are empty lists without ``metric``."""
+    the scores (``metric``, and PSNR on Y vs the decoded pix-only ``ref_raw``) are empty lists without ``metric``.
+    Each setting's B images go straight into the preallocated S x B output (no second copy of it), so beyond the
+    output this holds one setting's B images, and the reference's B with ``metric``."""
     hooks = compat.hooks()
     ref = None if metric is None else decode_hq(dict(latent, samples=ref_raw), vae, color_fix)
     steps = settings + (ref is not None)
-    images, quality, fidelity = [], [], []
+    images, quality, fidelity = None, [], []
     for s in range(settings):
         hooks.check_interrupt()
         img = decode_hq(dict(latent, samples=z_hq_raw[s * batch:(s + 1) * batch]), vae, color_fix)
-        images.append(img)
+        if images is None:
+            images = img.new_empty((settings * batch, *img.shape[1:]))
+        images[s * batch:(s + 1) * batch] = img
         if ref is not None:
             quality.append([float(v) for v in metrics.score(img, metric)])
             fidelity.append([float(v) for v in metrics.psnr_y(img, ref.to(img.device), crop_border=0)])
+        del img
         hooks.progress(s + 1 + (ref is not None), steps)
-    return torch.cat(images), quality, fidelity
+    return images, quality, fidelity
 
 
 def report_text(pairs, batch: int, metric: str, floor: float, quality, fidelity, chosen) -> str:
@@ -163,11 +170,13 @@ class PiSALambdaSweep(io.ComfyNode):
         if vae is not None:  # refused before the UNet runs, not after
             check_color_fix(color_fix)
 
-        z, eps = sample_eps(model, latent, positive, 1.0, 1.0, tile_size, tile_overlap, both=True)
+        z, eps = sample_eps(model, latent, positive, 1.0, 1.0, tile_size, tile_overlap, both=True)  # on the CPU
         c = z.shape[1]
-        eps_pix, eps_sem = eps[:, :c].to(z.device), eps[:, c:].to(z.device)
+        eps_pix, eps_sem = eps[:, :c], eps[:, c:]
         batch, n = z.shape[0], len(pairs)
-        z_hq = model.model.process_latent_out(sweep_latents(z, eps_pix, eps_sem, pairs)).to(torch.float32).cpu()
+        z_hq = sweep_latents(z, eps_pix, eps_sem, pairs)
+        for s in range(n):  # in place, a setting at a time: no second S x B copy
+            z_hq[s * batch:(s + 1) * batch] = model.model.process_latent_out(z_hq[s * batch:(s + 1) * batch])
         labels = sweep_labels(pairs, batch)
 
         chosen = quality = fidelity = None
@@ -175,7 +184,7 @@ class PiSALambdaSweep(io.ComfyNode):
         if choose_best != "off":
             ref = model.model.process_latent_out(sweep_latents(z, eps_pix, eps_sem, [REFERENCE_SETTING]))
             images, quality, fidelity = decode_settings(latent, z_hq, n, batch, vae, color_fix, choose_best,
-                                                        ref.to(torch.float32).cpu())
+                                                        ref.to(torch.float32))
             chosen = choose_best_per_image(quality, fidelity, floor, metrics.METRICS[choose_best].direction > 0)
             best_idx = [s for s, _ in chosen]
             for b, s in enumerate(best_idx):

@@ -57,20 +57,30 @@ def _resize_u8(arr: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
     return np.asarray(Image.fromarray(arr).resize(size, resample))
 
 
-def resize_batch(images: torch.Tensor, plan: ResizePlan, filter_name: str = "bicubic") -> torch.Tensor:
-    """Apply steps 1-3 of ``plan`` to a batch; returns float [B,H,W,C] in [0,1] at ``plan.model`` size."""
+def resize_batch(images: torch.Tensor, plan: ResizePlan, filter_name: str = "bicubic",
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply steps 1-3 of ``plan`` to a batch -> uint8 [B,H,W,C] at ``plan.model`` size, written into ``out`` if given
+    (e.g. the LATENT's LQ reference); ``/ 255`` gives the float image the release encodes.
+
+    Memory per frame beyond ``out``: the input frame as fp32 and uint8, then Pillow's images (4 bytes per pixel,
+    plus a pass of ``input height x output width``) and one 3-byte copy of its result: about 7 bytes per output
+    pixel (230 MiB for a 7680x4320 result), never a float copy of the output."""
     if filter_name not in FILTERS:
         raise PisaError(f"unknown resize filter '{filter_name}'; choose one of {', '.join(FILTERS)}.")
-    out = []
-    # Rounding to 8 bits is lossless for images loaded from 8-bit files.
-    for arr in (images.detach().to(torch.float32).clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy():
+    w, h = plan.model
+    if out is None:
+        out = torch.empty((images.shape[0], h, w, images.shape[3]), dtype=torch.uint8)
+    dst = out.numpy()
+    for i in range(images.shape[0]):
+        # Rounding to 8 bits is lossless for images loaded from 8-bit files.
+        arr = images[i].detach().to(torch.float32).clamp(0, 1).mul_(255.0).round_().to(torch.uint8).cpu().numpy()
         if plan.pre is not None:
             arr = _resize_u8(arr, plan.pre, Image.Resampling.BICUBIC)  # the release uses Pillow's default here
         arr = _resize_u8(arr, plan.upscaled, FILTERS[filter_name])
         if plan.model != plan.upscaled:
             arr = _resize_u8(arr, plan.model, Image.Resampling.LANCZOS)
-        out.append(arr)
-    return torch.from_numpy(np.stack(out)).to(torch.float32) / 255.0
+        dst[i] = arr
+    return out
 
 
 def resize_output(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

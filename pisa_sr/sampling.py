@@ -77,6 +77,8 @@ def sample_eps(z: torch.Tensor, unet: Unet, sem_removal: Sequence[BypassTarget],
     """eps ``[B,C,h,w]`` fp32 for ``z`` (C = 4, or 8 = eps_pix then eps_sem with ``both``); ``z_hq = z - eps``.
 
     Out of memory: retried with half the tiles per call down to one, then (adjustable mode) two passes per tile.
+    Memory: latent-size fp32 buffers only (run_tiled's output and weight sum) besides one UNet call; a failed try's
+    are dropped before the retry.
     """
     p = plan(lambda_pix, lambda_sem, both)
     check_tiles(tile, overlap)

@@ -130,9 +130,16 @@ def combine(eps_pix: torch.Tensor, eps_sem: torch.Tensor, pairs: Sequence[tuple[
 def sweep_latents(z: torch.Tensor, eps_pix: torch.Tensor, eps_sem: torch.Tensor,
                   pairs: Sequence[tuple[float, float]]) -> torch.Tensor:
     """The sampler's ``z - eps(lp, ls)`` for every setting, fp32, setting-major: row ``s * B + b`` is setting ``s``
-    on image ``b`` -> ``[S*B, C, h, w]``."""
-    eps = combine(eps_pix, eps_sem, pairs, dtype=torch.float32)  # [S,B,C,h,w]
-    return (z.to(device=eps.device, dtype=torch.float32).unsqueeze(0) - eps).reshape(-1, *z.shape[1:])
+    on image ``b`` -> ``[S*B, C, h, w]``. One setting at a time, so beyond the output it holds three latents of
+    ``z``'s size (eps_sem - eps_pix, one setting's eps, the difference) whatever the number of settings."""
+    if not pairs:
+        raise PisaError("a sweep needs at least one (lambda_pix, lambda_sem) pair")
+    b = z.shape[0]
+    zf = z.to(device=eps_pix.device, dtype=torch.float32)
+    out = torch.empty((len(pairs) * b, *z.shape[1:]), dtype=torch.float32, device=eps_pix.device)
+    for s, pair in enumerate(pairs):
+        out[s * b:(s + 1) * b] = zf - combine(eps_pix, eps_sem, [pair], dtype=torch.float32)[0]
+    return out
 
 
 def sweep_labels(pairs: Sequence[tuple[float, float]], batch: int = 1) -> list[str]:

@@ -1,10 +1,14 @@
 """Small shared helpers for tests."""
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from conftest import run_node  # noqa: F401  (re-exported)
 from synthetic_weights import make_image  # noqa: F401  (re-exported)
@@ -73,3 +77,44 @@ def no_grad():
     """Import into a module to run its tests without autograd (nodes run under inference mode)."""
     with torch.no_grad():
         yield
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages allocated inside the mode and still alive: every aten op's outputs pass through
+    here, an output whose storage is none of the op's inputs' is a new allocation, and a finalizer on the storage
+    counts it free. What existed before (weights, inputs) is not counted; a kernel's internal scratch is not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if key in seen or key in self.live or st.nbytes() == 0:
+                continue
+            self.live[key] = st.nbytes()
+            self.now += st.nbytes()
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(st, self._free, key)
+        return out
+
+
+def tensor_bytes(obj) -> int:
+    """Storage bytes of a tensor, or of the tensors in a dict / an LQInfo (a node's output)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if hasattr(obj, "lq_u8"):
+        return tensor_bytes(obj.lq_u8)
+    return 0

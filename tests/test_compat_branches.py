@@ -188,6 +188,30 @@ def test_vae_ops_enter_the_vae_device_context(compat, world, monkeypatch):
     assert torch.isfinite(lat["samples"]).all()
 
 
+def test_vae_load_claims_the_callers_estimate(compat, world, monkeypatch):
+    """Issue 23: the tiled VAE passes what its path needs (memory_bytes), and that number, not ComfyUI's untiled
+    per-pixel estimate (~18 GB in 16-bit for a 2048 px decode, which unloads every other model), reaches
+    load_models_gpu as memory_required; without it, the untiled estimate is what ComfyUI's own VAE.decode claims
+    (sd.py @ 033046cc4fac)."""
+    seen, real = [], mm.load_models_gpu
+
+    def load_models_gpu(models, memory_required=0, **kw):
+        seen.append((models, memory_required))
+        return real(models, memory_required=memory_required, **kw)
+
+    monkeypatch.setattr(mm, "load_models_gpu", load_models_gpu)
+    vae = world.comfy_vae
+    shape = [1, 4, 256, 256]  # a 2048 px decode
+    compat.vae_load(vae, shape, encode=False, memory_bytes=3 * GIB)
+    compat.vae_load(vae, [1, 3, 2048, 2048], encode=True, memory_bytes=0)
+    compat.vae_load(vae, shape, encode=False)
+    untiled = vae.memory_used_decode(shape, vae.vae_dtype)
+    print(f"\nComfyUI's untiled decode estimate at 2048 px ({vae.vae_dtype}): {untiled / GIB:.1f} GiB")
+    assert [m for m, _ in seen] == [[vae.patcher]] * 3
+    assert [need for _, need in seen] == [3 * GIB, 0, untiled]
+    assert untiled > 8 * GIB  # what the explicit estimate avoids claiming
+
+
 class AcceleratorError(RuntimeError):
     """Shaped like torch.AcceleratorError as upstream's is_oom reads it: a RuntimeError with an error_code."""
 

@@ -120,8 +120,11 @@ def test_sweep_batch_is_setting_major_and_keeps_lq_reference(world, pisa_model, 
     assert labels.splitlines() == sweep_labels(pairs, b) == [
         "pix 0.50 / sem 1.50 / img 1", "pix 0.50 / sem 1.50 / img 2",
         "pix 1.30 / sem 0.70 / img 1", "pix 1.30 / sem 0.70 / img 2"]
-    assert torch.equal(latents["pisa_sr"].lq_u8, small2["pisa_sr"].lq_u8.repeat(len(pairs), 1, 1, 1))
-    assert latents["pisa_sr"].plan == small2["pisa_sr"].plan
+    info, lq = latents["pisa_sr"], small2["pisa_sr"].lq_u8
+    assert info.batch == len(pairs) * b and info.plan == small2["pisa_sr"].plan
+    assert info.lq_u8.untyped_storage().data_ptr() == lq.untyped_storage().data_ptr()  # repeated without a copy
+    for row in range(len(pairs) * b):
+        assert torch.equal(info.frame_u8(row), lq[row % b:row % b + 1])
     (imgs,) = run_node("PiSA_Decode", latent=latents, vae=world.comfy_vae, color_fix="adain")
     assert torch.equal(images, imgs)  # choose_best off, vae connected: 'images' is the decoded 'latents'
     for s, (lp, ls) in enumerate(pairs):
@@ -133,6 +136,31 @@ def test_sweep_batch_is_setting_major_and_keeps_lq_reference(world, pisa_model, 
         print(f"decoded sweep vs decoded sample ({lp},{ls}): {diff * 255:.3f}/255")
         assert diff <= 1 / 255  # a latent ulp may flip one truncation to 8 bits before the colour fix
     assert small2["samples"].shape[0] == 2 and small2["pisa_sr"].lq_u8.shape[0] == 2  # input left untouched
+
+
+def test_sweep_memory_does_not_grow_with_the_settings(world, pisa_model, small2):
+    """Issue 23: beyond its outputs the sweep holds one setting's decoded images (written into the preallocated
+    S x B 'images', not concatenated) and no copy of the LQ reference per setting, so its working memory (live tensor
+    bytes, tests/helpers.LiveBytes) is the same for 2 settings as for 5."""
+    from helpers import LiveBytes, tensor_bytes
+
+    def extra(pairs) -> tuple[int, int]:
+        node = host.node("PiSA_LambdaSweep")
+        with LiveBytes() as mem:
+            out = node.execute(model=pisa_model, positive=world.conditioning, latent=small2, tile_size=96,
+                               tile_overlap=32, vae=world.comfy_vae, color_fix="adain",
+                               settings="; ".join(f"{lp!r},{ls!r}" for lp, ls in pairs)).result
+        latents, best, images = out[0], out[4], out[6]
+        assert latents["pisa_sr"].lq_u8 is small2["pisa_sr"].lq_u8 and images.shape[0] == 2 * len(pairs)
+        outputs = sum(tensor_bytes(t) for t in (latents["samples"], best["samples"], images))
+        return mem.peak - outputs, tensor_bytes(images) // len(pairs)
+
+    extra([(1.0, 1.0)])  # warm-up: the first UNet call patches the model's weights (kept)
+    two, setting = extra([(0.5, 1.5), (1.3, 0.7)])
+    five, _ = extra([(0.5, 1.5), (1.3, 0.7), (1.0, 1.0), (0.8, 1.2), (1.5, 0.5)])
+    print(f"\n[sweep, B=2] working memory beyond the outputs: 2 settings {two / 2**20:.2f} MiB, 5 settings "
+          f"{five / 2**20:.2f} MiB (one setting's images {setting / 2**20:.2f} MiB)")
+    assert five <= two + setting / 8  # it grew by a setting's images per setting (3 here) before
 
 
 def test_choose_best_picks_argmax_under_the_floor_end_to_end(world, pisa_model, small):
