@@ -244,3 +244,8 @@ def preview_images(images: torch.Tensor) -> list:
 def free_ram() -> int:
     """Available host memory (what ComfyUI reports for the CPU device)."""
     return int(mm.get_free_memory(torch.device("cpu")))
+
+
+def temp_directory() -> str:
+    """ComfyUI's temp directory (emptied at its start), where the tiled VAE spills maps beyond its RAM budget."""
+    return folder_paths.get_temp_directory()

@@ -1,0 +1,94 @@
+"""Where the tiled VAE parks its full-size maps: in memory on ``device`` while they fit a byte budget, else in
+memory-mapped files in a directory. The files are unlinked as they are created (``tempfile.TemporaryFile``; on
+Windows deleted when closed), so an error or an interruption leaves nothing behind; the mapped pages the process
+touched are dropped after every tile (``trim``), so it keeps about one tile's worth resident and the kernel writes
+the rest back to disk like any file.
+"""
+from __future__ import annotations
+
+import math
+import mmap
+import shutil
+import tempfile
+import weakref
+
+import torch
+
+from .errors import PisaError
+
+GIB = 1 << 30
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+class Parking:
+    """Allocator for parked maps: ``budget`` bytes of them in memory on ``device`` (None: no limit), the rest in
+    files in ``spill_dir`` (None: refuse instead). ``in_memory``/``peak_in_memory`` count the live in-memory bytes."""
+
+    def __init__(self, device: torch.device | str = "cpu", budget: int | None = None, spill_dir: str | None = None):
+        self.device = torch.device(device)
+        self.budget, self.spill_dir = budget, spill_dir
+        self.in_memory = self.peak_in_memory = 0
+        self.files = 0  # files made so far (a test and the bench see the bounded path was taken)
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def prepare(self, need: int) -> None:
+        """Refuse up front (one line, amount and place) when ``need`` bytes of maps exceed the budget and the rest
+        cannot go to disk: no directory, an unwritable one, or too little free space there."""
+        if self.budget is None or need <= self.budget:
+            return
+        over = need - self.budget
+        if self.spill_dir is None:
+            raise PisaError(f"the tiled VAE needs about {_gib(need)} for its full-size maps but its memory budget is "
+                            f"{_gib(self.budget)}. Raise the budget, lower upscale or the image size.")
+        try:
+            with tempfile.TemporaryFile(dir=self.spill_dir, prefix="pisa_vae_"):
+                pass
+            free = shutil.disk_usage(self.spill_dir).free
+        except OSError as e:
+            raise PisaError(f"the tiled VAE needs to write about {_gib(over)} of full-size maps to "
+                            f"{self.spill_dir} but cannot ({e.strerror or e}). Make that directory writable or "
+                            "raise the VAE's RAM budget.") from None
+        if over > free:
+            raise PisaError(f"the tiled VAE needs about {_gib(over)} of free disk in {self.spill_dir} for its "
+                            f"full-size maps (beyond {_gib(self.budget)} of RAM) but only {_gib(free)} is free there. "
+                            "Free disk space, raise the VAE's RAM budget, or lower upscale or the image size.")
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised map: in memory while the budget allows, else file-backed (zero-filled, sparse)."""
+        n = math.prod(shape) * dtype.itemsize
+        if self.budget is None or self.in_memory + n <= self.budget:
+            t = torch.empty(shape, dtype=dtype, device=self.device)
+            self.in_memory += n
+            self.peak_in_memory = max(self.peak_in_memory, self.in_memory)
+            weakref.finalize(t, self._release, n)
+            return t
+        if self.spill_dir is None:
+            raise PisaError(f"the tiled VAE's full-size maps exceed its memory budget of {_gib(self.budget)}.")
+        with tempfile.TemporaryFile(dir=self.spill_dir, prefix="pisa_vae_") as f:
+            f.truncate(n)
+            m = mmap.mmap(f.fileno(), n)  # keeps its own handle: the file lives until the map is released
+        t = torch.frombuffer(m, dtype=dtype).view(shape)  # holds m; m goes when the last view of t does
+        key = id(m)
+        self._maps[key] = m
+        weakref.finalize(t, self._maps.pop, key, None)
+        self.files += 1
+        del m
+        return t
+
+    def trim(self) -> None:
+        """Drop the process's resident pages of the file-backed maps (their data stays in the file/page cache)."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            for m in self._maps.values():
+                m.madvise(mmap.MADV_DONTNEED)
+
+    def _release(self, n: int) -> None:
+        self.in_memory -= n
+
+    @property
+    def mapped(self) -> int:
+        """Bytes of live file-backed maps."""
+        return sum(len(m) for m in self._maps.values())
+
