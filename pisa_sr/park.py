@@ -16,11 +16,11 @@ import torch
 
 from .errors import PisaError
 
-GIB = 1 << 30
+GIB, MIB = 1 << 30, 1 << 20
 
 
-def _gib(n: float) -> str:
-    return f"{n / GIB:.1f} GiB"
+def _size(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / MIB:.1f} MiB"
 
 
 class Parking:
@@ -32,7 +32,7 @@ class Parking:
         self.budget, self.spill_dir = budget, spill_dir
         self.in_memory = self.peak_in_memory = 0
         self.files = 0  # files made so far (a test and the bench see the bounded path was taken)
-        self._maps: dict[int, mmap.mmap] = {}
+        self._maps: weakref.WeakValueDictionary[int, mmap.mmap] = weakref.WeakValueDictionary()
 
     def prepare(self, need: int) -> None:
         """Refuse up front (one line, amount and place) when ``need`` bytes of maps exceed the budget and the rest
@@ -41,19 +41,19 @@ class Parking:
             return
         over = need - self.budget
         if self.spill_dir is None:
-            raise PisaError(f"the tiled VAE needs about {_gib(need)} for its full-size maps but its memory budget is "
-                            f"{_gib(self.budget)}. Raise the budget, lower upscale or the image size.")
+            raise PisaError(f"the tiled VAE needs about {_size(need)} for its full-size maps but its memory budget is "
+                            f"{_size(self.budget)}. Raise the budget, lower upscale or the image size.")
         try:
             with tempfile.TemporaryFile(dir=self.spill_dir, prefix="pisa_vae_"):
                 pass
             free = shutil.disk_usage(self.spill_dir).free
         except OSError as e:
-            raise PisaError(f"the tiled VAE needs to write about {_gib(over)} of full-size maps to "
+            raise PisaError(f"the tiled VAE needs to write about {_size(over)} of full-size maps to "
                             f"{self.spill_dir} but cannot ({e.strerror or e}). Make that directory writable or "
                             "raise the VAE's RAM budget.") from None
         if over > free:
-            raise PisaError(f"the tiled VAE needs about {_gib(over)} of free disk in {self.spill_dir} for its "
-                            f"full-size maps (beyond {_gib(self.budget)} of RAM) but only {_gib(free)} is free there. "
+            raise PisaError(f"the tiled VAE needs about {_size(over)} of free disk in {self.spill_dir} for its "
+                            f"full-size maps (beyond {_size(self.budget)} of RAM) but only {_size(free)} is free there. "
                             "Free disk space, raise the VAE's RAM budget, or lower upscale or the image size.")
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -66,14 +66,17 @@ class Parking:
             weakref.finalize(t, self._release, n)
             return t
         if self.spill_dir is None:
-            raise PisaError(f"the tiled VAE's full-size maps exceed its memory budget of {_gib(self.budget)}.")
+            raise PisaError(f"the tiled VAE's full-size maps exceed its memory budget of {_size(self.budget)}.")
         with tempfile.TemporaryFile(dir=self.spill_dir, prefix="pisa_vae_") as f:
             f.truncate(n)
             m = mmap.mmap(f.fileno(), n)  # keeps its own handle: the file lives until the map is released
-        t = torch.frombuffer(m, dtype=dtype).view(shape)  # holds m; m goes when the last view of t does
-        key = id(m)
-        self._maps[key] = m
-        weakref.finalize(t, self._maps.pop, key, None)
+        if hasattr(mmap, "MADV_RANDOM"):  # tiles read a few rows each: no read-ahead
+            m.madvise(mmap.MADV_RANDOM)
+        t = torch.frombuffer(m, dtype=dtype)  # holds m; m goes when the last view of t does
+        # [B, C, H, W] stored channels-last: a tile's region is then a few contiguous runs per row, so the pages it
+        # touches are about its own bytes (channel planes would touch a page per row per channel)
+        t = t.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1) if len(shape) == 4 else t.view(shape)
+        self._maps[id(m)] = m  # weakly: the buffer tensor holds m, so m lives while any view of the map does
         self.files += 1
         del m
         return t
@@ -81,7 +84,7 @@ class Parking:
     def trim(self) -> None:
         """Drop the process's resident pages of the file-backed maps (their data stays in the file/page cache)."""
         if hasattr(mmap, "MADV_DONTNEED"):
-            for m in self._maps.values():
+            for m in list(self._maps.values()):
                 m.madvise(mmap.MADV_DONTNEED)
 
     def _release(self, n: int) -> None:
@@ -90,5 +93,5 @@ class Parking:
     @property
     def mapped(self) -> int:
         """Bytes of live file-backed maps."""
-        return sum(len(m) for m in self._maps.values())
+        return sum(len(m) for m in list(self._maps.values()))
 

@@ -226,6 +226,7 @@ class _Runner:
 
         qkv = self.step([x], qkv_fn, 3 * c, x.scale, halo=0, stats=False)
         keys, values = (_tokens(qkv.data[:, i * c:(i + 1) * c].to(self.device)) for i in (1, 2))
+        self.parking.trim()  # the whole qkv map was just read
         # the residual reads x pointwise, so the output can overwrite it (see ``step``)
         out = _Map(x.data, x.scale) if x.owned else self.new_map(x.data.shape[0], c, x.scale)
         s = x.scale
