@@ -174,3 +174,24 @@ def test_refuses_up_front_an_unwritable_directory(ae, tmp_path):
 def test_budget_without_directory_refuses(ae):
     with pytest.raises(PisaError, match="memory budget"):
         tiled_decode(ae, _latent(32, 32, seed=27), 8, parking=Parking(budget=MIB))
+
+
+def test_plan_budgets_tile_and_maps_together():
+    """nodes.vae_ops.plan: on a GPU the tile and device-parked maps fit the free memory together, else the maps go
+    to the host within the budget (never all in RAM); on the CPU working set + in-RAM maps stay within the budget."""
+    import host
+
+    vae_ops = host.pack("nodes.vae_ops")
+    gib, cuda = 1 << 30, torch.device("cuda")
+    kw = {"is_decoder": True, "dtype_bytes": 2, "base_channels": 128}
+    small = vae_ops.plan(cuda, 8 * gib, 16 * gib, "/spill", (256, 256), 0, **kw)  # 2048 px on 8 GB: maps 3 GiB
+    assert small.tile < 256 and small.parking.device == cuda and small.parking.budget is None
+    assert vae_tiled._tiled_peak(small.tile, 256, 256, whole_mid=True, **kw) + parked_bytes(256, 256, **kw) <= 8 * gib
+    for w, h in ((960, 540), (1024, 1024)):  # 7680x4320 and 8192 px on a 24 GB card: maps 24 and 48 GiB
+        p = vae_ops.plan(cuda, 22 * gib, 16 * gib, "/spill", (w, h), 0, **kw)
+        assert p.parking.device.type == "cpu" and p.parking.budget == 16 * gib and p.parking.spill_dir == "/spill"
+        assert vae_tiled._tiled_peak(p.tile, w, h, whole_mid=p.whole_mid is not False, **kw) <= 22 * gib
+    cpu_kw = {**kw, "dtype_bytes": 4}
+    p = vae_ops.plan(torch.device("cpu"), 20 * gib, 4 * gib, "/spill", (256, 256), 0, **cpu_kw)  # 2048 px, fp32
+    assert p.whole_mid is False  # the whole-map mid block (~1.9 GiB) does not fit half of the working half
+    assert p.parking.budget + vae_tiled._tiled_peak(p.tile, 256, 256, whole_mid=False, **cpu_kw) <= 4 * gib
