@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("--tile", type=int, default=0, help="tile override as the nodes take it, latent px (decode) or "
                     "image px (encode); 0 = planned from free memory and the budget")
     ap.add_argument("--budget-gib", type=float, nargs="*", default=[1.0], help="forced small host budgets")
+    ap.add_argument("--no-default", action="store_true", help="skip the default-budget row")
     ap.add_argument("--ops", nargs="*", default=["decode", "encode"])
     ap.add_argument("--untiled", action="store_true", help="also the untiled VAE (fp32 reference for PSNR)")
     ap.add_argument("--comfy-tiled", action="store_true", help="also ComfyUI's VAEDecodeTiled (decode only)")
@@ -78,7 +79,8 @@ def main() -> int:
     vae = comfy.sd.VAE(sd=ae.state_dict(), config={"params": {"embed_dim": 4, "ddconfig": dd}}, dtype=dt)
     net = vae.first_stage_model
     mm.load_models_gpu([vae.patcher])
-    spill = tempfile.mkdtemp(prefix="pisa_bench_vae_")
+    spill_dir = tempfile.TemporaryDirectory(prefix="pisa_bench_vae_")  # removed at exit
+    spill = spill_dir.name
 
     def rss(field: str) -> int:
         with open("/proc/self/status") as f:
@@ -104,7 +106,9 @@ def main() -> int:
         return statistics.median(times), grow / GIB, peak, out
 
     free_ram = mm.get_free_memory(torch.device("cpu"))
-    budgets = {"unlimited": None, f"default ({vae_ops.RAM_SHARE:.0%} of free)": int(vae_ops.RAM_SHARE * free_ram)}
+    budgets = {"unlimited": None}
+    if not a.no_default:
+        budgets[f"default ({vae_ops.RAM_SHARE:.0%} of free)"] = int(vae_ops.RAM_SHARE * free_ram)
     budgets.update({f"forced {b:g} GiB": int(b * GIB) for b in a.budget_gib})
     print(f"device={dev} dtype={dt} torch={torch.__version__} vae_ch={ch} threads={torch.get_num_threads()} "
           f"free RAM {free_ram / GIB:.1f} GiB load {os.getloadavg()[0]:.1f} date={time.strftime('%Y-%m-%d %H:%M')}")
