@@ -1,8 +1,8 @@
 """Where the tiled VAE parks its full-size maps: in memory on ``device`` while they fit a byte budget, else in
 memory-mapped files in a directory. The files are unlinked as they are created (``tempfile.TemporaryFile``; on
-Windows deleted when closed), so an error or an interruption leaves nothing behind; the mapped pages the process
-touched are dropped after every tile (``trim``), so it keeps about one tile's worth resident and the kernel writes
-the rest back to disk like any file.
+Windows deleted when closed), so an error or an interruption leaves nothing behind. The mapped pages the process
+touched are dropped after every tile (``trim``): it keeps about the pages of one tile's regions resident (plus the
+kernel's read fault-around, 64 KiB per row of a region), and the kernel writes the rest back like any file.
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ class Parking:
 
     def __init__(self, device: torch.device | str = "cpu", budget: int | None = None, spill_dir: str | None = None):
         self.device = torch.device(device)
+        if budget is not None and self.device.type != "cpu":
+            raise ValueError("a budget (with files beyond it) is for host parking; a device parks without one")
         self.budget, self.spill_dir = budget, spill_dir
         self.in_memory = self.peak_in_memory = 0
         self.files = 0  # files made so far (a test and the bench see the bounded path was taken)
@@ -53,8 +55,8 @@ class Parking:
                             "raise the VAE's RAM budget.") from None
         if over > free:
             raise PisaError(f"the tiled VAE needs about {_size(over)} of free disk in {self.spill_dir} for its "
-                            f"full-size maps (beyond {_size(self.budget)} of RAM) but only {_size(free)} is free there. "
-                            "Free disk space, raise the VAE's RAM budget, or lower upscale or the image size.")
+                            f"full-size maps (beyond {_size(self.budget)} of RAM) but only {_size(free)} is free "
+                            "there. Free disk space, raise the VAE's RAM budget, or lower upscale or the image size.")
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised map: in memory while the budget allows, else file-backed (zero-filled, sparse)."""
