@@ -1,12 +1,16 @@
-"""VAE benchmark (issue: seam-free tiled VAE): our synchronised tiled decode/encode vs an untiled pass and ComfyUI's
-built-in tiled VAE, in one run on the same random SD-VAE weights.
+"""VAE benchmark (issues: seam-free tiled VAE; big pictures within a host-memory budget): the synchronised tiled
+decode/encode of the nodes under three host budgets, in one run on the same random full-size SD-VAE weights.
 
-Reports per size: time (median of --runs after a warm-up), peak device memory (torch.cuda.max_memory_allocated on
-GPU; on CPU the peak of live tensor bytes via a dispatch-mode counter is not used, RSS delta is shown instead), and
-PSNR against the untiled result (computed in fp32 where the untiled pass fits).
+Per size and op, rows for the budgets the nodes would plan (``nodes.vae_ops.plan``: tile, whole or tiled mid block,
+parking): ``unlimited`` (maps in RAM, whatever they need), ``default`` (RAM_SHARE of the RAM free at start), and
+each ``--budget-gib`` (a small forced budget: maps beyond it go to a memory-mapped temp file). Optional rows: the
+untiled VAE (``--untiled``) and ComfyUI's own tiled VAE (``--comfy-tiled``). Reported: time (median of --runs),
+peak host growth (VmHWM minus RSS before, the peak reset through /proc/self/clear_refs; includes resident pages of
+the spill files), peak device memory on a GPU, spill files, and the largest |difference| to the unlimited row (0 =
+bit-identical) or PSNR to the untiled one.
 
-    python bench/bench_vae.py                      # GPU: full-size SD VAE, 2048 and 4096 px outputs, bf16
-    python bench/bench_vae.py --cpu --tiny         # CPU smoke mode: tiny VAE, 256 and 512 px (under a minute)
+    python bench/bench_vae.py --cpu --sizes 2048 --runs 1 --ops decode    # CPU, full-size SD VAE, fp32
+    python bench/bench_vae.py --cpu --tiny                                 # CPU smoke mode: tiny VAE, 256 and 512 px
 Run with the host python (bash scripts/setup_host.sh prints it) and PISA_COMFY_DIR set.
 """
 from __future__ import annotations
@@ -16,11 +20,13 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 sys.path.insert(0, REPO)
+GIB = 1 << 30
 
 
 def psnr(a, b) -> float:
@@ -35,7 +41,13 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="*")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default: bf16 on GPU, fp32 on CPU)")
-    ap.add_argument("--tile", type=int, default=0, help="our decode tile in latent px (0 = auto from free memory)")
+    ap.add_argument("--tile", type=int, default=0, help="tile override as the nodes take it, latent px (decode) or "
+                    "image px (encode); 0 = planned from free memory and the budget")
+    ap.add_argument("--budget-gib", type=float, nargs="*", default=[1.0], help="forced small host budgets")
+    ap.add_argument("--no-default", action="store_true", help="skip the default-budget row")
+    ap.add_argument("--ops", nargs="*", default=["decode", "encode"])
+    ap.add_argument("--untiled", action="store_true", help="also the untiled VAE (fp32 reference for PSNR)")
+    ap.add_argument("--comfy-tiled", action="store_true", help="also ComfyUI's VAEDecodeTiled (decode only)")
     ap.add_argument("--cap-gib", type=float, default=None, help="GPU: see and use only this much device memory")
     a = ap.parse_args()
     if a.cap_gib and not a.cpu:  # before ComfyUI reads the device's total
@@ -43,15 +55,18 @@ def main() -> int:
 
         cap_device_memory(a.cap_gib)
 
-    from comfy_boot import boot
+    import comfy_boot
 
-    boot(cpu=a.cpu, pytorch_attention=False)  # ComfyUI's own attention choice for the VAE
+    comfy_boot.boot(cpu=a.cpu, pytorch_attention=False)  # ComfyUI's own attention choice for the VAE
+    comfy_boot.load_pack()
     import torch
     import comfy.model_management as mm
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
-    from pisa_sr.vae_tiled import auto_tile_size, tiled_decode, tiled_encode
+    from pisa_sr.park import Parking
+    from pisa_sr.vae_tiled import parked_bytes, tiled_decode, tiled_encode
 
+    vae_ops = comfy_boot.pack("nodes.vae_ops")
     dev = mm.get_torch_device()
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         a.dtype or ("fp32" if dev.type == "cpu" else "bf16")]
@@ -69,71 +84,85 @@ def main() -> int:
     vae = comfy.sd.VAE(sd=ae.state_dict(), config={"params": {"embed_dim": 4, "ddconfig": dd}}, dtype=dt)
     net = vae.first_stage_model
     mm.load_models_gpu([vae.patcher])
+    spill_dir = tempfile.TemporaryDirectory(prefix="pisa_bench_vae_")  # removed at exit
+    spill = spill_dir.name
+
+    def rss(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
     def timed(fn):
-        fn()  # warm-up
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times, out = [], None
+        times, out, grow, peak = [], None, 0, float("nan")
         for _ in range(a.runs):
+            out = None
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            before = rss("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
             t = time.perf_counter()
             out = fn()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() / GIB
             times.append(time.perf_counter() - t)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
-        return statistics.median(times), peak, out
+            grow = max(grow, rss("VmHWM") - before)
+        return statistics.median(times), grow / GIB, peak, out
 
-    print(f"device={dev} dtype={dt} torch={torch.__version__} vae_ch={ch} date={time.strftime('%Y-%m-%d')}")
-    print(f"{'op':8} {'px':>5} {'method':22} {'time s':>8} {'peak GiB':>9} {'PSNR dB':>8}")
+    free_ram = mm.get_free_memory(torch.device("cpu"))
+    budgets = {"unlimited": None}
+    if not a.no_default:
+        budgets[f"default ({vae_ops.RAM_SHARE:.0%} of free)"] = int(vae_ops.RAM_SHARE * free_ram)
+    budgets.update({f"forced {b:g} GiB": int(b * GIB) for b in a.budget_gib})
+    print(f"device={dev} dtype={dt} torch={torch.__version__} vae_ch={ch} threads={torch.get_num_threads()} "
+          f"free RAM {free_ram / GIB:.1f} GiB load {os.getloadavg()[0]:.1f} date={time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"{'op':7} {'px':>5} {'budget':24} {'plan':24} {'time s':>8} {'x unl':>6} {'host GiB':>9} "
+          f"{'dev GiB':>8} {'files':>5} {'max |diff| to unlimited':>13}")
+    isz = torch.empty((), dtype=dt).element_size()
     for px in sizes:
-        lat = px // 8
-        z = torch.randn(1, 4, lat, lat, generator=g).to(dev, dt)
-        free = mm.get_free_memory(dev)
-        tile = a.tile or auto_tile_size(free, lat, lat, is_decoder=True, dtype_bytes=torch.empty((), dtype=dt).element_size(),
-                                        base_channels=ch)
-        rows = {}
-        with torch.inference_mode():
-            try:
-                rows["untiled"] = timed(lambda: net.decode(z).float())
-            except mm.OOM_EXCEPTION:
-                mm.soft_empty_cache()
-                rows["untiled"] = None
-            rows[f"ours (tile {tile})"] = timed(lambda: tiled_decode(net, z, tile, offload_device=dev).float())
-            if tile >= lat:  # auto chose one tile: also show a forced 4x4 grid, parked in host RAM
-                ft = max(16, lat // 4)
-                rows[f"ours (tile {ft}, 4x4)"] = timed(lambda: tiled_decode(net, z, ft).float())
-            rows["comfy VAEDecodeTiled"] = timed(
-                lambda: vae.decode_tiled(z.float(), tile_x=64, tile_y=64, overlap=16).to(dev).movedim(-1, 1) * 2 - 1)
-        ref = rows["untiled"][2] if rows["untiled"] else None
-        for name, r in rows.items():
-            if r is None:
-                print(f"{'decode':8} {px:5d} {name:22} {'OOM':>8}")
-                continue
-            q = psnr(r[2].to(ref.device), ref) if ref is not None and r[2].shape == ref.shape else float("nan")
-            print(f"{'decode':8} {px:5d} {name:22} {r[0]:8.3f} {r[1]:9.2f} {q:8.1f}")
-        x = torch.rand(1, 3, px, px, generator=g).to(dev, dt) * 2 - 1
-        etile = auto_tile_size(free, px, px, is_decoder=False, dtype_bytes=torch.empty((), dtype=dt).element_size(),
-                               base_channels=ch)
-        rows = {}
-        with torch.inference_mode():
-            try:
-                rows["untiled"] = timed(lambda: net.encode(x).float())
-            except mm.OOM_EXCEPTION:
-                mm.soft_empty_cache()
-                rows["untiled"] = None
-            rows[f"ours (tile {etile})"] = timed(lambda: tiled_encode(net, x, etile, offload_device=dev).float())
-            if etile >= px:
-                fe = max(128, px // 4 // 64 * 64)
-                rows[f"ours (tile {fe}, 4x4)"] = timed(lambda: tiled_encode(net, x, fe).float())
-        ref = rows["untiled"][2] if rows["untiled"] else None
-        for name, r in rows.items():
-            if r is None:
-                print(f"{'encode':8} {px:5d} {name:22} {'OOM':>8}")
-                continue
-            q = psnr(r[2], ref) if ref is not None else float("nan")
-            print(f"{'encode':8} {px:5d} {name:22} {r[0]:8.3f} {r[1]:9.2f} {q:8.1f}")
+        for op in a.ops:
+            is_dec = op == "decode"
+            side = px // 8 if is_dec else px
+            x = (torch.randn(1, 4, side, side, generator=g) if is_dec else
+                 torch.rand(1, 3, side, side, generator=g) * 2 - 1).to(dt)
+            rows = {}
+            if a.untiled:
+                try:
+                    rows["untiled"] = ("-", *timed(lambda: (net.decode if is_dec else net.encode)(x.to(dev)).float()))
+                except Exception as e:  # noqa: BLE001 (an OOM of either kind: reported as a row)
+                    rows["untiled"] = ("-", None, type(e).__name__)
+                    mm.soft_empty_cache()
+            if a.comfy_tiled and is_dec:
+                rows["comfy VAEDecodeTiled"] = ("64/16 latent", *timed(
+                    lambda: vae.decode_tiled(x.float(), tile_x=64, tile_y=64, overlap=16).movedim(-1, 1) * 2 - 1))
+            for name, budget in budgets.items():
+                pl = vae_ops.plan(dev, mm.get_free_memory(dev) if dev.type != "cpu" else free_ram,
+                                  budget if budget is not None else 1 << 62, spill, (side, side),
+                                  a.tile, is_decoder=is_dec, dtype_bytes=isz, base_channels=ch)
+                parking = pl.parking if budget is not None else Parking(pl.parking.device)
+                fn = tiled_decode if is_dec else tiled_encode
+                kw = {} if is_dec else {"device": dev}
+                res = timed(lambda: fn(net, x.to(dev) if is_dec else x, pl.tile, whole_mid=pl.whole_mid,
+                                       parking=parking, **kw).float())
+                mid = {None: "whole?", True: "whole", False: "tiled"}[pl.whole_mid]
+                rows[name] = (f"tile {pl.tile}, mid {mid}, {parking.device.type}", *res, parking.files)
+            base = rows["unlimited"][4]
+            unl_t = rows["unlimited"][1]
+            for name, r in rows.items():
+                if r[1] is None:
+                    print(f"{op:7} {px:5d} {name:24} {r[2]}")
+                    continue
+                cmp = f"{(r[4].cpu() - base.cpu()).abs().max().item():.1e}" if r[4].shape == base.shape else "-"
+                if "untiled" in rows and rows["untiled"][1] is not None and name != "untiled":
+                    cmp += f" ({psnr(r[4].cpu(), rows['untiled'][4].cpu()):.0f} dB to untiled)"
+                files = r[5] if len(r) > 5 else "-"
+                print(f"{op:7} {px:5d} {name:24} {r[0]:24} {r[1]:8.1f} {r[1] / unl_t:6.2f} {r[2]:9.2f} "
+                      f"{r[3]:8.2f} {files!s:>5} {cmp:>13}")
+            need = parked_bytes(side, side, is_decoder=is_dec, dtype_bytes=isz, base_channels=ch)
+            print(f"        parked maps by the formula (parked_bytes): {need / GIB:.2f} GiB; x4 area "
+                  f"({px * 2} px): {4 * need / GIB:.2f} GiB, x16 ({px * 4} px): {16 * need / GIB:.2f} GiB")
+            del rows, x
     return 0
 
 

@@ -166,16 +166,11 @@ def free_memory(model: Any) -> int:
     return patcher_free_memory(model, model.load_device)
 
 
-def vae_load(vae: Any, shape: list[int], encode: bool, memory_bytes: int | None = None) -> None:
-    """Load the VAE through ComfyUI, claiming ``memory_bytes`` of device working memory beside its weights (ComfyUI
-    unloads other models only as far as that needs). None: ComfyUI's own per-pixel estimate of an untiled run on
-    ``shape``, which is right only for the untiled path: for a 2048 px decode it is ~18 GB, so every other model,
-    the UNet included, would be unloaded on every prompt although the tiled path needs a few GB."""
+def vae_load(vae: Any, memory_bytes: int) -> None:
+    """Load the VAE through ComfyUI, claiming ``memory_bytes`` of device working memory beside its weights: ComfyUI
+    unloads other models only as far as that needs."""
     # upstream: Comfy-Org/ComfyUI comfy/sd.py @ 033046cc4fac (VAE.decode/encode call load_models_gpu with
     # memory_required = memory_used_decode/encode of the whole batch, force_full_load = disable_offload)
-    if memory_bytes is None:
-        dt = vae.vae_dtype
-        memory_bytes = vae.memory_used_encode(shape, dt) if encode else vae.memory_used_decode(shape, dt)
     mm.load_models_gpu([vae.patcher], memory_required=int(memory_bytes),
                        force_full_load=getattr(vae, "disable_offload", False))
 
@@ -251,3 +246,8 @@ def preview_images(images: torch.Tensor) -> list:
 def free_ram() -> int:
     """Available host memory (what ComfyUI reports for the CPU device)."""
     return int(mm.get_free_memory(torch.device("cpu")))
+
+
+def temp_directory() -> str:
+    """ComfyUI's temp directory (emptied at its start), where the tiled VAE spills maps beyond its RAM budget."""
+    return folder_paths.get_temp_directory()

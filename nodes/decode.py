@@ -17,7 +17,8 @@ from .preview import comparison_ui
 NODE = "PiSA Tiled VAE Decode"
 
 
-def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0) -> torch.Tensor:
+def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0, vae_ram_budget: float = 0.0
+              ) -> torch.Tensor:
     """The IMAGE [B,H,W,3], decoded and colour-fixed one frame at a time into the output, so memory does not grow
     with the batch beyond the IMAGE itself; every frame's result is what it would be alone.
 
@@ -38,7 +39,7 @@ def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0) -> torc
                         "LATENT that came from the same PiSA Encode LQ.")
     img: torch.Tensor | None = None
     for i in range(b):
-        out = vae_ops.decode(vae, z[i:i + 1], int(vae_tile_size))
+        out = vae_ops.decode(vae, z[i:i + 1], int(vae_tile_size), float(vae_ram_budget))
         if info is not None:
             h, w = info.lq_u8.shape[1:3]
             if (h, w) != tuple(out.shape[-2:]):
@@ -74,6 +75,10 @@ class PiSADecode(io.ComfyNode):
                 io.Int.Input("vae_tile_size", default=0, min=0, max=8192, step=64,
                              tooltip="VAE tile size in output px; 0 = automatic, 1..128 = the smallest (128). "
                              "Tiling never changes the result (no seams), only memory and time."),
+                io.Float.Input("vae_ram_budget", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
+                               tooltip="Host RAM (GiB) the tiled VAE may add for its full-size maps and working set; "
+                               "0 = automatic (half the RAM free when the node starts). Maps beyond it go to a "
+                               "temporary file in ComfyUI's temp folder. Never changes the result."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="The upscaled image.")],
         )
@@ -81,6 +86,6 @@ class PiSADecode(io.ComfyNode):
     @classmethod
     @names_refusals(NODE)
     @trims_heap
-    def execute(cls, latent, vae, color_fix="adain", vae_tile_size=0) -> io.NodeOutput:
-        img = decode_hq(latent, vae, color_fix, vae_tile_size)
+    def execute(cls, latent, vae, color_fix="adain", vae_tile_size=0, vae_ram_budget=0.0) -> io.NodeOutput:
+        img = decode_hq(latent, vae, color_fix, vae_tile_size, vae_ram_budget)
         return io.NodeOutput(img, ui=comparison_ui(img, lq_info_of(latent)))

@@ -15,7 +15,8 @@ NODE = "PiSA Encode LQ"
 MIN_SIDE = 8
 
 
-def encode_lq(image: torch.Tensor, vae, upscale: int, resize_filter: str, vae_tile_size: int = 0) -> dict:
+def encode_lq(image: torch.Tensor, vae, upscale: int, resize_filter: str, vae_tile_size: int = 0,
+              vae_ram_budget: float = 0.0) -> dict:
     """One frame at a time (resize into the 8-bit LQ reference, encode its float copy), so memory does not grow with
     the batch beyond the LATENT itself; every frame's result is what it would be alone. Beyond the LATENT and the
     encoder's own working memory, a frame costs the resize's (see resize_batch) and then one fp32 copy of the resized
@@ -27,7 +28,7 @@ def encode_lq(image: torch.Tensor, vae, upscale: int, resize_filter: str, vae_ti
     lq_u8 = torch.empty(b, h, w, 3, dtype=torch.uint8)
     for i in range(b):
         frame = resize_batch(image[i:i + 1], plan, resize_filter, out=lq_u8[i:i + 1])
-        zi = vae_ops.encode(vae, frame.to(torch.float32).div_(255.0), int(vae_tile_size))
+        zi = vae_ops.encode(vae, frame.to(torch.float32).div_(255.0), int(vae_tile_size), float(vae_ram_budget))
         if z is None:
             z = zi.new_empty((b, *zi.shape[1:]))
         z[i:i + 1] = zi
@@ -55,6 +56,10 @@ class PiSAEncodeLQ(io.ComfyNode):
                 io.Int.Input("vae_tile_size", default=0, min=0, max=8192, step=64,
                              tooltip="VAE tile size in image px; 0 = automatic, 1..128 = the smallest (128). "
                              "Tiling never changes the result, only memory and time."),
+                io.Float.Input("vae_ram_budget", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
+                               tooltip="Host RAM (GiB) the tiled VAE may add for its full-size maps and working set; "
+                               "0 = automatic (half the RAM free when the node starts). Maps beyond it go to a "
+                               "temporary file in ComfyUI's temp folder. Never changes the result."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The encoded LQ image; connect to Dual-Guided "
                                       "One-Step Sample.")],
@@ -63,5 +68,6 @@ class PiSAEncodeLQ(io.ComfyNode):
     @classmethod
     @names_refusals(NODE)
     @trims_heap
-    def execute(cls, image, vae, upscale=4, resize_filter="bicubic", vae_tile_size=0) -> io.NodeOutput:
-        return io.NodeOutput(encode_lq(image, vae, upscale, resize_filter, vae_tile_size))
+    def execute(cls, image, vae, upscale=4, resize_filter="bicubic", vae_tile_size=0,
+                vae_ram_budget=0.0) -> io.NodeOutput:
+        return io.NodeOutput(encode_lq(image, vae, upscale, resize_filter, vae_tile_size, vae_ram_budget))

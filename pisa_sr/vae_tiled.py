@@ -3,14 +3,17 @@
 Tiles run independently each get their own GroupNorm statistics (colour shifts, seams), and averaging per-tile
 variances (the release's tiled VAE) drops the spread between tile means. Here all tiles advance together one
 *step* at a time, a step being everything between two GroupNorms (norm -> SiLU -> at most one 3x3 conv, plus
-shortcut or resampling). After each step the tile cores are parked in a full-size map on ``offload_device`` and
+shortcut or resampling). After each step the tile cores are parked in a full-size map (``park.Parking``: memory
+within a budget, else a memory-mapped file) and
 per-channel count/mean/M2 are merged across tiles (Chan's formula, fp64), so the next GroupNorm uses the whole
 image's statistics. A tile reads its core plus a HALO from the parked map, enough for one 3x3 conv, and sees the
 untiled network's zero padding at the border: tiled == untiled up to float error, with no blending. The mid
-block's attention runs on the whole (1/8-side) map when it fits, else exactly, one query tile at a time with
-keys/values streamed through an online softmax.
+block runs on the whole (1/8-side) map when the caller says it fits, else tiled; its attention is exact either way
+(PyTorch's scaled-dot-product attention over all keys, one query tile at a time when tiled): on the CPU it was the
+fastest of SDPA, the release-style streamed online softmax and ComfyUI's sliced attention (bench/RESULTS.md).
 
-Device memory scales with the tile (plus the whole-map mid block), host memory with the image (``parked_bytes``).
+Device memory scales with the tile (plus the whole-map mid block, or the keys/values of a tiled attention), the
+parked maps with the image (``parked_bytes``), held within the parking's budget.
 Only GroupNorm is re-implemented; convs, resamplers and mid blocks run through their own ``forward`` so ComfyUI's
 casting ops keep working. Nothing is patched, so an interruption leaves no state.
 """
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import PisaError
+from .park import Parking
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,6 @@ HALO = 2
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 _CHUNK = 32  # channels widened to fp32 at once for the norm/statistics of 16-bit tiles
-_ATTN_SCORE_BUDGET = 1 << 24  # fp32 scores per query tile and key chunk (64 MiB) in the streamed attention
 _SD_VAE = "Connect the VAE of the SD 2.1-base checkpoint."
 
 Progress = Callable[[int, int], None]
@@ -65,6 +68,7 @@ class _Map:
         self.count = 0
         self.mean: torch.Tensor | None = None  # [B, C] fp64
         self.m2: torch.Tensor | None = None  # [B, C] fp64, sum of squared deviations
+        self.affine: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per norm: fp32 scale, shift (stats final)
 
     def add_stats(self, core: torch.Tensor, acc_device: torch.device) -> None:
         """Merge the statistics of one tile core (each pixel of the map is added exactly once)."""
@@ -95,12 +99,12 @@ class _Runner:
     """Drives all tiles through the network step by step; owns progress, interruption and parking."""
 
     def __init__(self, base_h: int, base_w: int, tile: int, device: torch.device, dtype: torch.dtype,
-                 park: torch.device | str, progress: Progress | None, check_interrupt: Interrupt | None):
+                 parking: Parking, progress: Progress | None, check_interrupt: Interrupt | None):
         ys, xs = _cuts(base_h, tile), _cuts(base_w, tile)
         self.cores = [(ys[i], ys[i + 1], xs[j], xs[j + 1]) for i in range(len(ys) - 1) for j in range(len(xs) - 1)]
         self.max_core = (max(b - a for a, b in itertools.pairwise(ys)), max(b - a for a, b in itertools.pairwise(xs)))
         self.h, self.w = base_h, base_w
-        self.device, self.dtype, self.park = device, dtype, torch.device(park)
+        self.device, self.dtype, self.parking, self.park = device, dtype, parking, parking.device
         self.acc_device = device if device.type != "mps" else torch.device("cpu")  # mps has no fp64
         self.progress, self.check_interrupt = progress, check_interrupt
         self.done, self.total = 0, 0
@@ -115,11 +119,22 @@ class _Runner:
             self.progress(self.done, self.total)
 
     def new_map(self, batch: int, channels: int, scale: int) -> _Map:
-        data = torch.empty(batch, channels, self.h * scale, self.w * scale, dtype=self.dtype, device=self.park)
-        return _Map(data, scale)
+        return _Map(self.parking.empty((batch, channels, self.h * scale, self.w * scale), self.dtype), scale)
 
     def norm(self, norm: torch.nn.GroupNorm, source: _Map, t: torch.Tensor) -> torch.Tensor:
         """GroupNorm of a tile ``t`` of ``source`` with the whole map's statistics (fp32 math, like torch's)."""
+        if id(norm) not in source.affine:  # once per step, not per tile
+            source.affine[id(norm)] = self._affine(norm, source)
+        scale, shift = source.affine[id(norm)]
+        if t.dtype == torch.float32:
+            return torch.addcmul(shift, t, scale)
+        out = torch.empty_like(t)  # fp32 math (type promotion), rounded once, a few channels at a time
+        for c in range(0, t.shape[1], _CHUNK):
+            out[:, c:c + _CHUNK] = torch.addcmul(shift[:, c:c + _CHUNK], t[:, c:c + _CHUNK], scale[:, c:c + _CHUNK])
+        return out
+
+    def _affine(self, norm: torch.nn.GroupNorm, source: _Map) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel fp32 scale and shift [B, C, 1, 1] that GroupNorm with ``source``'s statistics applies."""
         b, c = source.mean.shape
         g = norm.num_groups
         mean = source.mean.view(b, g, c // g)
@@ -135,21 +150,16 @@ class _Runner:
             scale, shift = scale * w, shift * w
         if norm.bias is not None:
             shift = shift + norm.bias.detach().to(self.acc_device, torch.float64)
-        scale = scale.to(t.device, torch.float32)[:, :, None, None]
-        shift = shift.to(t.device, torch.float32)[:, :, None, None]
-        if t.dtype == torch.float32:
-            return torch.addcmul(shift, t, scale)
-        out = torch.empty_like(t)  # fp32 math (type promotion), rounded once, a few channels at a time
-        for c in range(0, t.shape[1], _CHUNK):
-            out[:, c:c + _CHUNK] = torch.addcmul(shift[:, c:c + _CHUNK], t[:, c:c + _CHUNK], scale[:, c:c + _CHUNK])
-        return out
+        return (scale.to(self.device, torch.float32)[:, :, None, None],
+                shift.to(self.device, torch.float32)[:, :, None, None])
 
     def step(self, inputs: list[_Map], fn: Callable[..., torch.Tensor], out_channels: int, out_scale: int, *,
-             halo: int = HALO, stats: bool = True, into: _Map | None = None) -> _Map:
+             halo: int = HALO, stats: bool = True, into: _Map | None = None, last: bool = False) -> _Map:
         """Run ``fn`` on every tile (core + halo of each input, all at one scale) and park the output cores.
 
         ``into``: park them over (the first ``out_channels`` channels of) this map, only for an input ``fn`` reads
         pointwise: each tile overwrites just its own core after reading it, and its halo values are unused.
+        ``last``: the network's output, written to an ordinary CPU tensor (the caller's result, not parked).
         """
         s_in = inputs[0].scale
         hi, wi = self.h * s_in, self.w * s_in
@@ -157,6 +167,9 @@ class _Runner:
         ly, lx = self.max_core[0] * s_in + 2 * halo, self.max_core[1] * s_in + 2 * halo
         if into is not None:
             out = _Map(into.data[:, :out_channels], out_scale)
+        elif last:
+            out = _Map(torch.empty(inputs[0].data.shape[0], out_channels, self.h * out_scale, self.w * out_scale,
+                                   dtype=self.dtype), out_scale)
         else:
             out = self.new_map(inputs[0].data.shape[0], out_channels, out_scale)
         for y0, y1, x0, x1 in self.cores:
@@ -177,6 +190,7 @@ class _Runner:
                 out.add_stats(core, self.acc_device)
             out.data[:, :, y0 * out_scale:y1 * out_scale, x0 * out_scale:x1 * out_scale].copy_(core)
             del y, core
+            self.parking.trim()
             self.tick()
         return out
 
@@ -202,7 +216,8 @@ class _Runner:
         return self.step([h, x], second, blk.conv2.out_channels, x.scale, into=reuse)
 
     def attention(self, attn: torch.nn.Module, x: _Map) -> _Map:
-        """AttnBlock, exact: global norm, then each query tile attends to every position (online softmax)."""
+        """AttnBlock, exact: global norm, then each query tile attends to every position (keys/values of the whole
+        map on the device, 2 maps at this resolution)."""
         c = x.data.shape[1]
 
         def qkv_fn(t: torch.Tensor) -> torch.Tensor:
@@ -210,14 +225,8 @@ class _Runner:
             return torch.cat([attn.q(n), attn.k(n), attn.v(n)], dim=1)
 
         qkv = self.step([x], qkv_fn, 3 * c, x.scale, halo=0, stats=False)
-        keys = qkv.data[:, c:2 * c].flatten(2)  # [B, C, N] views of the parked map
-        values = qkv.data[:, 2 * c:].flatten(2)
-        if self.park != self.device:
-            try:  # keys and values on the device once (2 maps at this resolution); else stream them per tile
-                keys, values = keys.to(self.device), values.to(self.device)
-            except _OOM:
-                log.warning("tiled VAE: keys/values of the attention do not fit on %s; streaming them", self.device)
-        scale = c ** -0.5
+        keys, values = (_tokens(qkv.data[:, i * c:(i + 1) * c].to(self.device)) for i in (1, 2))
+        self.parking.trim()  # the whole qkv map was just read
         # the residual reads x pointwise, so the output can overwrite it (see ``step``)
         out = _Map(x.data, x.scale) if x.owned else self.new_map(x.data.shape[0], c, x.scale)
         s = x.scale
@@ -225,30 +234,13 @@ class _Runner:
             self.check()
             region = (slice(None), slice(None), slice(y0 * s, y1 * s), slice(x0 * s, x1 * s))
             q = qkv.data[:, :c][region].to(self.device)
-            th, tw = q.shape[-2:]
-            q = q.flatten(2).transpose(1, 2).float() * scale  # [B, nq, C]
-            nq = q.shape[1]
-            chunk = max(64, min(4 * nq, _ATTN_SCORE_BUDGET // nq))  # bounded by the tile, not the image
-            m = torch.full((q.shape[0], nq, 1), -math.inf, device=self.device)
-            denom = torch.zeros((q.shape[0], nq, 1), device=self.device)
-            acc = torch.zeros_like(q)
-            for k0 in range(0, keys.shape[-1], chunk):
-                kc = keys[..., k0:k0 + chunk].to(self.device).float()  # [B, C, nk]
-                vc = values[..., k0:k0 + chunk].to(self.device).float()
-                sc = torch.bmm(q, kc)  # [B, nq, nk]
-                m_new = torch.maximum(m, sc.amax(-1, keepdim=True))
-                sc = torch.exp(sc - m_new)
-                corr = torch.exp(m - m_new)
-                denom = denom * corr + sc.sum(-1, keepdim=True)
-                acc = acc * corr + torch.bmm(sc, vc.transpose(1, 2))
-                m = m_new
-                del kc, vc, sc
-            o = (acc / denom).transpose(1, 2).reshape(q.shape[0], c, th, tw).to(self.dtype)
-            del q, acc, denom, m
+            o = _untokens(F.scaled_dot_product_attention(_tokens(q), keys, values), q.shape)
+            del q
             res = x.data[region].to(self.device) + attn.proj_out(o)
             out.add_stats(res, self.acc_device)
             out.data[region].copy_(res)
             del o, res
+            self.parking.trim()
             self.tick()
         return out
 
@@ -270,10 +262,11 @@ class _Runner:
         if whole is not False:
             self.check()
             try:
-                h = whole_input()
-                h = mid.block_2(mid.attn_1(mid.block_1(h, None)), None)
-                out = _Map(h.to(self.park), 1)
+                h = mid.block_2(_whole_attention(mid.attn_1, mid.block_1(whole_input(), None)), None)
+                out = self.new_map(h.shape[0], h.shape[1], 1)
+                out.data.copy_(h)
                 out.add_stats(h, self.acc_device)
+                del h
                 self.tick()
                 return out
             except _OOM:
@@ -285,6 +278,26 @@ class _Runner:
         x = self.resnet(mid.block_1, tiled_input())
         x = self.attention(mid.attn_1, x)
         return self.resnet(mid.block_2, x)
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, 1, H*W, C] contiguous, the layout scaled_dot_product_attention is fastest with."""
+    return t.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+
+
+def _untokens(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return t.squeeze(1).transpose(1, 2).reshape(shape)
+
+
+def _whole_attention(attn: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """AttnBlock on a whole map with scaled-dot-product attention (what ComfyUI's ``pytorch_attention`` computes),
+    whatever attention ComfyUI picked for the VAE: its sliced one sizes itself from free memory, not the budget."""
+    n = attn.norm(h)
+    q, k, v = (_tokens(f(n)) for f in (attn.q, attn.k, attn.v))
+    del n
+    o = _untokens(F.scaled_dot_product_attention(q, k, v), h.shape)
+    del q, k, v
+    return h + attn.proj_out(o)
 
 
 def _check(net: torch.nn.Module, x: torch.Tensor, tile: int, what: str) -> None:
@@ -313,11 +326,13 @@ def _one_piece(fn: Callable[[], torch.Tensor], progress: Progress | None, check_
 @torch.no_grad()
 def tiled_decode(ae: torch.nn.Module, z: torch.Tensor, tile: int, *, progress: Progress | None = None,
                  check_interrupt: Interrupt | None = None, whole_mid: bool | None = None,
-                 offload_device: torch.device | str = "cpu") -> torch.Tensor:
+                 parking: Parking | None = None) -> torch.Tensor:
     """``ae.decode(z)`` (ComfyUI's ``AutoencoderKL``, unclamped [B,3,8h,8w]) in tiles of ``tile`` latent px, up to
-    float error; ``z`` on the model's device and dtype. ``whole_mid``: None runs the mid block on the whole map and
-    falls back to tiles on a device OOM, True/False force either. ``offload_device`` holds the parked maps.
-    ``progress(done, total)`` is called after every tile step, ``check_interrupt()`` before each (it raises to stop).
+    float error; ``z`` on the model's device and dtype; the result on the CPU when tiled (the caller's next stop).
+    ``whole_mid``: None runs the mid block on the whole map and falls back to tiles on a device OOM, True/False
+    force either. ``parking`` holds the parked maps (default: RAM, unlimited); a budget it cannot meet is refused
+    before any work. ``progress(done, total)`` is called after every tile step, ``check_interrupt()`` before each
+    (it raises to stop).
     """
     dec = ae.decoder
     _check(dec, z, tile, "decode")
@@ -329,7 +344,10 @@ def tiled_decode(ae: torch.nn.Module, z: torch.Tensor, tile: int, *, progress: P
     if getattr(dec, "give_pre_end", False):
         raise PisaError(f"decoders with give_pre_end are not supported. {_SD_VAE}")
 
-    run = _Runner(h, w, tile, z.device, z.dtype, offload_device, progress, check_interrupt)
+    parking = parking or Parking()
+    parking.prepare(parked_bytes(w, h, is_decoder=True, dtype_bytes=z.dtype.itemsize,
+                                 base_channels=dec.conv_out.in_channels))
+    run = _Runner(h, w, tile, z.device, z.dtype, parking, progress, check_interrupt)
     levels = [dec.up[i] for i in reversed(range(dec.num_resolutions))]
     mid_units = len(run.cores) * 7  # conv_in + two resnet blocks + attention, tiled
     run.total = len(run.cores) * (1 + _steps(levels)) + (mid_units if whole_mid is False else 1)
@@ -346,33 +364,37 @@ def tiled_decode(ae: torch.nn.Module, z: torch.Tensor, tile: int, *, progress: P
         y = dec.conv_out(F.silu(run.norm(dec.norm_out, x, t), inplace=True))
         return torch.tanh(y) if getattr(dec, "tanh_out", False) else y
 
-    return run.step([x], final, dec.conv_out.out_channels, x.scale, stats=False).data.to(z.device)
+    return run.step([x], final, dec.conv_out.out_channels, x.scale, stats=False, last=True).data
 
 
 @torch.no_grad()
 def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, *, progress: Progress | None = None,
                  check_interrupt: Interrupt | None = None, whole_mid: bool | None = None,
-                 offload_device: torch.device | str = "cpu") -> torch.Tensor:
+                 parking: Parking | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """The raw latent [B,4,H/8,W/8] (posterior mode, ComfyUI's ``VAE.encode`` before scaling) of ``x`` [B,3,H,W]
-    in [-1,1] on the model's device and dtype, H and W multiples of 8, in tiles of about ``tile`` image px
-    (multiples of 8), up to float error; the rest as in :func:`tiled_decode`.
+    in [-1,1] in the model's dtype, H and W multiples of 8, in tiles of about ``tile`` image px (multiples of 8), up
+    to float error, on ``device`` (the model's; default ``x``'s). ``x`` may stay on the CPU: only tiles of it go to
+    the device. The result is on the CPU when tiled; the rest as in :func:`tiled_decode`.
     """
     enc = ae.encoder
     _check(enc, x, tile, "encode")
     hh, ww = x.shape[-2:]
     if hh % 8 or ww % 8:
         raise ValueError(f"tiled encode needs H and W divisible by 8, got {hh}x{ww}")
-    device, dtype = x.device, x.dtype
+    device, dtype = torch.device(device or x.device), x.dtype
     factor = 2 ** (enc.num_resolutions - 1)
     if factor != 8:
         raise PisaError(f"this VAE downsamples {factor}x, not 8x like SD's. {_SD_VAE}")
     h, w, ltile = hh // 8, ww // 8, max(1, tile // 8)
     if h <= ltile and w <= ltile:
-        return _one_piece(lambda: ae.encode(x), progress, check_interrupt)
+        return _one_piece(lambda: ae.encode(x.to(device)), progress, check_interrupt)
     if getattr(ae, "bn", None) is not None:
         raise PisaError(f"VAEs with a latent batch-norm are not supported. {_SD_VAE}")
 
-    run = _Runner(h, w, ltile, device, dtype, offload_device, progress, check_interrupt)
+    parking = parking or Parking()
+    parking.prepare(parked_bytes(ww, hh, is_decoder=False, dtype_bytes=dtype.itemsize,
+                                 base_channels=enc.conv_in.out_channels))
+    run = _Runner(h, w, ltile, device, dtype, parking, progress, check_interrupt)
     levels = [enc.down[i] for i in range(enc.num_resolutions)]
     mid_units = len(run.cores) * 6  # two resnet blocks + attention, tiled
     run.total = len(run.cores) * (2 + _steps(levels)) + (mid_units if whole_mid is False else 1)  # + conv_in, out
@@ -383,10 +405,10 @@ def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, *, progress: P
     def final(t: torch.Tensor) -> torch.Tensor:
         return ae.quant_conv(enc.conv_out(F.silu(run.norm(enc.norm_out, mid, t), inplace=True)))
 
-    moments = run.step([mid], final, ae.quant_conv.out_channels, 1, stats=False).data
+    moments = run.step([mid], final, ae.quant_conv.out_channels, 1, stats=False, last=True).data
     if type(getattr(ae, "regularization", None)).__name__ == "DiagonalGaussianRegularizer":
         moments = moments[:, : moments.shape[1] // 2]  # the posterior mode is its mean
-    return moments.to(device).contiguous()
+    return moments.contiguous()
 
 
 # --- automatic tile size --------------------------------------------------------------------------------------
@@ -398,9 +420,11 @@ _PLAIN = {True: 2178 * 64, False: 1767}
 # accounting (tests/test_vae_tiled.py's _LiveBytes) on the full-size SD VAE at 6.0 for decode (the step that
 # upsamples 2C channels into the top level) and 4.0 for encode, fp32 and bf16 alike; one copy of margin each.
 _TILE_COPIES = {True: 7, False: 5}
-# Whole-map mid block at latent resolution, 4x the base channels: input, norm output, q/k/v and their transposed
-# copies in ComfyUI's attention, attention output, residual.
+# Whole-map mid block at latent resolution, 4x the base channels: input, norm output, q/k/v and their token-layout
+# copies, attention output, residual.
 _MID_COPIES = 10
+# A tiled attention keeps the keys and values of the whole map on the device (plus one transient layout copy).
+_KV_COPIES = 3
 # Device allocator rounding/fragmentation and convolution workspaces, which CPU accounting does not see.
 _SAFETY = 1.5
 
@@ -410,18 +434,34 @@ def _tile_bytes(tile: int, *, is_decoder: bool, dtype_bytes: int, base_channels:
     return _TILE_COPIES[is_decoder] * base_channels * region * region * dtype_bytes
 
 
-def _tiled_peak(tile: int, width: int, height: int, *, is_decoder: bool, dtype_bytes: int, base_channels: int) -> float:
+def _mid_bytes(width: int, height: int, copies: int, *, is_decoder: bool, dtype_bytes: int,
+               base_channels: int) -> int:
     lat_w, lat_h = (width, height) if is_decoder else (max(1, width // 8), max(1, height // 8))
-    mid = _MID_COPIES * 4 * base_channels * lat_w * lat_h * dtype_bytes
+    return copies * 4 * base_channels * lat_w * lat_h * dtype_bytes
+
+
+def whole_mid_bytes(width: int, height: int, *, is_decoder: bool, dtype_bytes: int, base_channels: int = 128
+                    ) -> float:
+    """Estimated peak of the whole-map mid block (``width``/``height`` as for the tile), with the safety factor:
+    callers run it whole only when this fits their budget (it grows with the image, the tiled one does not)."""
+    return _SAFETY * _mid_bytes(width, height, _MID_COPIES, is_decoder=is_decoder, dtype_bytes=dtype_bytes,
+                                base_channels=base_channels)
+
+
+def _tiled_peak(tile: int, width: int, height: int, *, is_decoder: bool, dtype_bytes: int, base_channels: int,
+                whole_mid: bool = True) -> float:
+    mid = _mid_bytes(width, height, _MID_COPIES if whole_mid else _KV_COPIES, is_decoder=is_decoder,
+                     dtype_bytes=dtype_bytes, base_channels=base_channels)
     return _SAFETY * (_tile_bytes(tile, is_decoder=is_decoder, dtype_bytes=dtype_bytes,
                                   base_channels=base_channels) + mid)
 
 
 def auto_tile_size(free_bytes: int, width: int, height: int, *, is_decoder: bool, dtype_bytes: int,
-                   base_channels: int = 128) -> int:
+                   base_channels: int = 128, whole_mid: bool = True) -> int:
     """Largest tile (latent px for decode, image px for encode, as ``width``/``height``) whose estimated device
     peak fits ``free_bytes``: the whole image (plain path) if the untiled peak fits, else multiples of 8 latent /
     64 image px, never below 16 / 128 even if that does not fit (the caller retries smaller on an OOM).
+    ``whole_mid``: the mid block runs on the whole map (counted), else tiled (its keys/values counted).
     """
     if width <= 0 or height <= 0 or dtype_bytes <= 0:
         raise ValueError("width, height and dtype_bytes must be positive")
@@ -432,7 +472,7 @@ def auto_tile_size(free_bytes: int, width: int, height: int, *, is_decoder: bool
     tile = (whole // step) * step
     while tile > smallest:
         if _tiled_peak(tile, width, height, is_decoder=is_decoder, dtype_bytes=dtype_bytes,
-                       base_channels=base_channels) <= free_bytes:
+                       base_channels=base_channels, whole_mid=whole_mid) <= free_bytes:
             return tile
         tile -= step
     return min(whole, smallest)

@@ -102,8 +102,20 @@ def decode(c, lat, color_fix: str = "adain", **kw):
 
 
 def low_ram(c):
-    c.mp.setattr(c.compat, "free_ram", lambda: 1 << 20)  # 1 MiB free: the parked full-size maps cannot fit
+    c.mp.setattr(c.compat, "free_ram", lambda: 1 << 20)  # 1 MiB free: the parked full-size maps go to temp files
     return c
+
+
+def no_disk(c):
+    c.mp.setattr(host.pack("pisa_sr.park").shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
+    return low_ram(c)
+
+
+def unwritable_temp(c):
+    blocker = host.BASE_DIR / "temp_is_a_file"
+    blocker.write_text("")  # a directory under a regular file cannot exist, whoever runs the test
+    c.mp.setattr(c.compat, "temp_directory", lambda: str(blocker / "temp"))
+    return low_ram(c)
 
 
 def with_lq(lat: dict, b: int, h: int, w: int) -> dict:
@@ -211,8 +223,10 @@ case("encode-inf", ENCODE, lambda c: encode(c, poke(image(), (0, 0, 0, 0), math.
 case("encode-16-bit-values", ENCODE, lambda c: encode(c, image() * 65535.0), "0..1", "scaled")  # a 16-bit loader
 case("encode-negative-values", ENCODE, lambda c: encode(c, image() * 2.0 - 1.0), "0..1", "scaled")  # -1..1 tensor
 case("encode-bad-resize-filter", ENCODE, lambda c: encode(c, image(), "lanczos3"), "resize filter", "bicubic")
-case("encode-not-enough-ram", ENCODE, lambda c: encode(low_ram(c), image(64, 64), vae_tile_size=128), "GiB of RAM",
-     "Lower upscale")
+case("encode-no-disk-for-vae-maps", ENCODE, lambda c: encode(no_disk(c), image(64, 64), vae_tile_size=128),
+     "of free disk in", "temp", "raise the VAE's RAM budget")
+case("encode-vae-temp-unwritable", ENCODE, lambda c: encode(unwritable_temp(c), image(64, 64), vae_tile_size=128),
+     "temp_is_a_file", "writable")
 
 # ------------------------------------------------------------------------------------------------ Sample
 case("sample-no-pisa-loras", SAMPLE, lambda c: sample(c, model=c.world.model), "Load PiSA LoRAs")
@@ -246,8 +260,10 @@ case("decode-wrong-latent-shape", DECODE, lambda c: decode(c, latent(ch=16), "no
 case("decode-nan-latent", DECODE, lambda c: decode(c, {"samples": poke(latent()["samples"], (0, 1, 2, 3), math.inf)},
                                                    "none"), "NaN", "Dual-Guided One-Step Sample")
 case("decode-bad-color-fix", DECODE, lambda c: decode(c, latent(), "sepia"), "adain")
-case("decode-not-enough-ram", DECODE, lambda c: decode(low_ram(c), latent(24, 24), "none", vae_tile_size=128),
-     "GiB of RAM", "Lower upscale")
+case("decode-no-disk-for-vae-maps", DECODE, lambda c: decode(no_disk(c), latent(24, 24), "none", vae_tile_size=128),
+     "of free disk in", "temp", "raise the VAE's RAM budget")
+case("decode-vae-temp-unwritable", DECODE, lambda c: decode(unwritable_temp(c), latent(24, 24), "none",
+                                                            vae_tile_size=128), "temp_is_a_file", "writable")
 case("decode-colour-fix-without-lq", DECODE, lambda c: decode(c, latent(), "adain"), "set color_fix to none")
 case("decode-batch-mismatch", DECODE, lambda c: decode(c, with_lq(latent(b=3), b=2, h=64, w=64), "none"),
      "PiSA Encode LQ")  # 3 latents, 2 LQ images
