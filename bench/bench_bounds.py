@@ -58,7 +58,7 @@ def one_row(row: str, w: int, h: int) -> dict:
     with torch.no_grad():
         if row == "encode-resize":
             enc = pack("nodes.encode_lq")
-            enc.vae_ops.encode = lambda vae, lq, tile: torch.zeros(1, 4, lq.shape[1] // 8, lq.shape[2] // 8)
+            enc.vae_ops.encode = lambda vae, lq, tile, ram_gib=0.0: torch.zeros(1, 4, lq.shape[1] // 8, lq.shape[2] // 8)
             image = torch.rand(1, h // 4, w // 4, 3, generator=g)
             run = lambda: enc.encode_lq(image, None, 4, "bicubic")  # noqa: E731
         else:
@@ -71,7 +71,7 @@ def one_row(row: str, w: int, h: int) -> dict:
                 run = lambda: preview.comparison_ui(image, latent["pisa_sr"]) and None  # noqa: E731
             else:
                 dec = pack("nodes.decode")
-                dec.vae_ops.decode = lambda vae, z, tile: torch.rand(1, 3, h, w)
+                dec.vae_ops.decode = lambda vae, z, tile, ram_gib=0.0: torch.rand(1, 3, h, w)
                 run = lambda: dec.decode_hq(latent, None, row.split("-")[1])  # noqa: E731
         exact = _reset_peak()
         base, maxrss = _status("VmRSS"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -40,7 +40,7 @@ def test_decode_colour_fix_works_in_place(monkeypatch, color_fix):
     lat = _lq_latent(h, w)
     g = torch.Generator().manual_seed(1)
     monkeypatch.setattr(decode.vae_ops, "decode",  # the decoder's output, [1,3,H,W] fp32 in [0,1], as vae_ops gives it
-                        lambda vae, z, tile: torch.rand(1, 3, h, w, generator=g))
+                        lambda vae, z, tile, ram_gib=0.0: torch.rand(1, 3, h, w, generator=g))
     one = h * w * 3 * 4
     bound = {"none": one, "adain": 2 * one, "wavelet": (2 + 2 / 3) * one + 3 * band}[color_fix] + 1024
     with LiveBytes() as mem:
