@@ -82,15 +82,21 @@ def no_grad():
 class LiveBytes(TorchDispatchMode):
     """Peak bytes of tensor storages allocated inside the mode and still alive: every aten op's outputs pass through
     here, an output whose storage is none of the op's inputs' is a new allocation, and a finalizer on the storage
-    counts it free. What existed before (weights, inputs) is not counted; a kernel's internal scratch is not seen."""
+    counts it free. What existed before (weights, inputs) is not counted; a kernel's internal scratch is not seen.
+    ``classify(tensor) -> str`` splits the count by kind (``now_by`` / ``peak_by``); ``now`` / ``peak`` are the total."""
 
-    def __init__(self):
+    def __init__(self, classify=None):
         super().__init__()
-        self.live: dict[int, int] = {}
+        self.classify = classify or (lambda t: "all")
+        self.live: dict[int, tuple[int, str]] = {}
         self.now = self.peak = 0
+        self.now_by: dict[str, int] = {}
+        self.peak_by: dict[str, int] = {}
 
     def _free(self, key: int) -> None:
-        self.now -= self.live.pop(key)
+        nbytes, kind = self.live.pop(key)
+        self.now -= nbytes
+        self.now_by[kind] -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -102,9 +108,12 @@ class LiveBytes(TorchDispatchMode):
             key = st.data_ptr()
             if key in seen or key in self.live or st.nbytes() == 0:
                 continue
-            self.live[key] = st.nbytes()
+            kind = self.classify(t)
+            self.live[key] = (st.nbytes(), kind)
             self.now += st.nbytes()
             self.peak = max(self.peak, self.now)
+            self.now_by[kind] = self.now_by.get(kind, 0) + st.nbytes()
+            self.peak_by[kind] = max(self.peak_by.get(kind, 0), self.now_by[kind])
             weakref.finalize(st, self._free, key)
         return out
 

@@ -9,16 +9,14 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import weakref
 
 import comfy.sd
 import pytest
 import torch
 import torch.nn.functional as F
 from comfy.ldm.models.autoencoder import AutoencoderKL
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from helpers import LiveBytes
 from host import comfy_nodes
 from pisa_sr import vae_tiled
 from pisa_sr.vae_tiled import auto_tile_size, tiled_decode, tiled_encode
@@ -186,7 +184,7 @@ def test_thin_and_odd_shapes(vae, lat_h, lat_w):
         _assert_exact(out, ref)
 
 
-class _LiveBytes(TorchDispatchMode):
+class _LiveBytes(LiveBytes):
     """Live tensor bytes by storage, split into full-size maps and the per-tile working set.
 
     Every aten op's outputs pass through here; an output whose storage is not one of the op's inputs' is a new
@@ -200,39 +198,17 @@ class _LiveBytes(TorchDispatchMode):
     """
 
     def __init__(self, h: int, w: int):
-        super().__init__()
-        self.full_shapes = {(h * s, w * s) for s in (1, 2, 4, 8)}
-        self.live: dict[int, tuple[int, str]] = {}
-        self.now = {"work": 0, "full": 0}
-        self.peak = {"work": 0, "full": 0}
-
-    def _free(self, key: int) -> None:
-        nbytes, kind = self.live.pop(key)
-        self.now[kind] -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            st = t.untyped_storage()
-            key = st.data_ptr()
-            if key in seen or key in self.live or st.nbytes() == 0:
-                continue
-            kind = "full" if t.ndim == 4 and tuple(t.shape[-2:]) in self.full_shapes else "work"
-            self.live[key] = (st.nbytes(), kind)
-            self.now[kind] += st.nbytes()
-            self.peak[kind] = max(self.peak[kind], self.now[kind])
-            weakref.finalize(st, self._free, key)
-        return out
+        full = {(h * s, w * s) for s in (1, 2, 4, 8)}
+        super().__init__(lambda t: "full" if t.ndim == 4 and tuple(t.shape[-2:]) in full else "work")
+        self.now_by = {"work": 0, "full": 0}
+        self.peak_by = {"work": 0, "full": 0}
 
 
 def _measure(ae, size: int, tile: int, whole_mid) -> dict[str, int]:
     z = _latent(size, size, seed=9)  # made outside: the input is not counted
     with _LiveBytes(size, size) as mem:
         tiled_decode(ae, z, tile, whole_mid=whole_mid)
-    return mem.peak
+    return mem.peak_by
 
 
 def test_peak_memory_scales_with_tile_not_image(vae):
