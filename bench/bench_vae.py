@@ -26,6 +26,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 sys.path.insert(0, REPO)
+sys.path.insert(1, os.path.join(REPO, "tests"))  # synthetic_weights, reference (for bench/_release.py)
+sys.path.insert(1, os.path.join(REPO, "bench"))
 GIB = 1 << 30
 
 
@@ -49,6 +51,7 @@ def main() -> int:
                     "alone outgrow a 24 GB machine); differences are then to the first budget row")
     ap.add_argument("--ops", nargs="*", default=["decode", "encode"])
     ap.add_argument("--untiled", action="store_true", help="also the untiled VAE (fp32 reference for PSNR)")
+    ap.add_argument("--release", action="store_true", help="also the release's tiled VAE (decode only; bench/_release.py)")
     ap.add_argument("--comfy-tiled", action="store_true", help="also ComfyUI's VAEDecodeTiled (decode only)")
     ap.add_argument("--cap-gib", type=float, default=None, help="GPU: see and use only this much device memory")
     a = ap.parse_args()
@@ -76,14 +79,26 @@ def main() -> int:
     sizes = a.sizes or ([256, 512] if a.tiny else [2048, 4096])
     dd = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": ch,
           "ch_mult": mult, "num_res_blocks": nres, "attn_resolutions": [], "dropout": 0.0}
-    ae = AutoencoderKL(ddconfig=dd, embed_dim=4)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in ae.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5 if p.dim() > 1 else
-                    (1 + 0.1 * torch.randn(p.shape, generator=g) if n.endswith("weight") else
-                     0.1 * torch.randn(p.shape, generator=g)))
-    vae = comfy.sd.VAE(sd=ae.state_dict(), config={"params": {"embed_dim": 4, "ddconfig": dd}}, dtype=dt)
+    if a.release:  # the same weights in diffusers form, for the release's tiler; ComfyUI converts the names
+        from diffusers import AutoencoderKL as DiffusersVAE
+        from synthetic_weights import init_weights
+
+        dvae = DiffusersVAE(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=[ch * m for m in mult],
+                            layers_per_block=nres, latent_channels=4, norm_num_groups=32).eval().requires_grad_(False)
+        init_weights(dvae, 1, affine_noise=0.1)
+        sd = dvae.state_dict()
+        dvae.to(dt)
+    else:
+        ae = AutoencoderKL(ddconfig=dd, embed_dim=4)
+        with torch.no_grad():
+            for n, p in ae.named_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5 if p.dim() > 1 else
+                        (1 + 0.1 * torch.randn(p.shape, generator=g) if n.endswith("weight") else
+                         0.1 * torch.randn(p.shape, generator=g)))
+        sd = ae.state_dict()
+    vae = comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": 4, "ddconfig": dd}}, dtype=dt)
     net = vae.first_stage_model
     mm.load_models_gpu([vae.patcher])
     spill_dir = tempfile.TemporaryDirectory(prefix="pisa_bench_vae_")  # removed at exit
@@ -138,6 +153,14 @@ def main() -> int:
             if a.comfy_tiled and is_dec:
                 rows["comfy VAEDecodeTiled"] = ("64/16 latent", *timed(
                     lambda: vae.decode_tiled(x.float(), tile_x=64, tile_y=64, overlap=16).movedim(-1, 1) * 2 - 1))
+            if a.release and is_dec:  # csslc/PiSA-SR src/my_utils/vaehook.py as bench/_release.py re-implements it
+                from _release import DEC_PAD, DEC_TILE, tiled_vae_forward
+
+                dvae.to(dev)
+                rows[f"release tiler {DEC_TILE}/{DEC_PAD}"] = (f"tile {DEC_TILE}+{DEC_PAD}, per-tile mid", *timed(
+                    lambda: tiled_vae_forward(dvae.decoder, dvae.post_quant_conv(x.to(dev)), DEC_TILE, DEC_PAD,
+                                              is_decoder=True).float()))
+                dvae.to("cpu")
             for name, budget in budgets.items():
                 pl = vae_ops.plan(dev, mm.get_free_memory(dev) if dev.type != "cpu" else free_ram,
                                   budget if budget is not None else 1 << 62, spill, (side, side),
@@ -156,6 +179,8 @@ def main() -> int:
                     print(f"{op:7} {px:5d} {name:24} {r[2]}")
                     continue
                 cmp = f"{(r[4].cpu() - base.cpu()).abs().max().item():.1e}" if r[4].shape == base.shape else "-"
+                if name.startswith("release"):  # approximate by design (per-tile attention): how far, in dB
+                    cmp += f" ({psnr(r[4].cpu(), base.cpu()):.0f} dB to ref)"
                 if "untiled" in rows and rows["untiled"][1] is not None and name != "untiled":
                     cmp += f" ({psnr(r[4].cpu(), rows['untiled'][4].cpu()):.0f} dB to untiled)"
                 files = r[5] if len(r) > 5 else "-"
