@@ -10,7 +10,7 @@ from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.resize import resize_output
 from . import vae_ops
 from .compat import io
-from .errors import names_refusals
+from .errors import CATEGORY, names_refusals
 from .lq_info import lq_info_of
 from .preview import comparison_ui
 
@@ -22,7 +22,7 @@ def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0, vae_ram
     """The IMAGE [B,H,W,3], decoded and colour-fixed one frame at a time into the output, so memory does not grow
     with the batch beyond the IMAGE itself; every frame's result is what it would be alone.
 
-    Memory per frame beyond the IMAGE and the decoder's output (issue 23): the 8-bit truncation and the colour fix
+    Memory per frame beyond the IMAGE and the decoder's output: the 8-bit truncation and the colour fix
     work in place on that output; the LQ frame as fp32 (one [3,H,W] image, 12 bytes per output pixel) plus, for
     the wavelet fix, two single-channel planes and a few bands (pisa_sr.color). The resize back happens only after
     the release's small-image pre-resize, so its output is at most ``upscale`` x 1024 px long (pisa_sr.resize)."""
@@ -63,7 +63,7 @@ class PiSADecode(io.ComfyNode):
         return io.Schema(
             node_id="PiSA_Decode",
             display_name=NODE,
-            category="image/upscaling/PiSA-SR",
+            category=CATEGORY,
             description="Decodes the PiSA-SR latent, corrects colour against the resized input and restores the "
                         "output size the release produces.",
             inputs=[

@@ -8,7 +8,7 @@ from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.resize import FILTERS, plan_resize, resize_batch
 from . import vae_ops
 from .compat import io
-from .errors import names_refusals
+from .errors import CATEGORY, names_refusals
 from .lq_info import LATENT_KEY, LQInfo
 
 NODE = "PiSA Encode LQ"
@@ -41,7 +41,7 @@ class PiSAEncodeLQ(io.ComfyNode):
         return io.Schema(
             node_id="PiSA_EncodeLQ",
             display_name=NODE,
-            category="image/upscaling/PiSA-SR",
+            category=CATEGORY,
             description="Resizes the low-quality image by the upscale factor exactly as the PiSA-SR release does "
                         "and encodes it with the VAE. The LATENT remembers the resized image for colour fix and "
                         "the output size.",

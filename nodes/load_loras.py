@@ -9,7 +9,7 @@ from ..pisa_sr.errors import PisaError
 from . import compat
 from .base_model import check_sd2_eps, check_weight_dtype
 from .compat import io
-from .errors import names_refusals
+from .errors import CATEGORY, names_refusals
 from .pisa_model import ATTACHMENT_KEY, PisaModelInfo, attached_info
 
 NODE = "Load PiSA LoRAs"
@@ -41,7 +41,7 @@ def read_loras(path: str) -> PisaLoras:
         return _cache[key]
 
 
-def apply_pisa_loras(model, loras: PisaLoras, file_name: str = ""):
+def apply_pisa_loras(model, loras: PisaLoras):
     """A clone of ``model`` with pix and sem merged (release default mode) and the PiSA info attached."""
     if attached_info(model) is not None:
         raise PisaError("this MODEL already carries PiSA-SR LoRAs (Load PiSA LoRAs is chained twice); applying them "
@@ -65,7 +65,7 @@ def apply_pisa_loras(model, loras: PisaLoras, file_name: str = ""):
         if n != len(lset.pairs):
             raise CheckpointError(f"ComfyUI accepted {n} of {len(lset.pairs)} {lset.kind} LoRA modules; the LoRA "
                                   "does not fit this model.")
-    compat.attach(clone, ATTACHMENT_KEY, PisaModelInfo(loras, module_map, file_name))
+    compat.attach(clone, ATTACHMENT_KEY, PisaModelInfo(loras, module_map))
     return clone
 
 
@@ -75,7 +75,7 @@ class PiSALoadLoRAs(io.ComfyNode):
         return io.Schema(
             node_id="PiSA_LoadLoRAs",
             display_name=NODE,
-            category="image/upscaling/PiSA-SR",
+            category=CATEGORY,
             description="Applies PiSA-SR's pixel-level and semantic-level LoRAs to your SD 2.1-base model. The "
                         "model you connect is left untouched; the output is a patched copy.",
             inputs=[
@@ -111,4 +111,4 @@ class PiSALoadLoRAs(io.ComfyNode):
         path = compat.lora_file_path(lora_name)
         if path is None:
             raise PisaError(missing_file_message(lora_name).removeprefix(f"{NODE}: "))
-        return io.NodeOutput(apply_pisa_loras(model, read_loras(path), lora_name))
+        return io.NodeOutput(apply_pisa_loras(model, read_loras(path)))

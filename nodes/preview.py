@@ -1,7 +1,7 @@
 """Before/after previews for PiSA Tiled VAE Decode: the result (``images``) and the resized LQ (``pisa_lq``) as
 small temp images, which web/pisa_sr.js draws with a slider. They never change the IMAGE or fail the node.
 
-Memory (issue 23): a preview is shrunk band by band, so at most BAND_BYTES of input rows (or one output row's,
+Memory: a preview is shrunk band by band, so at most BAND_BYTES of input rows (or one output row's,
 ``ceil(H / h) + 1`` rows, if more) is converted to fp32 at a time; nothing full-size is copied, whatever the
 picture's size. Only an input smaller than the preview in some side (at most PREVIEW_MAX_SIDE px there) is enlarged
 whole.

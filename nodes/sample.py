@@ -15,7 +15,7 @@ from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.tiling import needs_tiling, plan_tiles
 from . import compat, unet
 from .compat import io
-from .errors import names_refusals
+from .errors import CATEGORY, names_refusals
 from .pisa_model import info_of, sem_removal_targets
 
 NODE = "Dual-Guided One-Step Sample"
@@ -120,7 +120,7 @@ class PiSASample(io.ComfyNode):
         return io.Schema(
             node_id="PiSA_Sample",
             display_name=NODE,
-            category="image/upscaling/PiSA-SR",
+            category=CATEGORY,
             description="PiSA-SR's single diffusion step: eps = lambda_pix*eps_pix + lambda_sem*(eps_sem - "
                         "eps_pix), z_hq = z_lq - eps. The defaults (1, 1) are the release's default mode.",
             inputs=[

@@ -20,7 +20,7 @@ from ..pisa_sr.sweep import MAX_SETTINGS, choose_best_per_image, format_label, p
 from . import compat
 from .compat import io
 from .decode import decode_hq
-from .errors import names_refusals
+from .errors import CATEGORY, names_refusals
 from .lq_info import LATENT_KEY, lq_info_of
 from .sample import sample_eps
 
@@ -100,7 +100,7 @@ class PiSALambdaSweep(io.ComfyNode):
         return io.Schema(
             node_id="PiSA_LambdaSweep",
             display_name=NODE,
-            category="image/upscaling/PiSA-SR",
+            category=CATEGORY,
             description="Every (lambda_pix, lambda_sem) setting from one evaluation of eps_pix and eps_sem (equal "
                         "to running Dual-Guided One-Step Sample per setting); optionally picks the best one.",
             inputs=[

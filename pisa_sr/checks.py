@@ -5,7 +5,7 @@ import torch
 
 from .errors import PisaError
 
-# An IMAGE holds floats in [0, 1]; a little float overshoot from upstream arithmetic is clamped, more is refused.
+# An IMAGE holds floats in [0, 1]; a little float overshoot from upstream arithmetic is let through, more is refused.
 IMAGE_SLACK = 1 / 255
 
 

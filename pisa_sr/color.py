@@ -1,6 +1,6 @@
 """Colour correction of the SR output against the resized LQ image (the release's adain and wavelet fixes).
 
-Memory (issue 23): both fixes overwrite ``target`` (fp32) instead of building new full-size images. AdaIN needs only
+Memory: both fixes overwrite ``target`` (fp32) instead of building new full-size images. AdaIN needs only
 per-channel statistics (reductions, no copy). The wavelet fix runs one channel at a time (its blur is depthwise) and
 blurs in bands of rows: two single-channel planes (2/3 of one [C,H,W] image) plus about 20 x BAND_BYTES for a band,
 its padding and the convolution's scratch (which is ~17x its input: a whole 8192 px plane would add 4.5 GB).

@@ -276,8 +276,9 @@ _OFFLINE_PATCHES = (
 
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
-    """Patch the loaded libraries' module attributes (no environment variables, no process-wide sockets) and
-    restore them after, so other nodes running at the same time are unaffected."""
+    """Patch the loaded libraries' module attributes (no environment variables, no sockets) and restore them
+    after. The patches are process-wide while they last: another thread using huggingface_hub or pyiqa meanwhile is
+    offline too."""
     saved = []
     try:
         for module, attr, value in _OFFLINE_PATCHES:
