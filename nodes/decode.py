@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..pisa_sr.checks import check_latent
-from ..pisa_sr.color import COLOR_FIXES, apply_color_fix, check_color_fix
+from ..pisa_sr.checks import check_choice, check_latent
+from ..pisa_sr.color import COLOR_FIXES, apply_color_fix
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.resize import resize_output
@@ -27,7 +27,7 @@ def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0, vae_ram
     the wavelet fix, two single-channel planes and a few bands (pisa_sr.color). The resize back happens only after
     the release's small-image pre-resize, so its output is at most ``upscale`` x 1024 px long (pisa_sr.resize)."""
     z = check_latent(latent, "Dual-Guided One-Step Sample")
-    check_color_fix(color_fix)  # V3 combo values are not validated at queue time (ComfyUI 0.3.75)
+    check_choice("colour fix", color_fix, COLOR_FIXES)
     info = lq_info_of(latent)
     if info is None and color_fix != "none":
         raise PisaError(f"this LATENT does not carry the resized LQ image needed for colour fix "

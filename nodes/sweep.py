@@ -12,7 +12,8 @@ from dataclasses import replace
 import torch
 
 from ..pisa_sr import metrics
-from ..pisa_sr.color import COLOR_FIXES, check_color_fix
+from ..pisa_sr.checks import check_choice
+from ..pisa_sr.color import COLOR_FIXES
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.sweep import MAX_SETTINGS, choose_best_per_image, format_label, parse_lambda_pairs, sweep_labels, \
@@ -154,8 +155,7 @@ class PiSALambdaSweep(io.ComfyNode):
             pairs = parse_lambda_pairs(settings)
         except PisaError as e:
             raise PisaError(f"settings: {e}") from None  # which input: the parser quotes only the fragment
-        if choose_best not in CHOOSE_BEST:  # V3 combo values are not validated at queue time (ComfyUI 0.3.75)
-            raise PisaError(f"choose_best must be one of {', '.join(CHOOSE_BEST)}, got {choose_best!r}.")
+        check_choice("choose_best", choose_best, CHOOSE_BEST)
         if choose_best in metrics.LEARNED_METRICS:
             ok, reason = metrics.learned_metric_status(choose_best)
             if not ok:
@@ -168,7 +168,7 @@ class PiSALambdaSweep(io.ComfyNode):
         if not math.isfinite(floor):
             raise PisaError("fidelity_floor_db must be a finite number of dB, e.g. 28.")
         if vae is not None:  # refused before the UNet runs, not after
-            check_color_fix(color_fix)
+            check_choice("colour fix", color_fix, COLOR_FIXES)
 
         z, eps = sample_eps(model, latent, positive, 1.0, 1.0, tile_size, tile_overlap, both=True)  # on the CPU
         c = z.shape[1]

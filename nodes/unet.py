@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from ..pisa_sr.checks import check_choice
 from ..pisa_sr.errors import PisaError
 from . import compat
 
@@ -68,8 +69,7 @@ def with_compute_dtype(model: Any, dtype: torch.dtype) -> Any:
 
 def model_for_precision(model: Any, precision: str) -> Any:
     """``model`` itself for auto (or when it already computes in that dtype), else a cached compute-dtype clone."""
-    if precision not in PRECISIONS:  # V3 combo values are not validated at queue time (ComfyUI 0.3.75)
-        raise PisaError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    check_choice("precision", precision, PRECISIONS)
     dtype = PRECISIONS[precision]
     if dtype is None or dtype == compat.compute_dtype(model):
         return model

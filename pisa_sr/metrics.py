@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from .checks import check_choice, check_image
 from .errors import PisaError
 
 __all__ = ["MetricSpec", "METRICS", "LEARNED_METRICS", "rgb_to_y", "psnr_y", "ssim_y", "sharpness", "noise_sigma",
@@ -52,13 +53,7 @@ _SSIM_RADIUS = 5  # 11 taps: int(3.5 * sigma + 0.5), the truncation scikit-image
 _DATA_RANGE = 255.0
 
 
-def _check_image(img: torch.Tensor, what: str = "image") -> None:
-    if not isinstance(img, torch.Tensor):
-        raise PisaError(f"{what} must be a torch.Tensor, got {type(img).__name__}")
-    if img.ndim != 4 or img.shape[-1] != 3:
-        raise PisaError(f"{what} must be an IMAGE tensor [B,H,W,3], got shape {tuple(img.shape)}")
-    if 0 in img.shape[:3]:
-        raise PisaError(f"{what} is empty: shape {tuple(img.shape)}")
+_check_image = functools.partial(check_image, channels=(3,))  # the scores read exactly R, G, B
 
 
 def rgb_to_y(img: torch.Tensor) -> torch.Tensor:
@@ -220,8 +215,7 @@ def learned_metric_status(name: str) -> tuple[bool, str]:
     """``(available, reason)`` for a learned metric, from the file system only: pyiqa is not imported and nothing
     is downloaded."""
     key = name.lower()
-    if key not in _PYIQA_FILES:
-        raise PisaError(f"unknown learned metric {name!r}; choose from {', '.join(_PYIQA_FILES)}")
+    check_choice("learned metric", key, _PYIQA_FILES)
     fetch = (f"once outside ComfyUI, e.g. python -c \"import pyiqa; pyiqa.create_metric('{key}')\"; "
              "this node never downloads.")
     if not _pyiqa_installed():
@@ -325,8 +319,7 @@ def score(
     """Score every image of a batch with ``metric`` (a key of ``METRICS``, whose ``direction`` says which way is
     better) -> ``[B]`` float64; ``psnr`` and ``ssim`` need ``ref`` (batch 1 or B), the others ignore it."""
     key = metric.strip().lower() if isinstance(metric, str) else metric
-    if key not in METRICS:
-        raise PisaError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    check_choice("metric", key, METRICS)
     if METRICS[key].needs_reference:
         if ref is None:
             raise PisaError(f"'{key}' is a full-reference metric: connect the ground-truth image to 'reference', or "
