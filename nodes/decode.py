@@ -11,14 +11,36 @@ from ..pisa_sr.resize import resize_output
 from . import vae_ops
 from .compat import io
 from .errors import CATEGORY, names_refusals
-from .lq_info import lq_info_of
+from .lq_info import LQInfo, lq_info_of
 from .preview import comparison_ui
 
 NODE = "PiSA Tiled VAE Decode"
 
 
+def lq_reference(latent: dict, batch: int, color_fix: str) -> LQInfo | None:
+    """The LATENT's LQ reference; refused when colour fix needs it and it is missing, or it has another batch."""
+    info = lq_info_of(latent)
+    if info is None and color_fix != "none":
+        raise PisaError(f"this LATENT does not carry the resized LQ image needed for colour fix "
+                        f"'{color_fix}'. Connect the chain PiSA Encode LQ -> Sample -> this node without nodes in "
+                        "between that rebuild the latent, or set color_fix to none.")
+    if info is not None and info.lq_u8.shape[0] != 1 and info.batch != batch:
+        raise PisaError(f"the latent batch ({batch}) does not match the LQ batch ({info.batch}). Decode the "
+                        "LATENT that came from the same PiSA Encode LQ.")
+    return info
+
+
 def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0, vae_ram_budget: float = 0.0
               ) -> torch.Tensor:
+    """The IMAGE [B,H,W,3] of a checked LATENT (see decode_frames)."""
+    z = check_latent(latent, "Dual-Guided One-Step Sample")
+    check_choice("colour fix", color_fix, COLOR_FIXES)
+    return decode_frames(z, lq_reference(latent, z.shape[0], color_fix), vae, color_fix, vae_tile_size,
+                         vae_ram_budget)
+
+
+def decode_frames(z: torch.Tensor, info: LQInfo | None, vae, color_fix: str, vae_tile_size: int = 0,
+                  vae_ram_budget: float = 0.0) -> torch.Tensor:
     """The IMAGE [B,H,W,3], decoded and colour-fixed one frame at a time into the output, so memory does not grow
     with the batch beyond the IMAGE itself; every frame's result is what it would be alone.
 
@@ -26,17 +48,7 @@ def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0, vae_ram
     work in place on that output; the LQ frame as fp32 (one [3,H,W] image, 12 bytes per output pixel) plus, for
     the wavelet fix, two single-channel planes and a few bands (pisa_sr.color). The resize back happens only after
     the release's small-image pre-resize, so its output is at most ``upscale`` x 1024 px long (pisa_sr.resize)."""
-    z = check_latent(latent, "Dual-Guided One-Step Sample")
-    check_choice("colour fix", color_fix, COLOR_FIXES)
-    info = lq_info_of(latent)
-    if info is None and color_fix != "none":
-        raise PisaError(f"this LATENT does not carry the resized LQ image needed for colour fix "
-                        f"'{color_fix}'. Connect the chain PiSA Encode LQ -> Sample -> this node without nodes in "
-                        "between that rebuild the latent, or set color_fix to none.")
     b = z.shape[0]
-    if info is not None and info.lq_u8.shape[0] != 1 and info.batch != b:
-        raise PisaError(f"the latent batch ({b}) does not match the LQ batch ({info.batch}). Decode the "
-                        "LATENT that came from the same PiSA Encode LQ.")
     img: torch.Tensor | None = None
     for i in range(b):
         out = vae_ops.decode(vae, z[i:i + 1], int(vae_tile_size), float(vae_ram_budget))

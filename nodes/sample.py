@@ -106,10 +106,11 @@ def sample_eps(model, latent: dict, positive, lambda_pix: float, lambda_sem: flo
 def sample_hq(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,
               tile_overlap: int, precision: str = "auto", tiles_per_call: int | None = None) -> torch.Tensor:
     """``z_lq - eps`` as a raw latent, fp32 on the CPU, chunk by chunk: a long batch costs the device one chunk."""
-    raw = check_latent(latent, "PiSA Encode LQ")
-    out = torch.empty(raw.shape, dtype=torch.float32)
+    out = None
     for part, z, eps in frame_chunks(model, latent, positive, lambda_pix, lambda_sem, tile_size, tile_overlap,
                                      precision=precision, tiles_per_call=tiles_per_call):
+        if out is None:  # frame_chunks has checked the latent
+            out = torch.empty(latent["samples"].shape, dtype=torch.float32)
         out[part] = model.model.process_latent_out(z - eps).to(torch.float32).cpu()
     return out
 

@@ -20,7 +20,7 @@ from ..pisa_sr.sweep import MAX_SETTINGS, choose_best_per_image, format_label, p
     sweep_latents
 from . import compat
 from .compat import io
-from .decode import decode_hq
+from .decode import decode_frames, lq_reference
 from .errors import CATEGORY, names_refusals
 from .lq_info import LATENT_KEY, lq_info_of
 from .sample import sample_eps
@@ -56,12 +56,13 @@ def decode_settings(latent: dict, z_hq_raw: torch.Tensor, settings: int, batch: 
     Each setting's B images go straight into the preallocated S x B output (no second copy of it), so beyond the
     output this holds one setting's B images, and the reference's B with ``metric``."""
     hooks = compat.hooks()
-    ref = None if metric is None else decode_hq(dict(latent, samples=ref_raw), vae, color_fix)
+    info = lq_reference(latent, batch, color_fix)
+    ref = None if metric is None else decode_frames(ref_raw, info, vae, color_fix)
     steps = settings + (ref is not None)
     images, quality, fidelity = None, [], []
     for s in range(settings):
         hooks.check_interrupt()
-        img = decode_hq(dict(latent, samples=z_hq_raw[s * batch:(s + 1) * batch]), vae, color_fix)
+        img = decode_frames(z_hq_raw[s * batch:(s + 1) * batch], info, vae, color_fix)
         if images is None:
             images = img.new_empty((settings * batch, *img.shape[1:]))
         images[s * batch:(s + 1) * batch] = img
