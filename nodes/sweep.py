@@ -16,6 +16,7 @@ from ..pisa_sr.checks import check_choice
 from ..pisa_sr.color import COLOR_FIXES
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.heap import trims_heap
+from ..pisa_sr.learned_metrics import learned_metric_status
 from ..pisa_sr.sweep import MAX_SETTINGS, choose_best_per_image, format_label, parse_lambda_pairs, sweep_labels, \
     sweep_latents
 from . import compat
@@ -28,7 +29,7 @@ from .sample import sample_eps
 NODE = "PiSA Lambda Sweep"
 log = logging.getLogger("PiSA-SR")
 
-CHOOSE_BEST = ("off", "sharpness", "noise", "musiq", "clipiqa", "maniqa")
+CHOOSE_BEST = ("off", *(name for name, spec in metrics.METRICS.items() if not spec.needs_reference))
 REFERENCE_SETTING = (1.0, 0.0)  # the pix-only output the fidelity floor is measured against
 DEFAULT_SETTINGS = "pix=0.5:1.5:0.5 sem=0.5:1.5:0.5"
 BEST_MARK = " [best]"
@@ -157,8 +158,8 @@ class PiSALambdaSweep(io.ComfyNode):
         except PisaError as e:
             raise PisaError(f"settings: {e}") from None  # which input: the parser quotes only the fragment
         check_choice("choose_best", choose_best, CHOOSE_BEST)
-        if choose_best in metrics.LEARNED_METRICS:
-            ok, reason = metrics.learned_metric_status(choose_best)
+        if choose_best != "off" and metrics.METRICS[choose_best].learned:
+            ok, reason = learned_metric_status(choose_best)
             if not ok:
                 raise PisaError(f"choose_best = '{choose_best}': {reason} Or pick 'sharpness' or 'noise', which "
                                 "need no weights.")

@@ -1,6 +1,8 @@
 """Checks of the tensors the nodes receive (IMAGE batches, LATENT dicts), shared by every node that takes them."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .errors import PisaError
@@ -40,6 +42,9 @@ def check_image(image: object, what: str = "image", *, min_side: int = 1, channe
         raise PisaError(f"the {what} has values from {lo:.4g} to {hi:.4g}, but an IMAGE holds 0..1. A 16-bit, HDR "
                         "or normalised (-1..1) image must be scaled to 0..1 before this node.")
     return image[..., :3]
+
+
+check_rgb = functools.partial(check_image, channels=(3,))  # exactly R, G, B (the quality scores)
 
 
 def check_latent(latent: object, connect: str) -> torch.Tensor:
