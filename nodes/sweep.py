@@ -11,6 +11,8 @@ from dataclasses import replace
 
 import torch
 
+from comfy_execution.graph_utils import ExecutionBlocker  # stops the nodes fed from it, which report its message
+
 from ..pisa_sr import metrics
 from ..pisa_sr.checks import check_choice
 from ..pisa_sr.color import COLOR_FIXES
@@ -194,7 +196,7 @@ class PiSALambdaSweep(io.ComfyNode):
         elif vae is not None:
             images = decode_settings(latent, z_hq, n, batch, vae, color_fix)[0]
         else:
-            images = compat.blocked(f"{NODE}: 'images' needs the vae input connected (the VAE that encoded the LQ "
+            images = ExecutionBlocker(f"{NODE}: 'images' needs the vae input connected (the VAE that encoded the LQ "
                                     "image); or decode 'latents' with PiSA Tiled VAE Decode.")
         best = dict(latent, samples=torch.stack([z_hq[s * batch + b] for b, s in enumerate(best_idx)]))
         report = report_text(pairs, batch, choose_best, floor, quality, fidelity, chosen)

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+import comfy.model_management as mm
+import folder_paths
+
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.park import Parking
 from ..pisa_sr.vae_tiled import (_tiled_peak, auto_tile_size, parked_bytes, tiled_decode, tiled_encode,
@@ -34,9 +37,19 @@ class Plan:
     parking: Parking
 
 
+def free_ram() -> int:
+    """Available host memory (what ComfyUI reports for the CPU device)."""
+    return int(mm.get_free_memory(torch.device("cpu")))
+
+
+def temp_directory() -> str:
+    """ComfyUI's temp directory (emptied at its start), where the tiled VAE spills maps beyond its RAM budget."""
+    return folder_paths.get_temp_directory()
+
+
 def ram_budget(ram_gib: float) -> int:
     """Host bytes the VAE may add beyond the IMAGE/LATENT: the user's GiB, else a share of the free RAM."""
-    return int(ram_gib * GIB) if ram_gib > 0 else int(RAM_SHARE * compat.free_ram())
+    return int(ram_gib * GIB) if ram_gib > 0 else int(RAM_SHARE * free_ram())
 
 
 def plan(device: torch.device, free: int, budget: int, spill_dir: str, size_wh: tuple[int, int],
@@ -71,7 +84,7 @@ def plan(device: torch.device, free: int, budget: int, spill_dir: str, size_wh: 
 
 
 def _spill_dir() -> str:
-    d = compat.temp_directory()
+    d = temp_directory()
     with contextlib.suppress(OSError):  # an unusable directory is refused with the amount by Parking.prepare
         os.makedirs(d, exist_ok=True)
     return d

@@ -102,7 +102,7 @@ def decode(c, lat, color_fix: str = "adain", **kw):
 
 
 def low_ram(c):
-    c.mp.setattr(c.compat, "free_ram", lambda: 1 << 20)  # 1 MiB free: the parked full-size maps go to temp files
+    c.mp.setattr(host.pack("nodes.vae_ops"), "free_ram", lambda: 1 << 20)  # 1 MiB free: the parked full-size maps go to temp files
     return c
 
 
@@ -114,7 +114,7 @@ def no_disk(c):
 def unwritable_temp(c):
     blocker = host.BASE_DIR / "temp_is_a_file"
     blocker.write_text("")  # a directory under a regular file cannot exist, whoever runs the test
-    c.mp.setattr(c.compat, "temp_directory", lambda: str(blocker / "temp"))
+    c.mp.setattr(host.pack("nodes.vae_ops"), "temp_directory", lambda: str(blocker / "temp"))
     return low_ram(c)
 
 
