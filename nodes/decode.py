@@ -84,13 +84,7 @@ class PiSADecode(io.ComfyNode):
                 io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
                                tooltip="Colour correction against the input: adain (release default), wavelet, "
                                "or none."),
-                io.Int.Input("vae_tile_size", default=0, min=0, max=8192, step=64,
-                             tooltip="VAE tile size in output px; 0 = automatic, 1..128 = the smallest (128). "
-                             "Tiling never changes the result (no seams), only memory and time."),
-                io.Float.Input("vae_ram_budget", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
-                               tooltip="Host RAM (GiB) the tiled VAE may add for its full-size maps and working set; "
-                               "0 = automatic (half the RAM free when the node starts). Maps beyond it go to a "
-                               "temporary file in ComfyUI's temp folder. Never changes the result."),
+                *vae_ops.inputs("output px", " (no seams)"),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="The upscaled image.")],
         )

@@ -19,6 +19,7 @@ from ..pisa_sr.park import Parking
 from ..pisa_sr.vae_tiled import (_tiled_peak, auto_tile_size, parked_bytes, tiled_decode, tiled_encode,
                                  whole_mid_bytes)
 from . import compat
+from .compat import io
 
 log = logging.getLogger("PiSA-SR")
 GIB = 1 << 30
@@ -170,3 +171,14 @@ def decode(vae, z_raw: torch.Tensor, tile_px: int, ram_gib: float = 0.0) -> torc
         o.clamp_(-1, 1).add_(1.0).div_(2.0)
 
     return _run(vae, one, out, (w, h), -(-tile_px // 8) if tile_px > 0 else 0, ram_gib, is_decoder=True)
+
+
+def inputs(unit: str, tiling_note: str = "") -> list:
+    """The VAE inputs Encode LQ and Decode share: ``vae_tile_size`` (in ``unit``) and ``vae_ram_budget``."""
+    return [io.Int.Input("vae_tile_size", default=0, min=0, max=8192, step=64,
+                         tooltip=f"VAE tile size in {unit}; 0 = automatic, 1..128 = the smallest (128). Tiling never "
+                         f"changes the result{tiling_note}, only memory and time."),
+            io.Float.Input("vae_ram_budget", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
+                           tooltip="Host RAM (GiB) the tiled VAE may add for its full-size maps and working set; 0 = "
+                           "automatic (half the RAM free when the node starts). Maps beyond it go to a temporary file "
+                           "in ComfyUI's temp folder. Never changes the result.")]
