@@ -58,8 +58,9 @@ def content_key(data: bytes) -> bytes:
 def missing_file_message(lora_name: str) -> str:
     """Why a LoRA name does not resolve here, naming the file and the folder to put it in."""
     folders = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER))
-    return (f"{NODE}: '{lora_name}' is not in models/pisa_sr ({folders}) or models/loras on this ComfyUI. Download pisa_sr.pkl from "
-            "the PiSA-SR release into that folder under that exact name (each Distributed worker needs its own copy).")
+    return (f"{NODE}: '{lora_name}' is not in models/pisa_sr ({folders}) or models/loras on this ComfyUI. Download "
+            "pisa_sr.pkl from the PiSA-SR release into that folder under that exact name (each Distributed worker "
+            "needs its own copy).")
 
 
 def read_loras(path: str) -> PisaLoras:
