@@ -1,11 +1,11 @@
 """The pack's ComfyUI V3 nodes (thin: each translates ComfyUI types into calls of the pisa_sr core)."""
 from __future__ import annotations
 
-from .compat import ComfyExtension, io, register_model_folder
+from .compat import ComfyExtension, io
 from .decode import PiSADecode
 from .distributed import PiSACheckFrames, PiSADistributedSlice
 from .encode_lq import PiSAEncodeLQ
-from .load_loras import PiSALoadLoRAs
+from .load_loras import PiSALoadLoRAs, register_model_folder
 from .sample import PiSASample
 from .score import PiSAQualityScore
 from .sweep import PiSALambdaSweep

@@ -40,11 +40,11 @@ def check_sd2_eps(model: Any) -> None:
                         f"Connect the model straight from Load Checkpoint. {EXPECTED}")
     # Same class but other sigmas (ModelSamplingDiscrete with zsnr, a changed schedule): t=1 would mean another sigma.
     try:
-        stock = kinds.ModelSamplingDiscrete(base.model_config)
-        same = torch.allclose(ms.sigmas.float().cpu(), stock.sigmas.float().cpu(), rtol=1e-4, atol=1e-6)
-    except Exception:
-        same = True  # cannot build a reference schedule on this ComfyUI version: keep the class checks only
-    if not same:
+        stock = kinds.ModelSamplingDiscrete(base.model_config).sigmas
+    except (TypeError, AttributeError):  # another constructor on this ComfyUI version: keep the class checks only
+        stock = ms.sigmas
+    if ms.sigmas.shape != stock.shape or not torch.allclose(ms.sigmas.float().cpu(), stock.float().cpu(), rtol=1e-4,
+                                                            atol=1e-6):
         raise PisaError("the model's noise schedule was changed (e.g. a ModelSamplingDiscrete node with zsnr). "
                         f"Connect the model straight from Load Checkpoint. {EXPECTED}")
 

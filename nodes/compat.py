@@ -1,20 +1,17 @@
-"""Every ComfyUI call whose shape may change between releases (checked on 0.3.75; README lists newer), so a host
-upgrade is fixed in one place."""
+"""Every ComfyUI call whose shape may change between releases (run on 0.3.75; the newer sources read are listed
+below, by commit), so a host upgrade is fixed in one place."""
 from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from typing import Any
 
 import torch
 
-import comfy.lora
 import comfy.model_management as mm
 import comfy.model_sampling as model_sampling  # noqa: F401  (the sampling classes the SD2 check compares with)
 import comfy.patcher_extension
 import comfy.utils
-import folder_paths
 from comfy.model_base import ModelType  # noqa: F401
 # the V3 API version this pack targets; upstream: comfyanonymous/ComfyUI comfy_api/version_list.py @ 17ca834fd57c
 # still lists v0_0_2 (with v0_0_3 and latest); `latest` is the fallback should it ever be dropped
@@ -24,40 +21,6 @@ except ImportError:  # pragma: no cover
     from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401
 
 from ..pisa_sr import runtime
-
-MODEL_FOLDER = "pisa_sr"
-LORA_EXTENSIONS = {".pkl", ".pt", ".pth", ".safetensors"}
-
-
-# ---------------------------------------------------------------- model folder
-def register_model_folder() -> None:
-    """``models/pisa_sr`` for the checkpoint, merged with an entry extra_model_paths.yaml may have created."""
-    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
-    paths, exts = folder_paths.folder_names_and_paths.get(MODEL_FOLDER, ([], set()))
-    if default not in paths:
-        paths.append(default)
-    folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(exts) | LORA_EXTENSIONS)
-
-
-def lora_file_choices() -> list[str]:
-    """Files in models/pisa_sr, then files in models/loras whose name mentions pisa."""
-    names = list(folder_paths.get_filename_list(MODEL_FOLDER))
-    return names + [n for n in folder_paths.get_filename_list("loras") if n not in names
-                    and "pisa" in os.path.basename(n).lower() and os.path.splitext(n)[1].lower() in LORA_EXTENSIONS]
-
-
-def lora_folder_hint() -> str:
-    """Where a LoRA file is looked for, as a user reads it: models/pisa_sr with its full path(s), or models/loras."""
-    return f"models/pisa_sr ({', '.join(folder_paths.get_folder_paths(MODEL_FOLDER))}) or models/loras"
-
-
-def lora_file_path(name: str) -> str | None:
-    for folder in (MODEL_FOLDER, "loras"):
-        with contextlib.suppress(Exception):
-            if p := folder_paths.get_full_path(folder, name):
-                return p
-    return None
-
 
 # ---------------------------------------------------------------- MODEL attachments
 def attachment(model: Any, key: str) -> Any:
@@ -69,25 +32,6 @@ def attach(model: Any, key: str, value: Any) -> None:
     model.set_attachments(key, value)
 
 
-# ---------------------------------------------------------------- LoRA application
-def diffusers_to_comfy_modules(model: Any) -> dict[str, str]:
-    """Diffusers UNet module name -> ComfyUI module path (``diffusion_model....``), for weight-bearing modules."""
-    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    return {dk.removesuffix(".weight"): "diffusion_model." + ck.removesuffix(".weight") for dk, ck in mapping.items()
-            if dk.endswith(".weight") and ck.endswith(".weight")}
-
-
-def add_lora_patches(model: Any, pairs: dict[str, Any], module_map: dict[str, str], alpha: float) -> int:
-    """Patch ``model`` (a clone) through ComfyUI's own LoRA loader; returns the patched key count. Passing alpha
-    makes ComfyUI's scale ``alpha / rank`` equal peft's, so the merge is the release's."""
-    lora_sd: dict[str, torch.Tensor] = {}
-    for name, pair in pairs.items():
-        lora_sd.update({f"{name}.lora_up.weight": pair.up, f"{name}.lora_down.weight": pair.down,
-                        f"{name}.alpha": torch.tensor(alpha)})
-    key_map = {name: module_map[name] + ".weight" for name in pairs}
-    return len(model.add_patches(comfy.lora.load_lora(lora_sd, key_map, log_missing=False), 1.0, 1.0))
-
-
 # ---------------------------------------------------------------- memory
 # Newer-ComfyUI branches below are feature-detected, never version-compared. Run: 0.3.75 (CPU). Read only, from the
 # stored public index (one stored version per file, so the commits differ per file; none of them was run):
@@ -96,7 +40,10 @@ def add_lora_patches(model: Any, pairs: dict[str, Any], module_map: dict[str, st
 #   Comfy-Org/ComfyUI comfy/samplers.py @ 311c01406130         (CFGGuider.outer_sample, _calc_cond_batch)
 #   Comfy-Org/ComfyUI comfy/sampler_helpers.py @ 53757775fa60  (estimate_memory, prepare_sampling)
 #   Comfy-Org/ComfyUI comfy/sd.py @ 033046cc4fac               (VAE.encode / VAE.decode)
+#   Comfy-Org/ComfyUI comfy/model_base.py @ 094c74c1b7f9       (BaseModel.memory_required, linear in batch x area)
 #   comfyanonymous/ComfyUI main.py @ 002f2bedd6e4              (ModelPatcherDynamic becomes CoreModelPatcher on NVIDIA)
+#   Comfy-Org/ComfyUI comfy/cli_args.py @ 03294572a556         (dynamic VRAM on unless --disable-dynamic-vram,
+#                                                               --highvram, --gpu-only, --novram or --cpu)
 # tests/test_compat_branches.py drives each branch with a stand-in shaped like the object named in its comment.
 def load_model(model: Any, batch_shape: list[int]) -> None:
     """Claim device memory through ComfyUI's manager (applies patches, evicts other models as needed). 0.3.75
@@ -192,13 +139,6 @@ def vae_free_memory(vae: Any) -> int:
 
 
 # ---------------------------------------------------------------- UNet internals
-def compute_dtype(model: Any) -> torch.dtype:
-    """The dtype the UNet computes in: a compute-dtype override, else ComfyUI's manual cast, else the weights'."""
-    # model_config's, not model.model.manual_cast_dtype: another clone may have patched that
-    d = model.object_patches.get("manual_cast_dtype", model.model.model_config.manual_cast_dtype)
-    return d if d is not None else model.model.get_dtype()
-
-
 def options_with_outer_unet_wrapper(model: Any, key: str, wrapper) -> dict:
     """transformer_options as a sampler builds them (the MODEL's own plus its patcher wrappers, merged fresh), with
     ``wrapper`` as the outermost DIFFUSION_MODEL wrapper (it sees the diffusion model's raw output)."""
@@ -212,14 +152,7 @@ def options_with_outer_unet_wrapper(model: Any, key: str, wrapper) -> dict:
     return topts
 
 
-def blocked(message: str) -> Any:
-    """An output value that stops the nodes fed from it, which then report ``message`` (ComfyUI's ExecutionBlocker)."""
-    from comfy_execution.graph_utils import ExecutionBlocker
-
-    return ExecutionBlocker(message)
-
-
-# ---------------------------------------------------------------- progress, interruption, OOM, previews
+# ---------------------------------------------------------------- progress, interruption, OOM
 def is_oom(exc: BaseException) -> bool:
     # upstream: Comfy-Org/ComfyUI comfy/model_management.py @ 02b2b3886164 (is_oom(e): OOM_EXCEPTION, or a
     # torch.AcceleratorError with error_code 2 or "out of memory" in its message); 0.3.75 has no is_oom
@@ -236,18 +169,3 @@ def hooks() -> runtime.Hooks:
     return runtime.Hooks(progress=lambda d, t: bar.update_absolute(d, t),
                          check_interrupt=mm.throw_exception_if_processing_interrupted, is_oom=is_oom,
                          empty_cache=mm.soft_empty_cache)
-
-
-def preview_images(images: torch.Tensor) -> list:
-    """Save ``images`` [B,H,W,3] as temp previews; the UI entries a node returns to show them."""
-    return ui.PreviewImage(images).values
-
-
-def free_ram() -> int:
-    """Available host memory (what ComfyUI reports for the CPU device)."""
-    return int(mm.get_free_memory(torch.device("cpu")))
-
-
-def temp_directory() -> str:
-    """ComfyUI's temp directory (emptied at its start), where the tiled VAE spills maps beyond its RAM budget."""
-    return folder_paths.get_temp_directory()

@@ -3,40 +3,52 @@ from __future__ import annotations
 
 import torch
 
-from ..pisa_sr.checks import check_latent
-from ..pisa_sr.color import COLOR_FIXES, apply_color_fix, check_color_fix
+from ..pisa_sr.checks import check_choice, check_latent
+from ..pisa_sr.color import COLOR_FIXES, apply_color_fix
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.resize import resize_output
 from . import vae_ops
 from .compat import io
-from .errors import names_refusals
-from .lq_info import lq_info_of
+from .errors import CATEGORY, names_refusals
+from .lq_info import LQInfo, lq_info_of
 from .preview import comparison_ui
 
 NODE = "PiSA Tiled VAE Decode"
 
 
-def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0, vae_ram_budget: float = 0.0
-              ) -> torch.Tensor:
-    """The IMAGE [B,H,W,3], decoded and colour-fixed one frame at a time into the output, so memory does not grow
-    with the batch beyond the IMAGE itself; every frame's result is what it would be alone.
-
-    Memory per frame beyond the IMAGE and the decoder's output (issue 23): the 8-bit truncation and the colour fix
-    work in place on that output; the LQ frame as fp32 (one [3,H,W] image, 12 bytes per output pixel) plus, for
-    the wavelet fix, two single-channel planes and a few bands (pisa_sr.color). The resize back happens only after
-    the release's small-image pre-resize, so its output is at most ``upscale`` x 1024 px long (pisa_sr.resize)."""
-    z = check_latent(latent, "Dual-Guided One-Step Sample")
-    check_color_fix(color_fix)  # V3 combo values are not validated at queue time (ComfyUI 0.3.75)
+def lq_reference(latent: dict, batch: int, color_fix: str) -> LQInfo | None:
+    """The LATENT's LQ reference; refused when colour fix needs it and it is missing, or it has another batch."""
     info = lq_info_of(latent)
     if info is None and color_fix != "none":
         raise PisaError(f"this LATENT does not carry the resized LQ image needed for colour fix "
                         f"'{color_fix}'. Connect the chain PiSA Encode LQ -> Sample -> this node without nodes in "
                         "between that rebuild the latent, or set color_fix to none.")
-    b = z.shape[0]
-    if info is not None and info.lq_u8.shape[0] != 1 and info.batch != b:
-        raise PisaError(f"the latent batch ({b}) does not match the LQ batch ({info.batch}). Decode the "
+    if info is not None and info.lq_u8.shape[0] != 1 and info.batch != batch:
+        raise PisaError(f"the latent batch ({batch}) does not match the LQ batch ({info.batch}). Decode the "
                         "LATENT that came from the same PiSA Encode LQ.")
+    return info
+
+
+def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0, vae_ram_budget: float = 0.0
+              ) -> torch.Tensor:
+    """The IMAGE [B,H,W,3] of a checked LATENT (see decode_frames)."""
+    z = check_latent(latent, "Dual-Guided One-Step Sample")
+    check_choice("colour fix", color_fix, COLOR_FIXES)
+    return decode_frames(z, lq_reference(latent, z.shape[0], color_fix), vae, color_fix, vae_tile_size,
+                         vae_ram_budget)
+
+
+def decode_frames(z: torch.Tensor, info: LQInfo | None, vae, color_fix: str, vae_tile_size: int = 0,
+                  vae_ram_budget: float = 0.0) -> torch.Tensor:
+    """The IMAGE [B,H,W,3], decoded and colour-fixed one frame at a time into the output, so memory does not grow
+    with the batch beyond the IMAGE itself; every frame's result is what it would be alone.
+
+    Memory per frame beyond the IMAGE and the decoder's output: the 8-bit truncation and the colour fix
+    work in place on that output; the LQ frame as fp32 (one [3,H,W] image, 12 bytes per output pixel) plus, for
+    the wavelet fix, two single-channel planes and a few bands (pisa_sr.color). The resize back happens only after
+    the release's small-image pre-resize, so its output is at most ``upscale`` x 1024 px long (pisa_sr.resize)."""
+    b = z.shape[0]
     img: torch.Tensor | None = None
     for i in range(b):
         out = vae_ops.decode(vae, z[i:i + 1], int(vae_tile_size), float(vae_ram_budget))
@@ -63,7 +75,7 @@ class PiSADecode(io.ComfyNode):
         return io.Schema(
             node_id="PiSA_Decode",
             display_name=NODE,
-            category="image/upscaling/PiSA-SR",
+            category=CATEGORY,
             description="Decodes the PiSA-SR latent, corrects colour against the resized input and restores the "
                         "output size the release produces.",
             inputs=[
@@ -72,13 +84,7 @@ class PiSADecode(io.ComfyNode):
                 io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
                                tooltip="Colour correction against the input: adain (release default), wavelet, "
                                "or none."),
-                io.Int.Input("vae_tile_size", default=0, min=0, max=8192, step=64,
-                             tooltip="VAE tile size in output px; 0 = automatic, 1..128 = the smallest (128). "
-                             "Tiling never changes the result (no seams), only memory and time."),
-                io.Float.Input("vae_ram_budget", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
-                               tooltip="Host RAM (GiB) the tiled VAE may add for its full-size maps and working set; "
-                               "0 = automatic (half the RAM free when the node starts). Maps beyond it go to a "
-                               "temporary file in ComfyUI's temp folder. Never changes the result."),
+                *vae_ops.inputs("output px", " (no seams)"),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="The upscaled image.")],
         )

@@ -6,11 +6,10 @@ from __future__ import annotations
 from ..pisa_sr.checks import check_image
 from ..pisa_sr.frames import check_frames, share
 from .compat import io
-from .errors import names_refusals
+from .errors import CATEGORY, names_refusals
 
 SLICE = "PiSA Distributed Slice"
 CHECK = "PiSA Check Frames"
-CATEGORY = "image/upscaling/PiSA-SR"
 
 
 class PiSADistributedSlice(io.ComfyNode):

@@ -8,7 +8,7 @@ from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.resize import FILTERS, plan_resize, resize_batch
 from . import vae_ops
 from .compat import io
-from .errors import names_refusals
+from .errors import CATEGORY, names_refusals
 from .lq_info import LATENT_KEY, LQInfo
 
 NODE = "PiSA Encode LQ"
@@ -41,7 +41,7 @@ class PiSAEncodeLQ(io.ComfyNode):
         return io.Schema(
             node_id="PiSA_EncodeLQ",
             display_name=NODE,
-            category="image/upscaling/PiSA-SR",
+            category=CATEGORY,
             description="Resizes the low-quality image by the upscale factor exactly as the PiSA-SR release does "
                         "and encodes it with the VAE. The LATENT remembers the resized image for colour fix and "
                         "the output size.",
@@ -53,13 +53,7 @@ class PiSAEncodeLQ(io.ComfyNode):
                              "512 px as in the release, and the output is resized back to upscale x input."),
                 io.Combo.Input("resize_filter", options=list(FILTERS), default="bicubic",
                                tooltip="Filter of the x upscale resize; bicubic is the release's."),
-                io.Int.Input("vae_tile_size", default=0, min=0, max=8192, step=64,
-                             tooltip="VAE tile size in image px; 0 = automatic, 1..128 = the smallest (128). "
-                             "Tiling never changes the result, only memory and time."),
-                io.Float.Input("vae_ram_budget", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
-                               tooltip="Host RAM (GiB) the tiled VAE may add for its full-size maps and working set; "
-                               "0 = automatic (half the RAM free when the node starts). Maps beyond it go to a "
-                               "temporary file in ComfyUI's temp folder. Never changes the result."),
+                *vae_ops.inputs("image px"),
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The encoded LQ image; connect to Dual-Guided "
                                       "One-Step Sample.")],

@@ -1,9 +1,12 @@
-"""The one place a refusal gets its node's name: the core raises PisaError without knowing which node called it."""
+"""What every node shares: its menu category, and the one place a refusal gets its node's name (the core raises
+PisaError without knowing which node called it)."""
 from __future__ import annotations
 
 import functools
 
 from ..pisa_sr.errors import PisaError
+
+CATEGORY = "image/upscaling/PiSA-SR"
 
 
 def names_refusals(node: str):

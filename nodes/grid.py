@@ -5,7 +5,7 @@ from ..pisa_sr.checks import check_image
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.grid import labelled_grid
 from .compat import io
-from .errors import names_refusals
+from .errors import CATEGORY, names_refusals
 
 NODE = "PiSA Labelled Grid"
 
@@ -28,7 +28,7 @@ class PiSALabelledGrid(io.ComfyNode):
         return io.Schema(
             node_id="PiSA_LabelledGrid",
             display_name=NODE,
-            category="image/upscaling/PiSA-SR",
+            category=CATEGORY,
             description="Lays an IMAGE batch out as one grid image, each tile labelled in its top-left corner, for "
                         "judging sweep settings side by side and for sharing. Tiles are copied unchanged; only the "
                         "label boxes are drawn.",

@@ -18,7 +18,6 @@ class PisaModelInfo:
 
     loras: PisaLoras
     module_map: dict[str, str]  # diffusers module name -> ComfyUI module path
-    file_name: str
 
 
 def attached_info(model: Any) -> PisaModelInfo | None:

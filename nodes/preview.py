@@ -1,7 +1,7 @@
 """Before/after previews for PiSA Tiled VAE Decode: the result (``images``) and the resized LQ (``pisa_lq``) as
 small temp images, which web/pisa_sr.js draws with a slider. They never change the IMAGE or fail the node.
 
-Memory (issue 23): a preview is shrunk band by band, so at most BAND_BYTES of input rows (or one output row's,
+Memory: a preview is shrunk band by band, so at most BAND_BYTES of input rows (or one output row's,
 ``ceil(H / h) + 1`` rows, if more) is converted to fp32 at a time; nothing full-size is copied, whatever the
 picture's size. Only an input smaller than the preview in some side (at most PREVIEW_MAX_SIDE px there) is enlarged
 whole.
@@ -13,7 +13,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from . import compat
+from .compat import ui
 from .lq_info import LQInfo
 
 log = logging.getLogger("PiSA-SR")
@@ -76,6 +76,11 @@ def comparison_images(result: torch.Tensor, info: LQInfo | None,
     return res, lq[0] if len(lq) == 1 else torch.cat(lq)
 
 
+def preview_images(images: torch.Tensor) -> list:
+    """Save ``images`` [B,H,W,3] as temp previews; the UI entries a node returns to show them."""
+    return ui.PreviewImage(images).values
+
+
 def comparison_ui(result: torch.Tensor, info: LQInfo | None) -> dict | None:
     """The decode node's UI output, or None (logged) if the previews could not be written. One frame at a time, so a
     long batch costs one frame's preview tensors, not a second copy of the IMAGE."""
@@ -83,9 +88,9 @@ def comparison_ui(result: torch.Tensor, info: LQInfo | None) -> dict | None:
         out = {"images": []} if info is None else {"images": [], LQ_KEY: []}
         for i in range(result.shape[0]):
             res, lq = comparison_images(result[i:i + 1], info, i)
-            out["images"] += compat.preview_images(res)
+            out["images"] += preview_images(res)
             if lq is not None:
-                out[LQ_KEY] += compat.preview_images(lq)
+                out[LQ_KEY] += preview_images(lq)
         return out
     except Exception as e:  # a preview must never cost the user their result
         log.warning("PiSA-SR: could not write the before/after preview: %s", e)

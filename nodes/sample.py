@@ -15,7 +15,7 @@ from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.tiling import needs_tiling, plan_tiles
 from . import compat, unet
 from .compat import io
-from .errors import names_refusals
+from .errors import CATEGORY, names_refusals
 from .pisa_model import info_of, sem_removal_targets
 
 NODE = "Dual-Guided One-Step Sample"
@@ -106,10 +106,11 @@ def sample_eps(model, latent: dict, positive, lambda_pix: float, lambda_sem: flo
 def sample_hq(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,
               tile_overlap: int, precision: str = "auto", tiles_per_call: int | None = None) -> torch.Tensor:
     """``z_lq - eps`` as a raw latent, fp32 on the CPU, chunk by chunk: a long batch costs the device one chunk."""
-    raw = check_latent(latent, "PiSA Encode LQ")
-    out = torch.empty(raw.shape, dtype=torch.float32)
+    out = None
     for part, z, eps in frame_chunks(model, latent, positive, lambda_pix, lambda_sem, tile_size, tile_overlap,
                                      precision=precision, tiles_per_call=tiles_per_call):
+        if out is None:  # frame_chunks has checked the latent
+            out = torch.empty(latent["samples"].shape, dtype=torch.float32)
         out[part] = model.model.process_latent_out(z - eps).to(torch.float32).cpu()
     return out
 
@@ -120,7 +121,7 @@ class PiSASample(io.ComfyNode):
         return io.Schema(
             node_id="PiSA_Sample",
             display_name=NODE,
-            category="image/upscaling/PiSA-SR",
+            category=CATEGORY,
             description="PiSA-SR's single diffusion step: eps = lambda_pix*eps_pix + lambda_sem*(eps_sem - "
                         "eps_pix), z_hq = z_lq - eps. The defaults (1, 1) are the release's default mode.",
             inputs=[

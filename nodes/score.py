@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..pisa_sr import metrics
 from ..pisa_sr.checks import check_image
 from .compat import io
-from .errors import names_refusals
+from .errors import CATEGORY, names_refusals
 
 NODE = "PiSA Quality Score"
 
@@ -15,7 +15,7 @@ class PiSAQualityScore(io.ComfyNode):
         return io.Schema(
             node_id="PiSA_QualityScore",
             display_name=NODE,
-            category="image/upscaling/PiSA-SR",
+            category=CATEGORY,
             description="Scores every image of a batch: PSNR / SSIM against a reference, or a no-reference "
                         "heuristic or learned score.",
             inputs=[

@@ -11,23 +11,27 @@ from dataclasses import replace
 
 import torch
 
+from comfy_execution.graph_utils import ExecutionBlocker  # stops the nodes fed from it, which report its message
+
 from ..pisa_sr import metrics
-from ..pisa_sr.color import COLOR_FIXES, check_color_fix
+from ..pisa_sr.checks import check_choice
+from ..pisa_sr.color import COLOR_FIXES
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.heap import trims_heap
+from ..pisa_sr.learned_metrics import learned_metric_status
 from ..pisa_sr.sweep import MAX_SETTINGS, choose_best_per_image, format_label, parse_lambda_pairs, sweep_labels, \
     sweep_latents
 from . import compat
 from .compat import io
-from .decode import decode_hq
-from .errors import names_refusals
+from .decode import decode_frames, lq_reference
+from .errors import CATEGORY, names_refusals
 from .lq_info import LATENT_KEY, lq_info_of
 from .sample import sample_eps
 
 NODE = "PiSA Lambda Sweep"
 log = logging.getLogger("PiSA-SR")
 
-CHOOSE_BEST = ("off", "sharpness", "noise", "musiq", "clipiqa", "maniqa")
+CHOOSE_BEST = ("off", *(name for name, spec in metrics.METRICS.items() if not spec.needs_reference))
 REFERENCE_SETTING = (1.0, 0.0)  # the pix-only output the fidelity floor is measured against
 DEFAULT_SETTINGS = "pix=0.5:1.5:0.5 sem=0.5:1.5:0.5"
 BEST_MARK = " [best]"
@@ -55,12 +59,13 @@ def decode_settings(latent: dict, z_hq_raw: torch.Tensor, settings: int, batch: 
     Each setting's B images go straight into the preallocated S x B output (no second copy of it), so beyond the
     output this holds one setting's B images, and the reference's B with ``metric``."""
     hooks = compat.hooks()
-    ref = None if metric is None else decode_hq(dict(latent, samples=ref_raw), vae, color_fix)
+    info = lq_reference(latent, batch, color_fix)
+    ref = None if metric is None else decode_frames(ref_raw, info, vae, color_fix)
     steps = settings + (ref is not None)
     images, quality, fidelity = None, [], []
     for s in range(settings):
         hooks.check_interrupt()
-        img = decode_hq(dict(latent, samples=z_hq_raw[s * batch:(s + 1) * batch]), vae, color_fix)
+        img = decode_frames(z_hq_raw[s * batch:(s + 1) * batch], info, vae, color_fix)
         if images is None:
             images = img.new_empty((settings * batch, *img.shape[1:]))
         images[s * batch:(s + 1) * batch] = img
@@ -100,7 +105,7 @@ class PiSALambdaSweep(io.ComfyNode):
         return io.Schema(
             node_id="PiSA_LambdaSweep",
             display_name=NODE,
-            category="image/upscaling/PiSA-SR",
+            category=CATEGORY,
             description="Every (lambda_pix, lambda_sem) setting from one evaluation of eps_pix and eps_sem (equal "
                         "to running Dual-Guided One-Step Sample per setting); optionally picks the best one.",
             inputs=[
@@ -154,10 +159,9 @@ class PiSALambdaSweep(io.ComfyNode):
             pairs = parse_lambda_pairs(settings)
         except PisaError as e:
             raise PisaError(f"settings: {e}") from None  # which input: the parser quotes only the fragment
-        if choose_best not in CHOOSE_BEST:  # V3 combo values are not validated at queue time (ComfyUI 0.3.75)
-            raise PisaError(f"choose_best must be one of {', '.join(CHOOSE_BEST)}, got {choose_best!r}.")
-        if choose_best in metrics.LEARNED_METRICS:
-            ok, reason = metrics.learned_metric_status(choose_best)
+        check_choice("choose_best", choose_best, CHOOSE_BEST)
+        if choose_best != "off" and metrics.METRICS[choose_best].learned:
+            ok, reason = learned_metric_status(choose_best)
             if not ok:
                 raise PisaError(f"choose_best = '{choose_best}': {reason} Or pick 'sharpness' or 'noise', which "
                                 "need no weights.")
@@ -168,7 +172,7 @@ class PiSALambdaSweep(io.ComfyNode):
         if not math.isfinite(floor):
             raise PisaError("fidelity_floor_db must be a finite number of dB, e.g. 28.")
         if vae is not None:  # refused before the UNet runs, not after
-            check_color_fix(color_fix)
+            check_choice("colour fix", color_fix, COLOR_FIXES)
 
         z, eps = sample_eps(model, latent, positive, 1.0, 1.0, tile_size, tile_overlap, both=True)  # on the CPU
         c = z.shape[1]
@@ -192,7 +196,7 @@ class PiSALambdaSweep(io.ComfyNode):
         elif vae is not None:
             images = decode_settings(latent, z_hq, n, batch, vae, color_fix)[0]
         else:
-            images = compat.blocked(f"{NODE}: 'images' needs the vae input connected (the VAE that encoded the LQ "
+            images = ExecutionBlocker(f"{NODE}: 'images' needs the vae input connected (the VAE that encoded the LQ "
                                     "image); or decode 'latents' with PiSA Tiled VAE Decode.")
         best = dict(latent, samples=torch.stack([z_hq[s * batch + b] for b, s in enumerate(best_idx)]))
         report = report_text(pairs, batch, choose_best, floor, quality, fidelity, chosen)

@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from ..pisa_sr.checks import check_choice
 from ..pisa_sr.errors import PisaError
 from . import compat
 
@@ -52,6 +53,13 @@ class _DtypeClones(dict):
         return _DtypeClones()
 
 
+def compute_dtype(model: Any) -> torch.dtype:
+    """The dtype the UNet computes in: a compute-dtype override, else ComfyUI's manual cast, else the weights'."""
+    # model_config's, not model.model.manual_cast_dtype: another clone may have patched that
+    d = model.object_patches.get("manual_cast_dtype", model.model.model_config.manual_cast_dtype)
+    return d if d is not None else model.model.get_dtype()
+
+
 def with_compute_dtype(model: Any, dtype: torch.dtype) -> Any:
     """A cached clone of ``model`` computing in ``dtype`` via manual-cast ops (the ModelComputeDtype node's way):
     weights stay stored as loaded, LoRAs merged, and are cast layer by layer."""
@@ -68,10 +76,9 @@ def with_compute_dtype(model: Any, dtype: torch.dtype) -> Any:
 
 def model_for_precision(model: Any, precision: str) -> Any:
     """``model`` itself for auto (or when it already computes in that dtype), else a cached compute-dtype clone."""
-    if precision not in PRECISIONS:  # V3 combo values are not validated at queue time (ComfyUI 0.3.75)
-        raise PisaError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    check_choice("precision", precision, PRECISIONS)
     dtype = PRECISIONS[precision]
-    if dtype is None or dtype == compat.compute_dtype(model):
+    if dtype is None or dtype == compute_dtype(model):
         return model
     if torch.device(model.load_device).type == "cuda" and dtype == torch.bfloat16 \
             and not torch.cuda.is_bf16_supported():

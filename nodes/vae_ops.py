@@ -11,11 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
+import comfy.model_management as mm
+import folder_paths
+
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.park import Parking
 from ..pisa_sr.vae_tiled import (_tiled_peak, auto_tile_size, parked_bytes, tiled_decode, tiled_encode,
                                  whole_mid_bytes)
 from . import compat
+from .compat import io
 
 log = logging.getLogger("PiSA-SR")
 GIB = 1 << 30
@@ -34,9 +38,19 @@ class Plan:
     parking: Parking
 
 
+def free_ram() -> int:
+    """Available host memory (what ComfyUI reports for the CPU device)."""
+    return int(mm.get_free_memory(torch.device("cpu")))
+
+
+def temp_directory() -> str:
+    """ComfyUI's temp directory (emptied at its start), where the tiled VAE spills maps beyond its RAM budget."""
+    return folder_paths.get_temp_directory()
+
+
 def ram_budget(ram_gib: float) -> int:
     """Host bytes the VAE may add beyond the IMAGE/LATENT: the user's GiB, else a share of the free RAM."""
-    return int(ram_gib * GIB) if ram_gib > 0 else int(RAM_SHARE * compat.free_ram())
+    return int(ram_gib * GIB) if ram_gib > 0 else int(RAM_SHARE * free_ram())
 
 
 def plan(device: torch.device, free: int, budget: int, spill_dir: str, size_wh: tuple[int, int],
@@ -71,7 +85,7 @@ def plan(device: torch.device, free: int, budget: int, spill_dir: str, size_wh: 
 
 
 def _spill_dir() -> str:
-    d = compat.temp_directory()
+    d = temp_directory()
     with contextlib.suppress(OSError):  # an unusable directory is refused with the amount by Parking.prepare
         os.makedirs(d, exist_ok=True)
     return d
@@ -157,3 +171,14 @@ def decode(vae, z_raw: torch.Tensor, tile_px: int, ram_gib: float = 0.0) -> torc
         o.clamp_(-1, 1).add_(1.0).div_(2.0)
 
     return _run(vae, one, out, (w, h), -(-tile_px // 8) if tile_px > 0 else 0, ram_gib, is_decoder=True)
+
+
+def inputs(unit: str, tiling_note: str = "") -> list:
+    """The VAE inputs Encode LQ and Decode share: ``vae_tile_size`` (in ``unit``) and ``vae_ram_budget``."""
+    return [io.Int.Input("vae_tile_size", default=0, min=0, max=8192, step=64,
+                         tooltip=f"VAE tile size in {unit}; 0 = automatic, 1..128 = the smallest (128). Tiling never "
+                         f"changes the result{tiling_note}, only memory and time."),
+            io.Float.Input("vae_ram_budget", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
+                           tooltip="Host RAM (GiB) the tiled VAE may add for its full-size maps and working set; 0 = "
+                           "automatic (half the RAM free when the node starts). Maps beyond it go to a temporary file "
+                           "in ComfyUI's temp folder. Never changes the result.")]

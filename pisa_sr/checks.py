@@ -1,11 +1,13 @@
 """Checks of the tensors the nodes receive (IMAGE batches, LATENT dicts), shared by every node that takes them."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .errors import PisaError
 
-# An IMAGE holds floats in [0, 1]; a little float overshoot from upstream arithmetic is clamped, more is refused.
+# An IMAGE holds floats in [0, 1]; a little float overshoot from upstream arithmetic is let through, more is refused.
 IMAGE_SLACK = 1 / 255
 
 
@@ -14,24 +16,35 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         raise PisaError(f"the {what} contains NaN or infinite values; the node that produced it is broken.")
 
 
-def check_image(image: object, min_side: int = 1) -> torch.Tensor:
-    """An IMAGE batch ``[B,H,W,C]`` (C = 3 or 4), non-empty, finite, values in [0, 1] -> its RGB channels."""
+def check_choice(what: str, value: object, options) -> None:
+    """Refuse a value that is not one of ``options`` (ComfyUI 0.3.75 does not check V3 combo values at queue time)."""
+    if value not in options:
+        raise PisaError(f"unknown {what} {value!r}; choose one of {', '.join(options)}.")
+
+
+def check_image(image: object, what: str = "image", *, min_side: int = 1, channels: tuple[int, ...] = (3, 4)
+                ) -> torch.Tensor:
+    """An IMAGE batch ``[B,H,W,C]`` (C in ``channels``), non-empty, finite, values in [0, 1] -> its RGB channels;
+    ``what`` names it in the messages."""
     if not isinstance(image, torch.Tensor) or image.dim() != 4:
         raise PisaError(f"expected an IMAGE batch [B,H,W,C], got {getattr(image, 'shape', type(image))}. "
                         "Connect an IMAGE output (e.g. Load Image).")
     b, h, w, c = image.shape
     if b == 0:
-        raise PisaError("the image batch is empty. Connect a Load Image node that produced an image.")
-    if c not in (3, 4):
+        raise PisaError(f"the {what} batch is empty. Connect a Load Image node that produced an image.")
+    if c not in channels:
         raise PisaError(f"expected RGB images (3 channels), got {c} channels.")
     if h < min_side or w < min_side:
-        raise PisaError(f"the image is {w}x{h} px; PiSA-SR needs at least {min_side}x{min_side} px.")
-    check_finite(image, "image")
+        raise PisaError(f"the {what} is {w}x{h} px; PiSA-SR needs at least {min_side}x{min_side} px.")
+    check_finite(image, what)
     lo, hi = image.min().item(), image.max().item()
     if lo < -IMAGE_SLACK or hi > 1 + IMAGE_SLACK:
-        raise PisaError(f"the image has values from {lo:.4g} to {hi:.4g}, but an IMAGE holds 0..1. A 16-bit, HDR "
+        raise PisaError(f"the {what} has values from {lo:.4g} to {hi:.4g}, but an IMAGE holds 0..1. A 16-bit, HDR "
                         "or normalised (-1..1) image must be scaled to 0..1 before this node.")
     return image[..., :3]
+
+
+check_rgb = functools.partial(check_image, channels=(3,))  # exactly R, G, B (the quality scores)
 
 
 def check_latent(latent: object, connect: str) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Colour correction of the SR output against the resized LQ image (the release's adain and wavelet fixes).
 
-Memory (issue 23): both fixes overwrite ``target`` (fp32) instead of building new full-size images. AdaIN needs only
+Memory: both fixes overwrite ``target`` (fp32) instead of building new full-size images. AdaIN needs only
 per-channel statistics (reductions, no copy). The wavelet fix runs one channel at a time (its blur is depthwise) and
 blurs in bands of rows: two single-channel planes (2/3 of one [C,H,W] image) plus about 20 x BAND_BYTES for a band,
 its padding and the convolution's scratch (which is ~17x its input: a whole 8192 px plane would add 4.5 GB).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import PisaError
+from .checks import check_choice
 
 COLOR_FIXES = ("adain", "wavelet", "none")
 WAVELET_LEVELS = 5
@@ -81,15 +81,10 @@ def wavelet_fix(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return target
 
 
-def check_color_fix(method: str) -> None:
-    if method not in COLOR_FIXES:
-        raise PisaError(f"unknown colour fix '{method}'; choose one of {', '.join(COLOR_FIXES)}.")
-
-
 def apply_color_fix(target: torch.Tensor, source: torch.Tensor, method: str) -> torch.Tensor:
     """Both [B,C,H,W] in [0,1]; the result is clamped to [0,1] as the release does. An fp32 ``target`` is
     overwritten with the result (no full-size copy); another dtype is fixed in an fp32 copy."""
-    check_color_fix(method)
+    check_choice("colour fix", method, COLOR_FIXES)
     if method == "none":
         return target
     fix = adain_fix if method == "adain" else wavelet_fix

@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .checks import check_image
 from .errors import PisaError
 
 Font = Union[ImageFont.ImageFont, ImageFont.FreeTypeFont]
@@ -71,8 +72,7 @@ def labelled_grid(images: torch.Tensor, labels: Sequence[str], columns: Optional
                   font_size: Optional[int] = None, background: float = 1.0) -> torch.Tensor:
     """``images`` ``[N,H,W,C]`` row-major with ``pad`` px gaps of ``background`` -> ``[1,H',W',C]``; each non-empty
     label as light text on a dark box in its tile's top-left corner, shrunk to fit the tile's width."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise PisaError(f"images must be an IMAGE tensor [N,H,W,C], got {getattr(images, 'shape', type(images))}")
+    check_image(images)
     n, h, w, c = images.shape
     labels = [str(t) for t in labels]
     if len(labels) != n:

@@ -15,7 +15,6 @@ from .errors import PisaError
 
 # Generous around the paper's [0, 2]; still refuses typos (10 for 1.0) that would only blow the image out.
 LAMBDA_MIN, LAMBDA_MAX = -2.0, 4.0
-LAMBDA_RANGE = (LAMBDA_MIN, LAMBDA_MAX)
 
 
 class Pass(enum.Enum):
@@ -26,7 +25,7 @@ class Pass(enum.Enum):
 
 
 def check_lambda(name: str, value: object) -> float:
-    """``value`` as a float if it is a finite number inside ``LAMBDA_RANGE``, else a PisaError naming ``name``."""
+    """``value`` as a float if it is a finite number in [LAMBDA_MIN, LAMBDA_MAX], else a PisaError naming ``name``."""
     try:
         v = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):

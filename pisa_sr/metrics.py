@@ -2,63 +2,40 @@
 
 PSNR/SSIM follow the SR literature's convention (BasicSR, the PiSA-SR tables) so a number can sit next to a paper's;
 ``sharpness`` and ``noise`` are weight-free heuristics, not perceived quality; ``musiq``, ``clipiqa`` and ``maniqa``
-come from the optional ``pyiqa`` package, only from weight files already on this machine (README: Quality Score).
+come from the optional ``pyiqa`` package (pisa_sr.learned_metrics).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
-import importlib.util
 import math
-import os
-import sys
-import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .checks import check_choice, check_rgb as _check_image
 from .errors import PisaError
+from .learned_metrics import learned_score
 
-__all__ = ["MetricSpec", "METRICS", "LEARNED_METRICS", "rgb_to_y", "psnr_y", "ssim_y", "sharpness", "noise_sigma",
-           "learned_metric_status", "learned_score", "score"]
+__all__ = ["MetricSpec", "METRICS", "rgb_to_y", "psnr_y", "ssim_y", "sharpness", "noise_sigma", "score",
+           "format_score"]
 
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """What a score means: ``direction`` +1 if higher is better, -1 if lower is better."""
+    """What a score means: ``direction`` +1 if higher is better, -1 if lower is better; ``fn(img, ref,
+    crop_border)`` computes it."""
 
     direction: int
     needs_reference: bool
     learned: bool
     description: str
+    fn: Callable[[torch.Tensor, Optional[torch.Tensor], int], torch.Tensor]
 
-
-METRICS: dict[str, MetricSpec] = {
-    "psnr": MetricSpec(+1, True, False, "PSNR on Y (BT.601, [16,235]) in dB, border-cropped; inf if identical"),
-    "ssim": MetricSpec(+1, True, False, "SSIM on Y (BT.601), 11x11 Gaussian window sigma 1.5, border-cropped"),
-    "sharpness": MetricSpec(+1, False, False, "heuristic: RMS Sobel gradient of luma (0..255 levels per pixel)"),
-    "noise": MetricSpec(-1, False, False, "heuristic: Immerkaer noise sigma of luma (0..255 levels)"),
-    "musiq": MetricSpec(+1, False, True, "MUSIQ (KonIQ weights) via pyiqa, about 0..100"),
-    "clipiqa": MetricSpec(+1, False, True, "CLIP-IQA (RN50) via pyiqa, 0..1"),
-    "maniqa": MetricSpec(+1, False, True, "MANIQA (KonIQ weights) via pyiqa, about 0..1"),
-}
-
-LEARNED_METRICS: tuple[str, ...] = tuple(name for name, spec in METRICS.items() if spec.learned)
 
 _SSIM_RADIUS = 5  # 11 taps: int(3.5 * sigma + 0.5), the truncation scikit-image and BasicSR's 11x11 window share
 _DATA_RANGE = 255.0
-
-
-def _check_image(img: torch.Tensor, what: str = "image") -> None:
-    if not isinstance(img, torch.Tensor):
-        raise PisaError(f"{what} must be a torch.Tensor, got {type(img).__name__}")
-    if img.ndim != 4 or img.shape[-1] != 3:
-        raise PisaError(f"{what} must be an IMAGE tensor [B,H,W,3], got shape {tuple(img.shape)}")
-    if 0 in img.shape[:3]:
-        raise PisaError(f"{what} is empty: shape {tuple(img.shape)}")
 
 
 def rgb_to_y(img: torch.Tensor) -> torch.Tensor:
@@ -156,166 +133,24 @@ def noise_sigma(img: torch.Tensor) -> torch.Tensor:
     return math.sqrt(math.pi / 2.0) / 6.0 * response.abs().mean(dim=(1, 2, 3))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Learned metrics through pyiqa (chaofengc/IQA-PyTorch), strictly from files already on disk. pyiqa caches its
-# checkpoints in <torch hub dir>/pyiqa, OpenAI's CLIP in <torch hub dir>/clip (re-downloaded on a SHA-256 mismatch),
-# and MANIQA builds timm's vit_base_patch8_224 pretrained, from the Hugging Face hub cache. Every one of those files is
-# checked before a metric is built; while it builds, the downloaders are disabled and the hub client is offline.
-
-_CLIP_RN50_SHA256 = "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"
-_MANIQA_BACKBONE = "vit_base_patch8_224"
-_PYIQA_FILES = {"musiq": ("musiq_koniq_ckpt-e95806b9.pth",), "clipiqa": (), "maniqa": ("ckpt_koniq10k.pt",)}
-
-_lock = threading.Lock()
-_metric_cache: dict[tuple[str, str], object] = {}
+def _no_reference(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    return lambda img, ref, crop_border: fn(img)
 
 
-def _pyiqa_installed() -> bool:
-    return "pyiqa" in sys.modules or importlib.util.find_spec("pyiqa") is not None
-
-
-def _stamp(path: str) -> tuple[str, int, int]:
-    """A file version (path, size, mtime), the key of the cached checks below."""
-    st = os.stat(path)
-    return path, st.st_size, st.st_mtime_ns
-
-
-@functools.lru_cache(maxsize=None)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@functools.lru_cache(maxsize=None)
-def _tensors_only(path: str, size: int, mtime_ns: int) -> bool:
-    """pyiqa unpickles its checkpoints without ``weights_only``: a file reaches it only if the guarded load (tensors
-    and plain containers, no code) accepts it."""
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return True
-    except Exception:  # noqa: BLE001  (any refusal or corruption: not handed to pyiqa)
-        return False
-
-
-def _maniqa_backbone_cached() -> tuple[bool, str]:
-    """Whether the hub repository timm loads the backbone from is in the local hub cache (no network), and its id."""
-    hub_id = "timm/vit_base_patch8_224.augreg2_in21k_ft_in1k"  # timm's default, if timm cannot say
-    with contextlib.suppress(Exception):  # older/newer timm APIs, or no timm
-        from timm.models import get_pretrained_cfg
-
-        hub_id = get_pretrained_cfg(_MANIQA_BACKBONE).hf_hub_id or hub_id
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = [try_to_load_from_cache(hub_id, f) for f in ("model.safetensors", "pytorch_model.bin")]
-    except Exception:  # noqa: BLE001  (no hub client, or a malformed cache: "not available", not a crash)
-        return False, hub_id
-    return any(isinstance(p, str) and os.path.isfile(p) for p in found), hub_id
-
-
-def learned_metric_status(name: str) -> tuple[bool, str]:
-    """``(available, reason)`` for a learned metric, from the file system only: pyiqa is not imported and nothing
-    is downloaded."""
-    key = name.lower()
-    if key not in _PYIQA_FILES:
-        raise PisaError(f"unknown learned metric {name!r}; choose from {', '.join(_PYIQA_FILES)}")
-    fetch = (f"once outside ComfyUI, e.g. python -c \"import pyiqa; pyiqa.create_metric('{key}')\"; "
-             "this node never downloads.")
-    if not _pyiqa_installed():
-        return False, (f"the '{key}' score needs the optional 'pyiqa' package, which is not installed in this "
-                       f"Python. Install it (pip install pyiqa) and fetch its weights {fetch}")
-    missing = []
-    # pyiqa's own cache dir once it is loaded (fixed at its import), else the same default computed now.
-    pyiqa_dir = getattr(sys.modules.get("pyiqa.utils.download_util"), "DEFAULT_CACHE_DIR", None)
-    for filename in _PYIQA_FILES[key]:
-        path = os.path.join(pyiqa_dir or os.path.join(torch.hub.get_dir(), "pyiqa"), filename)
-        if not os.path.isfile(path):
-            missing.append(path)
-        elif not _tensors_only(*_stamp(path)):
-            return False, (f"the '{key}' weight file {path} is refused: it holds more than tensors (loading it "
-                           "could run code) or is damaged. Delete it and fetch it again with pyiqa outside ComfyUI.")
-    if key == "clipiqa":  # a TorchScript archive, not a checkpoint: accepted only with its published SHA-256
-        path = os.path.join(torch.hub.get_dir(), "clip", "RN50.pt")
-        if not os.path.isfile(path):
-            missing.append(path)
-        elif _sha256(*_stamp(path)) != _CLIP_RN50_SHA256:
-            missing.append(f"{path} (incomplete or corrupt: SHA-256 mismatch)")
-    if key == "maniqa":
-        cached, hub_id = _maniqa_backbone_cached()
-        if not cached:
-            missing.append(f"Hugging Face hub cache entry {hub_id} (timm backbone {_MANIQA_BACKBONE})")
-    if missing:
-        return False, (f"pyiqa is installed but the '{key}' weights are not on this machine: missing "
-                       f"{'; '.join(missing)}. Fetch them {fetch}")
-    return True, "ok"
-
-
-def _refuse_download(*args: object, **kwargs: object) -> None:
-    raise RuntimeError("pisa_sr.metrics: network download refused (learned metrics only use local weights)")
-
-
-def _guarded_clip_download(url: str, root: str, *args: object, **kwargs: object) -> str:
-    """Stand-in for pyiqa's CLIP downloader: the local file if it has the SHA-256 in its URL (as CLIP's own check)."""
-    path = os.path.join(root, os.path.basename(url))
-    if os.path.isfile(path) and _sha256(*_stamp(path)) == url.split("/")[-2]:
-        return path
-    raise RuntimeError(f"pisa_sr.metrics: CLIP weights {path} missing or corrupt; download refused")
-
-
-_OFFLINE_PATCHES = (
-    ("huggingface_hub.constants", "HF_HUB_OFFLINE", True),
-    ("huggingface_hub.file_download", "HF_HUB_OFFLINE", True),
-    ("pyiqa.utils.download_util", "download_url_to_file", _refuse_download),
-    ("pyiqa.utils.download_util", "download_file_from_google_drive", _refuse_download),
-    ("pyiqa.archs.clip_model", "_download", _guarded_clip_download),
-)
-
-
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    """Patch the loaded libraries' module attributes (no environment variables, no process-wide sockets) and
-    restore them after, so other nodes running at the same time are unaffected."""
-    saved = []
-    try:
-        for module, attr, value in _OFFLINE_PATCHES:
-            obj = sys.modules.get(module)
-            if hasattr(obj, attr):
-                saved.append((obj, attr, getattr(obj, attr)))
-                setattr(obj, attr, value)
-        yield
-    finally:
-        for obj, attr, value in reversed(saved):
-            setattr(obj, attr, value)
-
-
-def learned_score(img: torch.Tensor, name: str) -> torch.Tensor:
-    """Learned no-reference score ``[B]`` float64 from pyiqa (MUSIQ, CLIP-IQA or MANIQA, higher is better), its
-    metric built once per device; ``PisaError`` saying what is missing and how to get it, never a download."""
-    _check_image(img)
-    key = name.lower()
-    ok, reason = learned_metric_status(key)
-    if not ok:
-        raise PisaError(reason)
-    cache_key = (key, str(img.device))
-    with _lock:
-        if cache_key not in _metric_cache:
-            try:
-                import pyiqa  # with the modules _offline patches, imported before it so the patches reach them
-
-                for module in ("pyiqa.utils.download_util", "pyiqa.archs.clip_model"):
-                    with contextlib.suppress(ImportError):
-                        importlib.import_module(module)
-                with _offline():
-                    _metric_cache[cache_key] = pyiqa.create_metric(key, device=img.device).eval()
-            except Exception as exc:  # noqa: BLE001  (surface as the node-level error the user can act on)
-                raise PisaError(f"pyiqa could not build '{key}' from the local weights: {exc}") from exc
-        metric = _metric_cache[cache_key]
-    with torch.no_grad():
-        out = metric(img.permute(0, 3, 1, 2).to(torch.float32).clamp(0.0, 1.0))
-    return torch.as_tensor(out).detach().to(torch.float64).reshape(img.shape[0], -1).mean(dim=1).to(img.device)
+METRICS: dict[str, MetricSpec] = {
+    "psnr": MetricSpec(+1, True, False, "PSNR on Y (BT.601, [16,235]) in dB, border-cropped; inf if identical", psnr_y),
+    "ssim": MetricSpec(+1, True, False, "SSIM on Y (BT.601), 11x11 Gaussian window sigma 1.5, border-cropped", ssim_y),
+    "sharpness": MetricSpec(+1, False, False, "heuristic: RMS Sobel gradient of luma (0..255 levels per pixel)",
+                            _no_reference(sharpness)),
+    "noise": MetricSpec(-1, False, False, "heuristic: Immerkaer noise sigma of luma (0..255 levels)",
+                        _no_reference(noise_sigma)),
+    "musiq": MetricSpec(+1, False, True, "MUSIQ (KonIQ weights) via pyiqa, about 0..100",
+                        _no_reference(functools.partial(learned_score, name="musiq"))),
+    "clipiqa": MetricSpec(+1, False, True, "CLIP-IQA (RN50) via pyiqa, 0..1",
+                          _no_reference(functools.partial(learned_score, name="clipiqa"))),
+    "maniqa": MetricSpec(+1, False, True, "MANIQA (KonIQ weights) via pyiqa, about 0..1",
+                         _no_reference(functools.partial(learned_score, name="maniqa"))),
+}
 
 
 def score(
@@ -324,18 +159,11 @@ def score(
     """Score every image of a batch with ``metric`` (a key of ``METRICS``, whose ``direction`` says which way is
     better) -> ``[B]`` float64; ``psnr`` and ``ssim`` need ``ref`` (batch 1 or B), the others ignore it."""
     key = metric.strip().lower() if isinstance(metric, str) else metric
-    if key not in METRICS:
-        raise PisaError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    if METRICS[key].needs_reference:
-        if ref is None:
-            raise PisaError(f"'{key}' is a full-reference metric: connect the ground-truth image to 'reference', or "
-                            "pick a no-reference metric (sharpness, noise, musiq, ...).")
-        return psnr_y(img, ref, crop_border) if key == "psnr" else ssim_y(img, ref, crop_border)
-    if key == "sharpness":
-        return sharpness(img)
-    if key == "noise":
-        return noise_sigma(img)
-    return learned_score(img, key)
+    check_choice("metric", key, METRICS)
+    if METRICS[key].needs_reference and ref is None:
+        raise PisaError(f"'{key}' is a full-reference metric: connect the ground-truth image to 'reference', or "
+                        "pick a no-reference metric (sharpness, noise, musiq, ...).")
+    return METRICS[key].fn(img, ref, crop_border)
 
 
 def format_score(value: float, unit: str = "") -> str:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checks import check_choice
 from .errors import PisaError
 
 PROCESS_SIZE = 512
@@ -65,8 +66,7 @@ def resize_batch(images: torch.Tensor, plan: ResizePlan, filter_name: str = "bic
     Memory per frame beyond ``out``: the input frame as fp32 and uint8, then Pillow's images (4 bytes per pixel,
     plus a pass of ``input height x output width``) and one 3-byte copy of its result: about 7 bytes per output
     pixel (230 MiB for a 7680x4320 result), never a float copy of the output."""
-    if filter_name not in FILTERS:
-        raise PisaError(f"unknown resize filter '{filter_name}'; choose one of {', '.join(FILTERS)}.")
+    check_choice("resize filter", filter_name, FILTERS)
     w, h = plan.model
     if out is None:
         out = torch.empty((images.shape[0], h, w, images.shape[3]), dtype=torch.uint8)

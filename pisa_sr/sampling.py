@@ -74,14 +74,14 @@ def make_eps_fn(unet: Unet, sem_removal: Sequence[BypassTarget], lambda_pix: flo
 def sample_eps(z: torch.Tensor, unet: Unet, sem_removal: Sequence[BypassTarget], lambda_pix: float,
                lambda_sem: float, tile: int, overlap: int, *, tiles_per_call: int = 1, one_pass: bool = True,
                both: bool = False, hooks: Hooks = Hooks()) -> torch.Tensor:
-    """eps ``[B,C,h,w]`` fp32 for ``z`` (C = 4, or 8 = eps_pix then eps_sem with ``both``); ``z_hq = z - eps``.
+    """eps ``[B,C,h,w]`` fp32 for ``z`` (C = 4, or 8 = eps_pix then eps_sem with ``both``); ``z_hq = z - eps``;
+    ``tile`` and ``overlap`` as ``check_tiles`` accepts them (the node checks them once, before loading the UNet).
 
     Out of memory: retried with half the tiles per call down to one, then (adjustable mode) two passes per tile.
     Memory: latent-size fp32 buffers only (run_tiled's output and weight sum) besides one UNet call; a failed try's
     are dropped before the retry.
     """
     p = plan(lambda_pix, lambda_sem, both)
-    check_tiles(tile, overlap)
     if p is Pass.NONE:
         return torch.zeros_like(z, dtype=torch.float32)
     tpc = max(1, int(tiles_per_call))

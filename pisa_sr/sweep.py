@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from .errors import PisaError
-from .guidance import check_lambda
+from .guidance import check_lambda, combine_eps
 
 MAX_SETTINGS = 64
 
@@ -118,12 +118,10 @@ def combine(eps_pix: torch.Tensor, eps_sem: torch.Tensor, pairs: Sequence[tuple[
         raise PisaError(f"eps_pix {tuple(eps_pix.shape)} and eps_sem {tuple(eps_sem.shape)} differ in shape")
     if not pairs:
         raise PisaError("combine needs at least one (lambda_pix, lambda_sem) pair")
-    pix = eps_pix.to(torch.float32)
-    diff = eps_sem.to(device=pix.device, dtype=torch.float32) - pix
-    out = torch.empty((len(pairs), *pix.shape), dtype=dtype or eps_pix.dtype, device=pix.device)
-    for i, (lp, ls) in enumerate(pairs):
-        lp, ls = check_lambda("lambda_pix", lp), check_lambda("lambda_sem", ls)
-        out[i] = lp * pix + ls * diff  # the sampler's expression, so a sweep reproduces it bit for bit
+    eps_sem = eps_sem.to(eps_pix.device)
+    out = torch.empty((len(pairs), *eps_pix.shape), dtype=dtype or eps_pix.dtype, device=eps_pix.device)
+    for i, (lp, ls) in enumerate(pairs):  # the sampler's combination, so a sweep reproduces it bit for bit
+        out[i] = combine_eps(eps_pix, eps_sem, check_lambda("lambda_pix", lp), check_lambda("lambda_sem", ls))
     return out
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .errors import PisaError
 from .park import Parking
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("PiSA-SR")
 
 # Context (px, at each step's input resolution) read around a tile core: one 3x3 conv needs 1 px, and a stride-2
 # downsample needs its window to start on an even pixel.

@@ -45,7 +45,7 @@ def case(case_id: str, node: str, fn, *fix_words: str, exc: type = PisaError):
 def ctx(world, pisa_model, monkeypatch):
     folder = host.BASE_DIR / "models" / "pisa_sr"
     yield SimpleNamespace(world=world, pisa=pisa_model, mp=monkeypatch, compat=host.pack("nodes.compat"),
-                          unet=host.pack("nodes.unet"), folder=folder)
+                          unet=host.pack("nodes.unet"), vae_ops=host.pack("nodes.vae_ops"), folder=folder)
     for f in folder.glob("bad_*"):  # the bad files must not linger in the model list of later tests
         f.unlink()
 
@@ -102,7 +102,7 @@ def decode(c, lat, color_fix: str = "adain", **kw):
 
 
 def low_ram(c):
-    c.mp.setattr(c.compat, "free_ram", lambda: 1 << 20)  # 1 MiB free: the parked full-size maps go to temp files
+    c.mp.setattr(c.vae_ops, "free_ram", lambda: 1 << 20)  # 1 MiB free: the parked full-size maps go to temp files
     return c
 
 
@@ -114,7 +114,7 @@ def no_disk(c):
 def unwritable_temp(c):
     blocker = host.BASE_DIR / "temp_is_a_file"
     blocker.write_text("")  # a directory under a regular file cannot exist, whoever runs the test
-    c.mp.setattr(c.compat, "temp_directory", lambda: str(blocker / "temp"))
+    c.mp.setattr(c.vae_ops, "temp_directory", lambda: str(blocker / "temp"))
     return low_ram(c)
 
 

@@ -59,7 +59,7 @@ def test_preview_shrinks_band_by_band(monkeypatch):
     result = torch.rand(1, h, w, 3)
     info = _lq_latent(h, w)["pisa_sr"]
     saved = []
-    monkeypatch.setattr(preview.compat, "preview_images", lambda t: saved.append(t) or [{}])
+    monkeypatch.setattr(preview, "preview_images", lambda t: saved.append(t) or [{}])
     monkeypatch.setattr(preview, "BAND_BYTES", 1 << 20)
     with LiveBytes() as mem:
         ui = preview.comparison_ui(result, info)

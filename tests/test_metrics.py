@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from pisa_sr import metrics
+from pisa_sr import learned_metrics, metrics
 from pisa_sr.metrics import METRICS, noise_sigma, psnr_y, rgb_to_y, score, sharpness, ssim_y
 
 pytestmark = pytest.mark.core
@@ -227,7 +227,7 @@ def no_network(monkeypatch):
 def test_learned_metric_without_pyiqa_is_a_clear_error(name, no_network, monkeypatch):
     if "pyiqa" in sys.modules:  # a real install would make this test meaningless; the host has none
         pytest.fail("pyiqa unexpectedly importable on the test host")
-    assert metrics.learned_metric_status(name)[0] is False
+    assert learned_metrics.learned_metric_status(name)[0] is False
     img = torch.rand(1, 32, 32, 3)
     with pytest.raises(ValueError, match="pyiqa") as err:
         score(img, name)
@@ -275,7 +275,7 @@ def hub(tmp_path, monkeypatch):
     hub = tmp_path / "hub"
     (hub / "pyiqa").mkdir(parents=True)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
-    monkeypatch.setattr(metrics, "_metric_cache", {})
+    monkeypatch.setattr(learned_metrics, "_metric_cache", {})
     _drop_pyiqa_modules()
     yield hub
     _drop_pyiqa_modules()
@@ -284,14 +284,14 @@ def hub(tmp_path, monkeypatch):
 def test_learned_metric_with_pyiqa_but_missing_weights_builds_nothing(hub, no_network):
     img = torch.rand(1, 24, 24, 3)
     for name, expect in [("musiq", "musiq_koniq_ckpt"), ("clipiqa", "RN50.pt"), ("maniqa", "ckpt_koniq10k.pt")]:
-        ok, reason = metrics.learned_metric_status(name)
+        ok, reason = learned_metrics.learned_metric_status(name)
         assert not ok and expect in reason and "never downloads" in reason
         with pytest.raises(ValueError, match="weights are not on this machine"):
-            metrics.learned_score(img, name)
+            learned_metrics.learned_score(img, name)
     # A CLIP file that is present but not the real one (checksum) is refused too, not "repaired" by downloading.
     (hub / "clip").mkdir()
     (hub / "clip" / "RN50.pt").write_bytes(b"truncated")
-    ok, reason = metrics.learned_metric_status("clipiqa")
+    ok, reason = learned_metrics.learned_metric_status("clipiqa")
     assert not ok and "SHA-256 mismatch" in reason
     assert "pyiqa" not in sys.modules or sys.modules["pyiqa"].calls == []
 
@@ -302,7 +302,7 @@ def test_learned_metric_with_local_weights_builds_offline_and_scores(hub, monkey
     import huggingface_hub.constants as hub_constants
 
     online = hub_constants.HF_HUB_OFFLINE
-    assert metrics.learned_metric_status("musiq")[0]
+    assert learned_metrics.learned_metric_status("musiq")[0]
     img = torch.rand(3, 16, 20, 3)
     out = score(img, "MUSIQ")
     assert out.shape == (3,) and out.dtype == torch.float64
@@ -313,12 +313,12 @@ def test_learned_metric_with_local_weights_builds_offline_and_scores(hub, monkey
     name, device, offline, downloader = pyiqa.calls[0]
     assert name == "musiq" and device == "cpu"
     assert offline == (True, None)  # hub client offline while building, the process environment untouched
-    assert downloader is metrics._refuse_download  # pyiqa's downloader disabled while building
+    assert downloader is learned_metrics._refuse_download  # pyiqa's downloader disabled while building
     # Restored afterwards, and the built metric is reused.
     assert os.environ.get("HF_HUB_OFFLINE") is None and hub_constants.HF_HUB_OFFLINE == online
     from pyiqa.utils import download_util
 
-    assert download_util.download_url_to_file is not metrics._refuse_download
+    assert download_util.download_url_to_file is not learned_metrics._refuse_download
     score(img, "musiq")
     assert len(pyiqa.calls) == 1
 
@@ -329,10 +329,10 @@ def test_learned_metric_weights_that_need_code_are_refused(hub, no_network):
 
     path = hub / MUSIQ
     torch.save({"params": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1.0)}, path)
-    ok, reason = metrics.learned_metric_status("musiq")
+    ok, reason = learned_metrics.learned_metric_status("musiq")
     assert not ok and str(path) in reason and "refused" in reason and "\n" not in reason
     with pytest.raises(ValueError, match="holds more than tensors"):
-        metrics.learned_score(torch.rand(1, 16, 16, 3), "musiq")
+        learned_metrics.learned_score(torch.rand(1, 16, 16, 3), "musiq")
     path.write_bytes(b"not a checkpoint")  # damaged: refused the same way
-    assert not metrics.learned_metric_status("musiq")[0]
+    assert not learned_metrics.learned_metric_status("musiq")[0]
     assert "pyiqa" not in sys.modules or sys.modules["pyiqa"].calls == []

@@ -43,7 +43,7 @@ def test_preview_failure_never_fails_the_node(monkeypatch, caplog):
     def broken(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(preview.compat, "preview_images", broken)
+    monkeypatch.setattr(preview, "preview_images", broken)
     assert preview.comparison_ui(torch.rand(1, 8, 8, 3), None) is None
     assert "disk full" in caplog.text
 

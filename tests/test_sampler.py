@@ -185,7 +185,7 @@ def test_precision_option(world, pisa_model, ref):
     assert inp.default == "auto" and inp.tooltip and list(inp.options) == ["auto", "fp16", "bf16", "fp32"]
 
     lat = random_latent(32, 40, seed=6)
-    assert compat.compute_dtype(pisa_model) == torch.float32  # what ComfyUI chose on this CPU host
+    assert unet.compute_dtype(pisa_model) == torch.float32  # what ComfyUI chose on this CPU host
     z, auto = sample_eps(pisa_model, world.conditioning, lat, 0.8, 1.2)
     _, fp32 = sample_eps(pisa_model, world.conditioning, lat, 0.8, 1.2, precision="fp32")
     assert torch.equal(auto, fp32)  # fp32 on an fp32 model is the model itself
@@ -206,7 +206,7 @@ def test_precision_option(world, pisa_model, ref):
     assert 0 < rel <= BF16_REL_TOL
     clone = unet.with_compute_dtype(pisa_model, torch.bfloat16)
     assert unet.with_compute_dtype(pisa_model, torch.bfloat16) is clone  # reused: no reload per queued prompt
-    assert compat.compute_dtype(clone) == torch.bfloat16 and compat.compute_dtype(pisa_model) == torch.float32
+    assert unet.compute_dtype(clone) == torch.bfloat16 and unet.compute_dtype(pisa_model) == torch.float32
 
     # Back to auto: the shared weights and casting flags were restored exactly.
     assert torch.equal(sample_eps(pisa_model, world.conditioning, lat, 0.8, 1.2)[1], auto)

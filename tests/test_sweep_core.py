@@ -10,19 +10,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pisa_sr.grid import default_font_size, grid_layout, labelled_grid
-from pisa_sr.guidance import LAMBDA_RANGE, check_lambda
+from pisa_sr.guidance import LAMBDA_MAX, LAMBDA_MIN, check_lambda
 from pisa_sr.sweep import MAX_SETTINGS, choose_best, combine, format_label, parse_lambda_pairs
 
 pytestmark = pytest.mark.core
 
-LO, HI = LAMBDA_RANGE
+LO, HI = LAMBDA_MIN, LAMBDA_MAX
 lam = st.floats(min_value=LO, max_value=HI, allow_nan=False, allow_infinity=False)
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # --- check_lambda ---------------------------------------------------------------------------------------------------
 def test_check_lambda_accepts_range_and_refuses_the_rest():
-    assert LAMBDA_RANGE == (-2.0, 4.0)
+    assert (LAMBDA_MIN, LAMBDA_MAX) == (-2.0, 4.0)
     assert check_lambda("lambda_pix", 1) == 1.0 and isinstance(check_lambda("lambda_pix", 1), float)
     assert check_lambda("x", LO) == LO and check_lambda("x", HI) == HI
     for bad in (float("nan"), float("inf"), -float("inf"), HI + 1e-9, LO - 1e-9, 10.0):
@@ -179,7 +179,6 @@ def test_combine_reproduces_the_samplers_combination_bit_for_bit():
     """Issue 6's contract at the core level: a sweep setting equals the sampler's single-setting combination."""
     from pisa_sr import guidance
 
-    assert (guidance.LAMBDA_MIN, guidance.LAMBDA_MAX) == LAMBDA_RANGE
     g = torch.Generator().manual_seed(2)
     for dtype in (torch.float32, torch.float16):
         eps_pix = torch.randn(1, 4, 24, 20, generator=g).to(dtype)

@@ -225,7 +225,7 @@ def test_sweep_refusals_come_before_any_work(world, small, monkeypatch):
         sweep.execute(settings="1,1; abc", **kw)
     with pytest.raises(ValueError, match="PiSA Lambda Sweep.*connect the VAE"):
         sweep.execute(settings="1,1", choose_best="sharpness", **kw)
-    monkeypatch.setattr(host.pack("pisa_sr.metrics"), "_pyiqa_installed", lambda: False)
+    monkeypatch.setattr(host.pack("pisa_sr.learned_metrics"), "_pyiqa_installed", lambda: False)
     with pytest.raises(ValueError, match=r"PiSA Lambda Sweep: choose_best = 'musiq'.*pyiqa.*never downloads"):
         sweep.execute(settings="1,1", choose_best="musiq", vae=world.comfy_vae, **kw)
 
@@ -274,7 +274,7 @@ def test_quality_score_node_outputs_text_and_float_list(monkeypatch):
         run_node("PiSA_QualityScore", images=imgs, metric="ssim")
     with pytest.raises(ValueError, match="PiSA Quality Score: image and reference sizes differ"):
         run_node("PiSA_QualityScore", images=imgs, metric="psnr", reference=imgs[:, :40])
-    monkeypatch.setattr(host.pack("pisa_sr.metrics"), "_pyiqa_installed", lambda: False)
+    monkeypatch.setattr(host.pack("pisa_sr.learned_metrics"), "_pyiqa_installed", lambda: False)
     with pytest.raises(ValueError, match="PiSA Quality Score: .*pyiqa.*never downloads"):
         run_node("PiSA_QualityScore", images=imgs, metric="clipiqa")
 

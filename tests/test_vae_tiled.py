@@ -310,7 +310,7 @@ def test_mid_block_out_of_memory_falls_back_to_exact_tiles(caplog):
     ae.decoder.mid.block_2.forward = ae.encoder.mid.block_2.forward = oom
     for run, ref in zip((functools.partial(tiled_decode, ae, z, 8), functools.partial(tiled_encode, ae, x, 64)), refs):
         calls = []
-        with caplog.at_level("WARNING", logger="pisa_sr.vae_tiled"):
+        with caplog.at_level("WARNING", logger="PiSA-SR"):
             out = run(progress=lambda d, t: calls.append((d, t)))
         assert "running it tiled" in caplog.text
         caplog.clear()
