@@ -19,6 +19,9 @@ from .runtime import Hooks
 log = logging.getLogger("PiSA-SR")
 
 Unet = Callable[[torch.Tensor], torch.Tensor]
+HOOKS_DID_NOT_RUN = ("the UNet ran without the sem-LoRA removal hooks that pixel-only and adjustable modes need "
+                     "(compiled outside ComfyUI's TorchCompileModel, or its modules replaced). Remove that node "
+                     "(TorchCompileModel is fine), or use lambda_pix = lambda_sem.")
 
 
 def plan(lambda_pix: float, lambda_sem: float, both: bool = False) -> Pass:
@@ -49,7 +52,10 @@ def make_eps_fn(unet: Unet, sem_removal: Sequence[BypassTarget], lambda_pix: flo
     def hooked(x: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         bypass.rows = rows
         with bypass:
-            return bypass_unet(x)
+            e = bypass_unet(x)
+            if not all(bypass.ran):  # e is the merged model's eps_sem, not eps_pix: never return it
+                raise PisaError(HOOKS_DID_NOT_RUN)
+            return e
 
     def pix_and_sem(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not one_pass:
