@@ -20,6 +20,11 @@ try:
 except ImportError:  # pragma: no cover
     from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401
 
+try:  # the key of TorchCompileModel's APPLY_MODEL wrapper (0.3.75 has it)
+    from comfy_api.torch_helpers.torch_compile import COMPILE_KEY as TORCH_COMPILE_KEY
+except ImportError:  # pragma: no cover
+    TORCH_COMPILE_KEY = "torch.compile"
+
 from ..pisa_sr import runtime
 
 # ---------------------------------------------------------------- MODEL attachments
@@ -139,12 +144,19 @@ def vae_free_memory(vae: Any) -> int:
 
 
 # ---------------------------------------------------------------- UNet internals
-def options_with_outer_unet_wrapper(model: Any, key: str, wrapper) -> dict:
+def options_with_outer_unet_wrapper(model: Any, key: str, wrapper, *, eager: bool = False) -> dict:
     """transformer_options as a sampler builds them (the MODEL's own plus its patcher wrappers, merged fresh), with
-    ``wrapper`` as the outermost DIFFUSION_MODEL wrapper (it sees the diffusion model's raw output)."""
+    ``wrapper`` as the outermost DIFFUSION_MODEL wrapper (it sees the diffusion model's raw output).
+
+    ``eager``: without TorchCompileModel's wrapper, so the UNet runs as Python modules (see unet.unet_eps_t1)."""
     topts = copy.copy(model.model_options.get("transformer_options", {}))
     wrappers = comfy.patcher_extension.copy_nested_dicts(topts.get("wrappers", {}))
     comfy.patcher_extension.merge_nested_dicts(wrappers, model.wrappers, copy_dict1=False)
+    if eager:
+        # upstream: comfyanonymous/ComfyUI comfy_api/torch_helpers/torch_compile.py @ 10448e67efde (and 0.3.75):
+        # set_torch_compile_wrapper swaps the compiled modules in by the APPLY_MODEL wrapper COMPILE_KEY
+        apply = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+        wrappers[apply] = {k: v for k, v in wrappers.get(apply, {}).items() if k != TORCH_COMPILE_KEY}
     kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
     others = {k: v for k, v in wrappers.get(kind, {}).items() if k != key}
     wrappers[kind] = {key: [wrapper], **others}  # first key = outermost wrapper

@@ -66,9 +66,9 @@ def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: f
     sigma = unet.sigma_t1(model)
     ctx = context.to(dev)
 
-    def call(x: torch.Tensor) -> torch.Tensor:
+    def call(x: torch.Tensor, eager: bool = False) -> torch.Tensor:
         with compat.device_context(dev):
-            return unet.unet_eps_t1(model, x, ctx.expand(x.shape[0], -1, -1), sigma)
+            return unet.unet_eps_t1(model, x, ctx.expand(x.shape[0], -1, -1), sigma, eager=eager)
 
     removal = sem_removal_targets(model, info) if plan in (Pass.PIX, Pass.DUAL) else []
     hooks = compat.hooks()
@@ -85,7 +85,7 @@ def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: f
                                                                                          total))
             eps = sampling.sample_eps(z, call, removal, lambda_pix, lambda_sem, tile_size, tile_overlap,
                                       tiles_per_call=tiles_per_call, one_pass=one_pass, both=both,
-                                      hooks=chunk_hooks)
+                                      hooks=chunk_hooks, bypass_unet=lambda x: call(x, eager=True))
             yield part, z, eps
 
 

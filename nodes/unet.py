@@ -21,11 +21,14 @@ def sigma_t1(model: Any) -> torch.Tensor:
     return ms.sigma(torch.tensor([1.0])).float().reshape(1)
 
 
-def unet_eps_t1(model: Any, z: torch.Tensor, context: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def unet_eps_t1(model: Any, z: torch.Tensor, context: torch.Tensor, sigma: torch.Tensor, *,
+                eager: bool = False) -> torch.Tensor:
     """eps = unet(z, t=1, context) in fp32 through ``apply_model`` (wrappers, patches and casting are ComfyUI's).
 
     ``x = z*sqrt(1+sigma^2)`` undoes apply_model's c_in. eps is captured by an outermost DIFFUSION_MODEL wrapper:
     recovering it from ``x - sigma*eps`` (the fallback) would divide fp32 rounding by sigma (0.04), 25x the error.
+    ``eager``: bypass TorchCompileModel's compiled UNet. Calls with the sem-removal hooks need it: dynamo does not
+    guard on module hooks, so a graph traced without them would silently serve a hooked call (and vice versa).
     """
     dev = model.load_device
     s = sigma.to(dev, torch.float32).expand(z.shape[0])
@@ -37,7 +40,7 @@ def unet_eps_t1(model: Any, z: torch.Tensor, context: torch.Tensor, sigma: torch
         captured.append(y)
         return y
 
-    topts = compat.options_with_outer_unet_wrapper(model, EPS_CAPTURE_KEY, capture)
+    topts = compat.options_with_outer_unet_wrapper(model, EPS_CAPTURE_KEY, capture, eager=eager)
     out = model.model.apply_model(x, s, c_crossattn=context.to(dev), transformer_options=topts)
     if len(captured) == 1 and captured[0].shape == z.shape:
         return captured[0].float()

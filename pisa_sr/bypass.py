@@ -27,11 +27,14 @@ class LowRankBypass(AbstractContextManager):
 
     The factors are cast once per (device, dtype) with ``sign * scale`` folded into ``up`` and kept for the object's
     life, so it can be entered again (with other ``rows``) and a tiled run copies them to the device once.
+    ``ran[i]``: target i's hook ran since entered (False after a forward: the module ran without it, e.g. a
+    compiled graph traced without the hooks).
     """
 
     def __init__(self, targets: list[BypassTarget], rows: slice = slice(None)):
         self.targets = targets
         self.rows = rows
+        self.ran = [False] * len(targets)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._cast: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -47,6 +50,7 @@ class LowRankBypass(AbstractContextManager):
         pair = self.targets[i].pair
 
         def hook(module, inputs, output):
+            self.ran[i] = True
             rows = self.rows
             down, up = self._weights(i, inputs[0])
             xs = inputs[0][rows]
@@ -71,6 +75,7 @@ class LowRankBypass(AbstractContextManager):
         return hook
 
     def __enter__(self) -> "LowRankBypass":
+        self.ran = [False] * len(self.targets)
         try:
             for i, t in enumerate(self.targets):
                 self._handles.append(t.module.register_forward_hook(self._make_hook(i)))

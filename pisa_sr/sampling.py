@@ -19,6 +19,9 @@ from .runtime import Hooks
 log = logging.getLogger("PiSA-SR")
 
 Unet = Callable[[torch.Tensor], torch.Tensor]
+HOOKS_DID_NOT_RUN = ("the UNet ran without the sem-LoRA removal hooks that pixel-only and adjustable modes need "
+                     "(compiled outside ComfyUI's TorchCompileModel, or its modules replaced). Remove that node "
+                     "(TorchCompileModel is fine), or use lambda_pix = lambda_sem.")
 
 
 def plan(lambda_pix: float, lambda_sem: float, both: bool = False) -> Pass:
@@ -37,15 +40,22 @@ def check_tiles(tile: int, overlap: int) -> None:
 
 
 def make_eps_fn(unet: Unet, sem_removal: Sequence[BypassTarget], lambda_pix: float, lambda_sem: float, *,
-                one_pass: bool, both: bool = False) -> EpsFn:
-    """eps for a batch of latent tiles under the given lambdas (``both``: [eps_pix, eps_sem] along channels)."""
+                one_pass: bool, both: bool = False, bypass_unet: Unet | None = None) -> EpsFn:
+    """eps for a batch of latent tiles under the given lambdas (``both``: [eps_pix, eps_sem] along channels).
+
+    ``bypass_unet`` (default ``unet``) runs the calls with the sem removal hooks in place. It must run the hooked
+    modules as Python modules: a compiled graph ignores hooks added or removed after it was traced."""
     p = plan(lambda_pix, lambda_sem, both)
     bypass = LowRankBypass(list(sem_removal))  # hooks nothing until entered
+    bypass_unet = unet if bypass_unet is None else bypass_unet
 
     def hooked(x: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         bypass.rows = rows
         with bypass:
-            return unet(x)
+            e = bypass_unet(x)
+            if not all(bypass.ran):  # e is the merged model's eps_sem, not eps_pix: never return it
+                raise PisaError(HOOKS_DID_NOT_RUN)
+            return e
 
     def pix_and_sem(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not one_pass:
@@ -73,11 +83,12 @@ def make_eps_fn(unet: Unet, sem_removal: Sequence[BypassTarget], lambda_pix: flo
 @torch.no_grad()
 def sample_eps(z: torch.Tensor, unet: Unet, sem_removal: Sequence[BypassTarget], lambda_pix: float,
                lambda_sem: float, tile: int, overlap: int, *, tiles_per_call: int = 1, one_pass: bool = True,
-               both: bool = False, hooks: Hooks = Hooks()) -> torch.Tensor:
+               both: bool = False, hooks: Hooks = Hooks(), bypass_unet: Unet | None = None) -> torch.Tensor:
     """eps ``[B,C,h,w]`` fp32 for ``z`` (C = 4, or 8 = eps_pix then eps_sem with ``both``); ``z_hq = z - eps``;
     ``tile`` and ``overlap`` as ``check_tiles`` accepts them (the node checks them once, before loading the UNet).
 
-    Out of memory: retried with half the tiles per call down to one, then (adjustable mode) two passes per tile.
+    ``bypass_unet``: see make_eps_fn. Out of memory: retried with half the tiles per call down to one, then
+    (adjustable mode) two passes per tile.
     Memory: latent-size fp32 buffers only (run_tiled's output and weight sum) besides one UNet call; a failed try's
     are dropped before the retry.
     """
@@ -86,7 +97,8 @@ def sample_eps(z: torch.Tensor, unet: Unet, sem_removal: Sequence[BypassTarget],
         return torch.zeros_like(z, dtype=torch.float32)
     tpc = max(1, int(tiles_per_call))
     while True:
-        eps_fn = make_eps_fn(unet, sem_removal, lambda_pix, lambda_sem, one_pass=one_pass, both=both)
+        eps_fn = make_eps_fn(unet, sem_removal, lambda_pix, lambda_sem, one_pass=one_pass, both=both,
+                             bypass_unet=bypass_unet)
         try:
             return run_tiled(z, eps_fn, tile, overlap, tpc, progress=hooks.progress,
                              check_interrupt=hooks.check_interrupt)

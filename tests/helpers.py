@@ -62,11 +62,11 @@ def log_unet_calls(monkeypatch, model, fail=lambda i: None) -> list[tuple[int, i
     unet, calls = host.pack("nodes.unet"), []
     real = unet.unet_eps_t1
 
-    def wrapped(m, z, context, sigma):
+    def wrapped(m, z, context, sigma, **kw):
         calls.append((z.shape[0], forward_hooks(model)))
         if (exc := fail(len(calls) - 1)) is not None:
             raise exc
-        return real(m, z, context, sigma)
+        return real(m, z, context, sigma, **kw)
 
     monkeypatch.setattr(unet, "unet_eps_t1", wrapped)
     return calls
