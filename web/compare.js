@@ -1,0 +1,173 @@
+// Before / after slider on PiSA Tiled VAE Decode, over its `images` (result) and `pisa_lq` (resized LQ) previews
+// (nodes/preview.py). If they cannot be loaded, the front end's ordinary preview takes over.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import { chain, clamp, color, customWidget, findWidget, grow, inside, label, redraw, roundRect, SMALL, warn }
+  from "./widget.js";
+
+const COMPARE = "pisa_sr_compare";
+
+function loadView(img) {
+  const q = new URLSearchParams({ filename: img.filename, subfolder: img.subfolder ?? "", type: img.type ?? "temp" });
+  const url = api.apiURL(`/view?${q}${app.getRandParam()}`);
+  return new Promise((resolve, reject) => {
+    const im = new Image();
+    im.onload = () => resolve(im);
+    im.onerror = () => reject(new Error(`could not load ${url}`));
+    im.src = url;
+  });
+}
+
+function addCompare(node) {
+  return customWidget(node, COMPARE, { // paint() sets rect (the image, {x, y, w, h}) and navBox
+    split: 0.5, // fraction of the image width showing the "before" (resized LQ)
+    index: 0,
+    after: [], // result previews (Image)
+    before: [], // resized LQ previews (Image)
+    // also: outputs (the node output these came from), ready, failed
+
+    async load(output) {
+      this.outputs = output; // the previous pair stays on screen until the new one has loaded
+      this.failed = false;
+      const tag = (this.loadTag = {});
+      try {
+        const [after, before] = await Promise.all(
+          [output.images, output.pisa_lq].map((list) => Promise.all(list.map(loadView))));
+        if (tag !== this.loadTag) return;
+        this.after = after;
+        this.before = before;
+        this.index = Math.min(this.index, after.length - 1);
+        this.ready = true;
+        node.imgs = after; // keeps the node's "Open Image" / "Save Image" menu entries working
+      } catch (e) {
+        if (tag !== this.loadTag) return;
+        warn("before/after images", e);
+        this.ready = false;
+        this.failed = true;
+        node.hideOutputImages = false; // the front end's ordinary preview takes over
+      }
+      redraw(node, this);
+    },
+
+    imageHeight(width) {
+      const im = this.after[this.index];
+      const aspect = im && im.naturalWidth ? im.naturalHeight / im.naturalWidth : 1;
+      return Math.round(clamp(Math.max(40, (width ?? node.size[0]) - 20) * aspect, 80, 640));
+    },
+
+    computeSize(width) { return [width ?? node.size[0], this.imageHeight(width) + 24]; },
+
+    paint(ctx, width, y, lowQuality) {
+      const availH = this.imageHeight(width);
+      if (!this.ready) {
+        return label(ctx, this.failed ? "before/after preview unavailable" : "loading before/after preview\u2026",
+                     width / 2, y + availH / 2, "center");
+      }
+      const before = this.before[Math.min(this.index, this.before.length - 1)];
+      const after = this.after[this.index];
+      const ar = after.naturalHeight / after.naturalWidth;
+      let w = Math.max(40, width - 20), h = w * ar;
+      if (h > availH) { h = availH; w = h / ar; }
+      const x = (width - w) / 2, top = y + 2, my = top + h / 2;
+      this.rect = { x, y: top, w, h };
+      const sx = x + this.split * w;
+      // after (result) everywhere, before (resized LQ) left of the split
+      ctx.drawImage(after, x, top, w, h);
+      ctx.save();
+      ctx.beginPath();
+      ctx.rect(x, top, sx - x, h);
+      ctx.clip();
+      ctx.drawImage(before, x, top, w, h);
+      ctx.restore();
+      ctx.strokeStyle = "#fff";
+      ctx.lineWidth = 2;
+      ctx.beginPath(); ctx.moveTo(sx, top); ctx.lineTo(sx, top + h); ctx.stroke();
+      ctx.fillStyle = "#fff";
+      ctx.strokeStyle = "#111";
+      ctx.lineWidth = 1.5;
+      ctx.beginPath(); ctx.arc(sx, my, 9, 0, Math.PI * 2); ctx.fill(); ctx.stroke();
+      ctx.fillStyle = "#111";
+      ctx.beginPath();
+      for (const d of [-2, 2]) { ctx.moveTo(sx + d, my - 4); ctx.lineTo(sx + 3 * d, my); ctx.lineTo(sx + d, my + 4); }
+      ctx.fill();
+      if (lowQuality) return;
+      const tag = (text, tx, align) => {
+        ctx.font = SMALL;
+        const tw = ctx.measureText(text).width + 8;
+        const bx = align === "left" ? tx : tx - tw;
+        ctx.fillStyle = "rgba(0,0,0,0.6)";
+        roundRect(ctx, bx, top + 4, tw, 15, 3);
+        ctx.fill();
+        label(ctx, text, bx + 4, top + 11.5, "left", "#fff", SMALL);
+      };
+      if (this.split > 0.02) tag("before: input (resized)", x + 4, "left");
+      if (this.split < 0.98) tag("after: PiSA-SR", x + w - 4, "right");
+      const n = this.after.length, ty = top + h + 11;
+      const cap = `${after.naturalWidth}\u00d7${after.naturalHeight} preview \u00b7 drag to compare`;
+      label(ctx, cap, width / 2, ty, "center", null, SMALL);
+      this.navBox = n > 1 ? { x0: x + w - 60, x1: x + w, y0: top + h + 2, y1: top + h + 22 } : null;
+      const nav = `\u25c0 ${this.index + 1}/${n} \u25b6`;
+      if (n > 1) label(ctx, nav, x + w, ty, "right", color("WIDGET_TEXT_COLOR", "#ddd"));
+    },
+
+    press([x, y]) {
+      const r = this.rect, nb = this.navBox;
+      if (!this.ready || !r) return false;
+      if (inside(nb, x, y)) {
+        const n = this.after.length;
+        this.index = (this.index + (x < (nb.x0 + nb.x1) / 2 ? n - 1 : 1)) % n;
+        node.imageIndex = this.index;
+        redraw(node, this);
+        return "handled";
+      }
+      return x >= r.x && x <= r.x + r.w && y >= r.y && y <= r.y + r.h ? "drag" : false;
+    },
+
+    dragTo([x]) {
+      this.split = clamp((x - this.rect.x) / this.rect.w, 0, 1);
+      redraw(node, this);
+    },
+  });
+}
+
+const hasComparison = (output) => [output?.images, output?.pisa_lq].every((l) => Array.isArray(l) && l.length > 0);
+
+function showComparison(node, output) {
+  let w = findWidget(node, COMPARE);
+  if (!w) {
+    w = addCompare(node);
+    grow(node); // give the preview room
+  }
+  if (w.outputs !== output) w.load(output);
+  return w;
+}
+
+// The classic renderer's image preview is a widget the front end adds from the node's onDrawBackground (which this
+// node's own skips while the slider shows). One added before, while a failed load let it in, has no public way out
+// (front end 1.32.9 to 1.58.1): it is found by the front end's name for it.
+function removeFrontEndPreview(node) {
+  const w = findWidget(node, "$$canvas-image-preview");
+  if (w) node.removeWidget(w);
+}
+
+export function setupCompare(node) {
+  // The slider is the decoder's preview: Vue nodes must not add their own. Set before the first run, as that renderer
+  // decides when the output arrives (1.32.9 ignores the flag).
+  node.hideOutputImages = true;
+  chain(node, "onExecuted", "onExecuted", function (output) {
+    if (hasComparison(output)) showComparison(this, output);
+  });
+  const drawPreview = node.onDrawBackground;
+  node.onDrawBackground = function (...args) {
+    try {
+      // outputs restored from the front end's store (e.g. after switching workflow tabs)
+      let w = findWidget(this, COMPARE);
+      const out = w ? null : app.nodeOutputs?.[String(this.id)];
+      if (hasComparison(out)) w = showComparison(this, out);
+      if (w && !w.failed) return removeFrontEndPreview(this);
+    } catch (e) {
+      warn("preview", e);
+    }
+    return drawPreview?.apply(this, args);
+  };
+}
