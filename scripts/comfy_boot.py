@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.abc
+import importlib.util
 import os
 import sys
 import tempfile
@@ -67,6 +69,28 @@ def boot(comfy_dir: str | None = None, base_dir: str | None = None, *, cpu: bool
     return base
 
 
+class _OneCore(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """The pack's ``pisa_sr`` subpackage is the top-level ``pisa_sr`` (the repo root is on sys.path): one copy of the
+    core in the process, so a test's or benchmark's ``from pisa_sr.x import C`` is the class the nodes use."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, object] = {}
+
+    def find_spec(self, name, path=None, target=None):
+        head, sep, tail = name.partition(".pisa_sr")
+        if sep and head.endswith(PACK_NAME) and (not tail or tail.startswith(".")):
+            return importlib.util.spec_from_loader(name, self)
+        return None
+
+    def create_module(self, spec):
+        module = importlib.import_module("pisa_sr" + spec.name.partition(".pisa_sr")[2])
+        self._specs[spec.name] = module.__spec__  # the import system overwrites it; put back in exec_module
+        return module
+
+    def exec_module(self, module) -> None:
+        module.__spec__ = self._specs.pop(module.__spec__.name)
+
+
 def load_pack() -> None:
     """Load the pack the way ComfyUI loads any custom node folder (idempotent)."""
     global _loaded
@@ -74,6 +98,7 @@ def load_pack() -> None:
         return
     if _base is None:
         boot()
+    sys.meta_path.insert(0, _OneCore())
     import folder_paths
 
     nodes = comfy_nodes()

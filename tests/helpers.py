@@ -10,7 +10,6 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import run_node  # noqa: F401  (re-exported)
 from synthetic_weights import make_image  # noqa: F401  (re-exported)
 
 
@@ -127,3 +126,10 @@ def tensor_bytes(obj) -> int:
     if hasattr(obj, "lq_u8"):
         return tensor_bytes(obj.lq_u8)
     return 0
+
+
+def run_node(node_id: str, **inputs):
+    """Call a registered node's execute() the way unit tests of V3 nodes do; returns its outputs tuple."""
+    import host
+
+    return host.node(node_id).execute(**inputs).result

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from pisa_sr.errors import PisaError
 from pisa_sr.frames import check_frames, share, share_bounds
 
-pytestmark = pytest.mark.core
 
 
 @pytest.mark.parametrize("total,parts", [(3, 3), (6, 3), (7, 3), (48, 5), (1, 1)])

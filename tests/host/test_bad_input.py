@@ -22,14 +22,16 @@ import comfy.model_management as mm
 import comfy.supported_models
 import host
 import tiny_models
-from conftest import run_node
+from helpers import run_node
 from hostile_files import Op, make_zip, torch_save_bytes
 
 # The classes of the pack as ComfyUI loaded it (its package name is the folder path), not of `import pisa_sr`.
-PisaError = host.pack("pisa_sr.errors").PisaError
-CheckpointError = host.pack("pisa_sr.checkpoint").CheckpointError
+from pisa_sr import park
+from pisa_sr.checkpoint import CheckpointError
+from pisa_sr.errors import PisaError
+from pisa_sr.resize import ResizePlan
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
 LOAD, ENCODE, SAMPLE, DECODE = ("Load PiSA LoRAs", "PiSA Encode LQ", "Dual-Guided One-Step Sample",
                                 "PiSA Tiled VAE Decode")
 CASES: dict[str, tuple[str, tuple[str, ...], type, object]] = {}
@@ -107,7 +109,7 @@ def low_ram(c):
 
 
 def no_disk(c):
-    c.mp.setattr(host.pack("pisa_sr.park").shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
+    c.mp.setattr(park.shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
     return low_ram(c)
 
 
@@ -121,7 +123,7 @@ def unwritable_temp(c):
 def with_lq(lat: dict, b: int, h: int, w: int) -> dict:
     """``lat`` carrying Encode LQ's record of a b x h x w LQ image (small, so no 512 px VAE work is needed)."""
     lq_info = host.pack("nodes.lq_info")
-    plan = host.pack("pisa_sr.resize").ResizePlan((w, h), None, (w, h), (w, h), (w, h))
+    plan = ResizePlan((w, h), None, (w, h), (w, h), (w, h))
     return {**lat, lq_info.LATENT_KEY: lq_info.LQInfo(lq_u8=torch.zeros(b, h, w, 3, dtype=torch.uint8), plan=plan)}
 
 
@@ -347,5 +349,6 @@ def test_every_refusal_has_a_documented_row_and_every_row_a_test():
     documented = set(re.findall(r"test_refusal\[([a-z0-9-]+)\]", text))
     assert documented == set(CASES), (sorted(set(CASES) - documented), sorted(documented - set(CASES)))
     for file, name in re.findall(r"`(test_\w+\.py)::(test_\w+)", text):
-        assert re.search(rf"^def {name}\(", (Path(__file__).parent / file).read_text(), re.MULTILINE), (file, name)
+        path = next(DOC.parents[1].glob(f"tests/*/{file}"))  # tests/core or tests/host
+        assert re.search(rf"^def {name}\(", path.read_text(), re.MULTILINE), (file, name)
     assert len(rows) >= len(CASES)

@@ -25,7 +25,7 @@ import torch
 import comfy.model_management as mm
 import host
 import tiny_models
-from conftest import run_node
+from helpers import run_node
 from helpers import make_image, pil_to_image
 
 # max |eps - eps_ref| bound per storage dtype (measured maxima in docs/errors.md; |eps| max is about 3 here):
@@ -107,7 +107,7 @@ def test_eps_within_bound(world, pisa_files, ref, latent, monkeypatch, dtype, mo
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3fn", "e5m2"])
 def test_fp8_weights_are_refused(world, pisa_files, dtype):
-    PisaError = host.pack("pisa_sr.errors").PisaError
+    from pisa_sr.errors import PisaError
     base = tiny_models.comfy_model_from_diffusers(world.unet, weight_dtype=dtype)
     with pytest.raises(PisaError) as ei:
         run_node("PiSA_LoadLoRAs", model=base, lora_name=pisa_files["pkl"])

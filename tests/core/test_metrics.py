@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from pisa_sr import learned_metrics, metrics
+from pisa_sr import learned_metrics
 from pisa_sr.metrics import METRICS, noise_sigma, psnr_y, rgb_to_y, score, sharpness, ssim_y
 
-pytestmark = pytest.mark.core
 
 TOL = 1e-4
 

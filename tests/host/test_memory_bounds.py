@@ -17,7 +17,7 @@ from helpers import no_grad  # noqa: F401  (autouse fixture)
 
 decode = host.pack("nodes.decode")
 preview = host.pack("nodes.preview")
-resize = host.pack("pisa_sr.resize")
+from pisa_sr import color, resize
 LQInfo = host.pack("nodes.lq_info").LQInfo
 
 
@@ -36,7 +36,7 @@ def test_decode_colour_fix_works_in_place(monkeypatch, color_fix):
     none, wavelet 2/3 image + 3 bands)."""
     h, w = 512, 384
     band = 256 << 10
-    monkeypatch.setattr(host.pack("pisa_sr.color"), "BAND_BYTES", band)
+    monkeypatch.setattr(color, "BAND_BYTES", band)
     lat = _lq_latent(h, w)
     g = torch.Generator().manual_seed(1)
     monkeypatch.setattr(decode.vae_ops, "decode",  # the decoder's output, [1,3,H,W] fp32 in [0,1], as vae_ops gives it

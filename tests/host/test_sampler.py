@@ -15,6 +15,7 @@ import host
 from helpers import (encode_lq, forward_hooks, log_unet_calls, make_image, max_diff, pil_to_image, random_latent,
                      run_node, sample_eps)
 from helpers import no_grad  # noqa: F401  (autouse fixture)
+from pisa_sr.sampling import make_eps_fn
 
 ONE_PASS_TOL = 5e-5  # absolute, for |eps| up to ~8: fp32 batch-shape-dependent rounding, amplified by the mix
 REF_TOL = 1e-4  # the equivalence bound of test_equivalence.py
@@ -28,7 +29,7 @@ def _eps_fn(model, context, lp, ls, **kw):
     """make_eps_fn as the node glue calls it: eps at t=1 with the context bound, the model's sem removal targets."""
     sigma, pm = unet.sigma_t1(model), host.pack("nodes.pisa_model")
     removal = pm.sem_removal_targets(model, pm.info_of(model))
-    return host.pack("pisa_sr.sampling").make_eps_fn(
+    return make_eps_fn(
         lambda x: unet.unet_eps_t1(model, x, context.expand(x.shape[0], -1, -1), sigma), removal, lp, ls, **kw)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import host
-from conftest import run_node
+from helpers import run_node
 from hostile_files import small_release_dict, torch_save_bytes
 from pisa_sr import convert as conv
 from pisa_sr.checkpoint import load_checkpoint
@@ -42,7 +42,7 @@ def test_replaced_file_is_reloaded_even_with_the_same_size_and_mtime(tmp_path):
 def test_refusal_names_the_node_once():
     p = host.BASE_DIR / "models" / "pisa_sr" / "empty.pkl"
     p.write_bytes(b"")
-    err = host.pack("pisa_sr.checkpoint").CheckpointError
+    from pisa_sr.checkpoint import CheckpointError as err
     try:
         with pytest.raises(err, match=r"^Load PiSA LoRAs: PiSA-SR checkpoint 'empty.pkl': is empty") as ei:
             run_node("PiSA_LoadLoRAs", model=None, lora_name="empty.pkl")

@@ -13,7 +13,6 @@ from pisa_sr.grid import default_font_size, grid_layout, labelled_grid
 from pisa_sr.guidance import LAMBDA_MAX, LAMBDA_MIN, check_lambda
 from pisa_sr.sweep import MAX_SETTINGS, choose_best, combine, format_label, parse_lambda_pairs
 
-pytestmark = pytest.mark.core
 
 LO, HI = LAMBDA_MIN, LAMBDA_MAX
 lam = st.floats(min_value=LO, max_value=HI, allow_nan=False, allow_infinity=False)

@@ -25,9 +25,8 @@ from pisa_sr.checkpoint import CheckpointError, PisaLoras, load_checkpoint, pars
 from pisa_sr.convert import to_release_dict
 from pisa_sr.pickle_scan import MAX_OPS
 
-pytestmark = pytest.mark.core
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PY = os.environ.get("PISA_HOST_PYTHON", sys.executable)
 CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 

@@ -27,7 +27,7 @@ COMPILED_TOL = 1e-5
 RUNS = [(1.0, 1.0, 2), (1.0, 0.0, 2), (0.8, 1.3, 1), (0.8, 1.3, 2), (1.0, 1.0, 2)]
 
 
-PisaError = host.pack("pisa_sr.errors").PisaError
+from pisa_sr.errors import PisaError
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ class _EpsDiscrete(cms.ModelSamplingDiscrete, cms.EPS):  # what ComfyUI's ModelS
 
 def test_zsnr_schedule_refused_plain_eps_accepted():
     check_sd2_eps = host.pack("nodes.base_model").check_sd2_eps
-    errors = host.pack("pisa_sr.errors")
+    from pisa_sr import errors
     model = tiny_models.comfy_model_from_diffusers(None)
     plain = model.clone()
     plain.add_object_patch("model_sampling", _EpsDiscrete(model.model.model_config))

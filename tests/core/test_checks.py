@@ -9,7 +9,6 @@ import torch
 from pisa_sr.checks import check_image, check_latent
 from pisa_sr.errors import PisaError
 
-pytestmark = pytest.mark.core
 
 
 def test_image_range():

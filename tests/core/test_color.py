@@ -14,7 +14,6 @@ from pisa_sr import color
 from pisa_sr.color import apply_color_fix
 from reference import ReleaseReference, adain
 
-pytestmark = pytest.mark.core
 
 RELEASE = {"adain": adain, "wavelet": ReleaseReference._wavelet}
 SMALL_PLANE_TOL = 4 * 2 ** -23  # 4 ulp at 1.0 (see test_fix_equals_the_release)

@@ -10,7 +10,7 @@ import torch
 
 import host
 
-heap = host.pack("pisa_sr.heap")
+from pisa_sr import heap
 
 
 def _rss_mib() -> float:

@@ -19,7 +19,6 @@ from pisa_sr.runtime import Hooks, is_oom
 from pisa_sr.sampling import check_tiles, make_eps_fn, sample_eps
 from pisa_sr.tiling import axis_starts
 
-pytestmark = pytest.mark.core
 
 TOL = 1e-5  # fp32, a few hundred multiply-adds per output
 

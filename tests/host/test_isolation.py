@@ -19,7 +19,7 @@ import torch
 import comfy.model_management as mm
 import host
 import tiny_models
-from conftest import run_node
+from helpers import run_node
 from pisa_sr.tiling import plan_tiles
 
 TILE, OVERLAP = 16, 8

@@ -14,6 +14,8 @@ import torch
 import host
 from helpers import encode_lq, log_unet_calls, make_image, max_diff, pil_to_image, random_latent, run_node
 from helpers import no_grad  # noqa: F401  (autouse fixture)
+from pisa_sr.resize import ResizePlan
+from pisa_sr.runtime import Hooks
 
 EPS_TOL = 1e-4  # test_equivalence.py's eps bound
 SCALE = 0.18215  # SD latent scale: a raw latent difference is the eps difference / SCALE
@@ -58,7 +60,7 @@ def test_sample_chunks_hold_whole_frames_per_call(monkeypatch, world, pisa_model
     """5 frames; 6 tiles per frame when tiled: a chunk is as many whole frames as one call takes, else one frame."""
     log = log_unet_calls(monkeypatch, pisa_model)
     ticks = []
-    hooks = host.pack("pisa_sr.runtime").Hooks(progress=lambda d, t: ticks.append((d, t)))
+    hooks = Hooks(progress=lambda d, t: ticks.append((d, t)))
     monkeypatch.setattr(host.pack("nodes.compat"), "hooks", lambda: hooks)
     lat = random_latent(*((28, 40) if tiled else (12, 16)), b=5)
     out = host.pack("nodes.sample").sample_hq(pisa_model, lat, world.conditioning, 1.0, 1.0, 16 if tiled else 0,
@@ -71,7 +73,7 @@ def test_sample_chunks_hold_whole_frames_per_call(monkeypatch, world, pisa_model
 def _hq_latent(b: int, lq_frames: int, resize_back: bool) -> dict:
     """A LATENT as Sample returns it, with an LQ reference of ``lq_frames`` frames (1 = shared by all)."""
     h, w = 24, 20
-    plan = host.pack("pisa_sr.resize").ResizePlan(
+    plan = ResizePlan(
         original=(50, 60), pre=(40, 48) if resize_back else None, upscaled=(w * 8, h * 8), model=(w * 8, h * 8),
         output=(150, 180) if resize_back else (w * 8, h * 8))
     g = torch.Generator().manual_seed(b + lq_frames)

@@ -17,9 +17,11 @@ import torch
 
 import host
 from helpers import make_image, pil_to_image, run_node
+from pisa_sr import learned_metrics
 from pisa_sr.guidance import Pass, plan_passes
 from pisa_sr.grid import grid_layout, labelled_grid
 from pisa_sr.metrics import psnr_y, sharpness
+from pisa_sr.resize import ResizePlan
 from pisa_sr.sweep import choose_best_per_image, format_label, sweep_labels
 
 TOL = 1e-5
@@ -40,7 +42,7 @@ def _crop(lat, windows):
     """A batch of latent windows ``(y, x)`` of 32x40 with their matching 256x320 LQ references: a valid PiSA LATENT
     (the decoder colour-fixes it) at a quarter of the cost of the full 64x71 latent."""
     info = lat["pisa_sr"]
-    LQInfo, ResizePlan = host.pack("nodes.lq_info").LQInfo, host.pack("pisa_sr.resize").ResizePlan
+    LQInfo = host.pack("nodes.lq_info").LQInfo
     z = torch.cat([lat["samples"][:, :, y:y + 32, x:x + 40] for y, x in windows]).contiguous()
     lq = torch.cat([info.lq_u8[:, 8 * y:8 * y + 256, 8 * x:8 * x + 320] for y, x in windows]).contiguous()
     return {"samples": z, "pisa_sr": LQInfo(lq_u8=lq, plan=ResizePlan((320, 256), None, (320, 256), (320, 256),
@@ -225,7 +227,7 @@ def test_sweep_refusals_come_before_any_work(world, small, monkeypatch):
         sweep.execute(settings="1,1; abc", **kw)
     with pytest.raises(ValueError, match="PiSA Lambda Sweep.*connect the VAE"):
         sweep.execute(settings="1,1", choose_best="sharpness", **kw)
-    monkeypatch.setattr(host.pack("pisa_sr.learned_metrics"), "_pyiqa_installed", lambda: False)
+    monkeypatch.setattr(learned_metrics, "_pyiqa_installed", lambda: False)
     with pytest.raises(ValueError, match=r"PiSA Lambda Sweep: choose_best = 'musiq'.*pyiqa.*never downloads"):
         sweep.execute(settings="1,1", choose_best="musiq", vae=world.comfy_vae, **kw)
 
@@ -274,7 +276,7 @@ def test_quality_score_node_outputs_text_and_float_list(monkeypatch):
         run_node("PiSA_QualityScore", images=imgs, metric="ssim")
     with pytest.raises(ValueError, match="PiSA Quality Score: image and reference sizes differ"):
         run_node("PiSA_QualityScore", images=imgs, metric="psnr", reference=imgs[:, :40])
-    monkeypatch.setattr(host.pack("pisa_sr.learned_metrics"), "_pyiqa_installed", lambda: False)
+    monkeypatch.setattr(learned_metrics, "_pyiqa_installed", lambda: False)
     with pytest.raises(ValueError, match="PiSA Quality Score: .*pyiqa.*never downloads"):
         run_node("PiSA_QualityScore", images=imgs, metric="clipiqa")
 

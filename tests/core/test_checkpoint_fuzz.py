@@ -47,8 +47,7 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
                     derandomize=os.environ.get("PISA_FUZZ_RANDOM") != "1",
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much])
-pytestmark = [pytest.mark.core,
-              pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")]  # reprs of 1 MB inputs
+pytestmark = [pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")]  # reprs of 1 MB inputs
 COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 CANARY: list = []
 WORK = tempfile.mkdtemp(prefix="pisa-fuzz-")
