@@ -5,13 +5,23 @@ import torch
 
 from .errors import PisaError
 
-# An IMAGE holds floats in [0, 1]; a little float overshoot from upstream arithmetic is clamped, more is refused.
+# An IMAGE holds floats in [0, 1]; a little float overshoot from upstream arithmetic (1/255, or one rounding step of
+# the IMAGE's dtype at 1.0 if coarser: 1/128 in bf16) is clamped, more is refused.
 IMAGE_SLACK = 1 / 255
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         raise PisaError(f"the {what} contains NaN or infinite values; the node that produced it is broken.")
+
+
+def check_vae_output(t: torch.Tensor, what: str) -> None:
+    """A VAE's output must be finite before anything (clamp, colour fix, the sampler) hides or spreads a NaN; a sum is
+    one pass with no extra memory, and NaN/inf anywhere (or values big enough to overflow it) make it non-finite."""
+    if not torch.isfinite(t.sum()):
+        raise PisaError(f"the VAE {what} NaN or infinite values: a 16-bit (fp16) VAE overflowed. Run the VAE in bf16 "
+                        "or fp32 (ComfyUI: --bf16-vae or --fp32-vae, or a loader that sets the VAE dtype) and queue "
+                        "again.")
 
 
 def check_image(image: object, min_side: int = 1) -> torch.Tensor:
@@ -28,7 +38,8 @@ def check_image(image: object, min_side: int = 1) -> torch.Tensor:
         raise PisaError(f"the image is {w}x{h} px; PiSA-SR needs at least {min_side}x{min_side} px.")
     check_finite(image, "image")
     lo, hi = image.min().item(), image.max().item()
-    if lo < -IMAGE_SLACK or hi > 1 + IMAGE_SLACK:
+    slack = max(IMAGE_SLACK, torch.finfo(image.dtype).eps if image.is_floating_point() else 0.0)
+    if lo < -slack or hi > 1 + slack:
         raise PisaError(f"the image has values from {lo:.4g} to {hi:.4g}, but an IMAGE holds 0..1. A 16-bit, HDR "
                         "or normalised (-1..1) image must be scaled to 0..1 before this node.")
     return image[..., :3]
