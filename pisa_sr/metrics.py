@@ -52,7 +52,7 @@ LEARNED_METRICS: tuple[str, ...] = tuple(name for name, spec in METRICS.items() 
 
 _SSIM_RADIUS = 5  # 11 taps: int(3.5 * sigma + 0.5), the truncation scikit-image and BasicSR's 11x11 window share
 _DATA_RANGE = 255.0
-_BAND_PX = 1 << 18  # map pixels per band of the fp64 scores: SSIM's fp64 working set is about 120 bytes each
+_BAND_PX = 1 << 18  # map pixels per band of the fp64 scores: SSIM's fp64 working set is about 160 bytes each
 
 
 def _check_image(img: torch.Tensor, what: str = "image") -> None:
