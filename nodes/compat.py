@@ -41,7 +41,7 @@ def attach(model: Any, key: str, value: Any) -> None:
 # Newer-ComfyUI branches below are feature-detected, never version-compared. Run: 0.3.75 (CPU). Read only, from the
 # stored public index (one stored version per file, so the commits differ per file; none of them was run):
 #   Comfy-Org/ComfyUI comfy/model_patcher.py @ 08d0e510f4e5   (ModelPatcher, ModelPatcherDynamic)
-#   Comfy-Org/ComfyUI comfy/model_management.py @ 02b2b3886164 (cuda_device_context, is_oom, get_free_memory)
+#   Comfy-Org/ComfyUI comfy/model_management.py @ 02b2b3886164 (cuda_device_context, get_free_memory)
 #   Comfy-Org/ComfyUI comfy/samplers.py @ 311c01406130         (CFGGuider.outer_sample, _calc_cond_batch)
 #   Comfy-Org/ComfyUI comfy/sampler_helpers.py @ 53757775fa60  (estimate_memory, prepare_sampling)
 #   Comfy-Org/ComfyUI comfy/sd.py @ 033046cc4fac               (VAE.encode / VAE.decode)
@@ -164,20 +164,11 @@ def options_with_outer_unet_wrapper(model: Any, key: str, wrapper, *, eager: boo
     return topts
 
 
-# ---------------------------------------------------------------- progress, interruption, OOM
-def is_oom(exc: BaseException) -> bool:
-    # upstream: Comfy-Org/ComfyUI comfy/model_management.py @ 02b2b3886164 (is_oom(e): OOM_EXCEPTION, or a
-    # torch.AcceleratorError with error_code 2 or "out of memory" in its message); 0.3.75 has no is_oom
-    check = getattr(mm, "is_oom", None)
-    with contextlib.suppress(Exception):
-        if callable(check) and check(exc):
-            return True
-    return isinstance(exc, mm.OOM_EXCEPTION) or runtime.is_oom(exc)
-
-
+# ---------------------------------------------------------------- progress, interruption
 def hooks() -> runtime.Hooks:
-    """ComfyUI's progress bar, interrupt check, OOM test and cache release, for the core's long loops."""
+    """ComfyUI's progress bar, interrupt check and cache release, for the core's long loops (the out-of-memory test is
+    pisa_sr.runtime.is_oom: ComfyUI's counts every exception as one on DirectML)."""
     bar = comfy.utils.ProgressBar(1)
     return runtime.Hooks(progress=lambda d, t: bar.update_absolute(d, t),
-                         check_interrupt=mm.throw_exception_if_processing_interrupted, is_oom=is_oom,
+                         check_interrupt=mm.throw_exception_if_processing_interrupted,
                          empty_cache=mm.soft_empty_cache)

@@ -7,6 +7,7 @@ import torch
 
 from ..pisa_sr.checks import check_choice
 from ..pisa_sr.errors import PisaError
+from ..pisa_sr.runtime import bf16_native
 from . import compat
 
 EPS_CAPTURE_KEY = "pisa_sr_eps"
@@ -83,9 +84,9 @@ def model_for_precision(model: Any, precision: str) -> Any:
     dtype = PRECISIONS[precision]
     if dtype is None or dtype == compute_dtype(model):
         return model
-    if torch.device(model.load_device).type == "cuda" and dtype == torch.bfloat16 \
-            and not torch.cuda.is_bf16_supported():
-        raise PisaError(f"this device does not support {precision}. Use auto, fp16 or fp32.")
+    if dtype == torch.bfloat16 and not bf16_native(model.load_device):
+        raise PisaError(f"{model.load_device} has no native bf16 (emulated it is slow or unsupported). Use auto, "
+                        "fp16 or fp32.")
     return with_compute_dtype(model, dtype)
 
 

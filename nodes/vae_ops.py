@@ -14,8 +14,10 @@ import torch
 import comfy.model_management as mm
 import folder_paths
 
+from ..pisa_sr.checks import check_vae_output
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.park import Parking
+from ..pisa_sr.runtime import is_oom
 from ..pisa_sr.vae_tiled import (_tiled_peak, auto_tile_size, parked_bytes, tiled_decode, tiled_encode,
                                  whole_mid_bytes)
 from . import compat
@@ -119,7 +121,7 @@ def _run(vae, one, out: torch.Tensor, size_wh: tuple[int, int], tile_override: i
                 one(i, p, hooks)
             i += 1
         except Exception as e:
-            if not hooks.is_oom(e):
+            if not is_oom(e):
                 raise
             del e
             hooks.empty_cache()
@@ -151,6 +153,7 @@ def encode(vae, lq_bhwc: torch.Tensor, tile_px: int, ram_gib: float = 0.0) -> to
         z = tiled_encode(vae.first_stage_model, x, p.tile, progress=hooks.progress,
                          check_interrupt=hooks.check_interrupt, whole_mid=p.whole_mid, parking=p.parking, device=dev)
         out[i:i + 1].copy_(z)
+        check_vae_output(out[i:i + 1], "encoded the image to")
 
     return _run(vae, one, out, (w, h), tile_px, ram_gib, is_decoder=False)
 
@@ -168,6 +171,7 @@ def decode(vae, z_raw: torch.Tensor, tile_px: int, ram_gib: float = 0.0) -> torc
         o = out[i:i + 1]
         o.copy_(x)
         del x
+        check_vae_output(o, "decoded")
         o.clamp_(-1, 1).add_(1.0).div_(2.0)
 
     return _run(vae, one, out, (w, h), -(-tile_px // 8) if tile_px > 0 else 0, ram_gib, is_decoder=True)

@@ -7,7 +7,8 @@ import torch
 
 from .errors import PisaError
 
-# An IMAGE holds floats in [0, 1]; a little float overshoot from upstream arithmetic is let through, more is refused.
+# An IMAGE holds floats in [0, 1]; a little float overshoot from upstream arithmetic (1/255, or one rounding step of
+# the IMAGE's dtype at 1.0 if coarser: 1/128 in bf16) is let through, more is refused.
 IMAGE_SLACK = 1 / 255
 
 
@@ -20,6 +21,15 @@ def check_choice(what: str, value: object, options) -> None:
     """Refuse a value that is not one of ``options`` (ComfyUI 0.3.75 does not check V3 combo values at queue time)."""
     if value not in options:
         raise PisaError(f"unknown {what} {value!r}; choose one of {', '.join(options)}.")
+
+
+def check_vae_output(t: torch.Tensor, what: str) -> None:
+    """A VAE's output must be finite before anything (clamp, colour fix, the sampler) hides or spreads a NaN; a sum is
+    one pass with no extra memory, and NaN/inf anywhere (or values big enough to overflow it) make it non-finite."""
+    if not torch.isfinite(t.sum()):
+        raise PisaError(f"the VAE {what} NaN or infinite values: a 16-bit (fp16) VAE overflowed. Run the VAE in bf16 "
+                        "or fp32 (ComfyUI: --bf16-vae or --fp32-vae, or a loader that sets the VAE dtype) and queue "
+                        "again.")
 
 
 def check_image(image: object, what: str = "image", *, min_side: int = 1, channels: tuple[int, ...] = (3, 4)
@@ -38,7 +48,8 @@ def check_image(image: object, what: str = "image", *, min_side: int = 1, channe
         raise PisaError(f"the {what} is {w}x{h} px; PiSA-SR needs at least {min_side}x{min_side} px.")
     check_finite(image, what)
     lo, hi = image.min().item(), image.max().item()
-    if lo < -IMAGE_SLACK or hi > 1 + IMAGE_SLACK:
+    slack = max(IMAGE_SLACK, torch.finfo(image.dtype).eps if image.is_floating_point() else 0.0)
+    if lo < -slack or hi > 1 + slack:
         raise PisaError(f"the {what} has values from {lo:.4g} to {hi:.4g}, but an IMAGE holds 0..1. A 16-bit, HDR "
                         "or normalised (-1..1) image must be scaled to 0..1 before this node.")
     return image[..., :3]

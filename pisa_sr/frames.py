@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import PisaError
+from .runtime import host64
 
 THUMB = 32  # matching works on thumbnails: cheap for long videos, blind only to differences no one would see
 ORDER_RATIO = 1.5  # frame i is out of place if another source frame fits it this much better...
@@ -40,7 +41,7 @@ def check_frames(results: torch.Tensor, source: torch.Tensor) -> str:
     h, w = source.shape[1:3]
     scale = min(1.0, THUMB / max(h, w))
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    r, s = (F.interpolate(x[..., :3].movedim(-1, 1).to(torch.float32), size=size, mode="area").flatten(1).double()
+    r, s = (host64(F.interpolate(x[..., :3].movedim(-1, 1).to(torch.float32), size=size, mode="area").flatten(1))
             for x in (results, source))
     d = torch.cdist(r, s).pow(2) / r.shape[1]  # [n, m] mean squared error between thumbnails
     if n != m:

@@ -21,6 +21,7 @@ import torch
 
 from .checks import check_choice, check_rgb as _check_image
 from .errors import PisaError
+from .runtime import host64
 
 _CLIP_RN50_SHA256 = "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"
 _MANIQA_BACKBONE = "vit_base_patch8_224"
@@ -152,7 +153,7 @@ def _offline() -> Iterator[None]:
 
 
 def learned_score(img: torch.Tensor, name: str) -> torch.Tensor:
-    """Learned no-reference score ``[B]`` float64 from pyiqa (MUSIQ, CLIP-IQA or MANIQA, higher is better), its
+    """Learned no-reference score ``[B]`` float64 (CPU) from pyiqa (MUSIQ, CLIP-IQA or MANIQA, higher is better), its
     metric built once per device; ``PisaError`` saying what is missing and how to get it, never a download."""
     _check_image(img)
     key = name.lower()
@@ -175,4 +176,4 @@ def learned_score(img: torch.Tensor, name: str) -> torch.Tensor:
         metric = _metric_cache[cache_key]
     with torch.no_grad():
         out = metric(img.permute(0, 3, 1, 2).to(torch.float32).clamp(0.0, 1.0))
-    return torch.as_tensor(out).detach().to(torch.float64).reshape(img.shape[0], -1).mean(dim=1).to(img.device)
+    return host64(torch.as_tensor(out)).reshape(img.shape[0], -1).mean(dim=1)

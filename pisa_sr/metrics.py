@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from .checks import check_choice, check_rgb as _check_image
 from .errors import PisaError
 from .learned_metrics import learned_score
+from .runtime import host64
 
 __all__ = ["MetricSpec", "METRICS", "rgb_to_y", "psnr_y", "ssim_y", "sharpness", "noise_sigma", "score",
            "format_score"]
@@ -36,20 +38,37 @@ class MetricSpec:
 
 _SSIM_RADIUS = 5  # 11 taps: int(3.5 * sigma + 0.5), the truncation scikit-image and BasicSR's 11x11 window share
 _DATA_RANGE = 255.0
+_BAND_PX = 1 << 18  # map pixels per band of the fp64 scores: SSIM's fp64 working set is about 160 bytes each
 
 
 def rgb_to_y(img: torch.Tensor) -> torch.Tensor:
-    """BT.601 luma of RGB ``[B,H,W,3]`` in [0,1] -> ``[B,H,W]`` in [16,235], as MATLAB's ``rgb2ycbcr``; float64 so
-    the metrics built on it do not inherit half-precision rounding."""
+    """BT.601 luma of RGB ``[B,H,W,3]`` in [0,1] -> ``[B,H,W]`` in [16,235], as MATLAB's ``rgb2ycbcr``; float64 on the
+    CPU so the metrics built on it do not inherit half-precision rounding (they call it one band at a time)."""
     _check_image(img)
-    r, g, b = img.to(torch.float64).unbind(-1)
+    r, g, b = host64(img).unbind(-1)
     return 16.0 + 65.481 * r + 128.553 * g + 24.966 * b
 
 
-def _pair_to_y(
-    img: torch.Tensor, ref: torch.Tensor, crop_border: int, min_side: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Y planes of image and reference, border-cropped; a single reference is compared with every image."""
+def _banded_mean(fn: Callable[..., torch.Tensor], imgs: list[torch.Tensor], out_h: int, out_w: int, halo: int
+                 ) -> torch.Tensor:
+    """``[B]`` float64 (CPU): the mean over an ``out_h x out_w`` map of ``fn(*luma bands)``, where map row i reads
+    luma rows i..i+halo of each of ``imgs`` (``[B or 1,H,W,3]``). One image and one band of about ``_BAND_PX`` map
+    pixels at a time, so the fp64 working set is bounded whatever the image size (tests/test_devices.py)."""
+    rows = max(1, _BAND_PX // max(1, out_w))
+    means = []
+    for b in range(imgs[0].shape[0]):
+        total = None
+        for r0 in range(0, out_h, rows):
+            r1 = min(out_h, r0 + rows)
+            bands = (rgb_to_y(x[min(b, x.shape[0] - 1):][:1, r0:r1 + halo]).unsqueeze(1) for x in imgs)
+            part = fn(*bands).sum()
+            total = part if total is None else total + part
+        means.append(total / (out_h * out_w))
+    return torch.stack(means)
+
+
+def _pair(img: torch.Tensor, ref: torch.Tensor, crop_border: int, min_side: int) -> list[torch.Tensor]:
+    """Image and reference, border-cropped (views); a single reference is compared with every image."""
     _check_image(img, "image")
     _check_image(ref, "reference")
     if img.shape[1:3] != ref.shape[1:3]:
@@ -68,18 +87,15 @@ def _pair_to_y(
             f"image {tuple(img.shape[1:3])} is too small for crop_border={crop_border}: "
             f"{min_side}x{min_side} px must remain"
         )
-    y, y_ref = rgb_to_y(img), rgb_to_y(ref.to(img.device))
-    if crop_border:
-        y = y[:, crop_border:-crop_border, crop_border:-crop_border]
-        y_ref = y_ref[:, crop_border:-crop_border, crop_border:-crop_border]
-    return y, y_ref.expand_as(y)
+    c = crop_border
+    return [x[:, c:c + h, c:c + w] for x in (img, ref)]
 
 
 def psnr_y(img: torch.Tensor, ref: torch.Tensor, crop_border: int = 4) -> torch.Tensor:
     """PSNR in dB on luma (peak 255) after dropping ``crop_border`` px per side -> ``[B]`` float64; identical images
     give ``inf`` (as scikit-image and BasicSR do), so "perfect" is never confused with a finite cap."""
-    y, y_ref = _pair_to_y(img, ref, crop_border, 1)
-    mse = (y - y_ref).square().mean(dim=(1, 2))
+    pair = _pair(img, ref, crop_border, 1)
+    mse = _banded_mean(lambda y, y_ref: (y - y_ref).square(), pair, *pair[0].shape[1:3], 0)
     return 10.0 * torch.log10(_DATA_RANGE**2 / mse)  # mse == 0 -> inf, without a warning
 
 
@@ -87,50 +103,61 @@ def ssim_y(img: torch.Tensor, ref: torch.Tensor, crop_border: int = 4) -> torch.
     """SSIM on luma after dropping ``crop_border`` px per side -> ``[B]`` float64, as BasicSR's ``calculate_ssim``
     (scikit-image with ``gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255``): the mean
     of the SSIM map over the positions where the 11x11 window fits."""
-    y, y_ref = _pair_to_y(img, ref, crop_border, 2 * _SSIM_RADIUS + 1)
-    x = torch.arange(-_SSIM_RADIUS, _SSIM_RADIUS + 1, dtype=torch.float64, device=y.device)
+    pair = _pair(img, ref, crop_border, 2 * _SSIM_RADIUS + 1)
+    x = host64(torch.arange(-_SSIM_RADIUS, _SSIM_RADIUS + 1))
     taps = torch.exp(-(x * x) / (2.0 * 1.5**2))
     taps = taps / taps.sum()
-    # One separable 'valid' Gaussian pass over the five moment images.
-    stack = torch.cat([y, y_ref, y * y, y_ref * y_ref, y * y_ref], dim=0).unsqueeze(1)
-    blurred = F.conv2d(F.conv2d(stack, taps.view(1, 1, 1, -1)), taps.view(1, 1, -1, 1))
-    mu_x, mu_y, e_xx, e_yy, e_xy = blurred.squeeze(1).split(y.shape[0], dim=0)
-    var_x = e_xx - mu_x * mu_x
-    var_y = e_yy - mu_y * mu_y
-    cov = e_xy - mu_x * mu_y
     c1 = (0.01 * _DATA_RANGE) ** 2
     c2 = (0.03 * _DATA_RANGE) ** 2
-    num = (2.0 * mu_x * mu_y + c1) * (2.0 * cov + c2)
-    den = (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
-    return (num / den).mean(dim=(1, 2))
+
+    def ssim_map(y: torch.Tensor, y_ref: torch.Tensor) -> torch.Tensor:
+        # One separable 'valid' Gaussian pass over the five moment images.
+        stack = torch.cat([y, y_ref, y * y, y_ref * y_ref, y * y_ref], dim=0)
+        blurred = F.conv2d(F.conv2d(stack, taps.view(1, 1, 1, -1)), taps.view(1, 1, -1, 1))
+        mu_x, mu_y, e_xx, e_yy, e_xy = blurred.unbind(0)
+        var_x = e_xx - mu_x * mu_x
+        var_y = e_yy - mu_y * mu_y
+        cov = e_xy - mu_x * mu_y
+        num = (2.0 * mu_x * mu_y + c1) * (2.0 * cov + c2)
+        return num / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
+
+    h, w = pair[0].shape[1:3]
+    return _banded_mean(ssim_map, pair, h - 2 * _SSIM_RADIUS, w - 2 * _SSIM_RADIUS, 2 * _SSIM_RADIUS)
 
 
-def _luma_full_range(img: torch.Tensor, what: str) -> torch.Tensor:
-    """Luma in 0..255 levels ``[B,1,H,W]`` float64 (at least 3x3): noise of std ``s`` added equally to R, G and B
-    reads as ``s``; independent noise per channel reads about ``0.67 s``."""
-    y = rgb_to_y(img)
-    if y.shape[1] < 3 or y.shape[2] < 3:
-        raise PisaError(f"{what} needs at least 3x3 pixels, got {tuple(img.shape[1:3])}")
-    return ((y - 16.0) * (255.0 / 219.0)).unsqueeze(1)
+def _luma_filter_mean(img: torch.Tensor, what: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The mean of ``fn`` (a 'valid' 3x3 filter) over luma in 0..255 levels (at least 3x3 px): noise of std ``s``
+    added equally to R, G and B reads as ``s``; independent noise per channel reads about ``0.67 s``."""
+    _check_image(img)
+    h, w = img.shape[1:3]
+    if h < 3 or w < 3:
+        raise PisaError(f"{what} needs at least 3x3 pixels, got {(h, w)}")
+    return _banded_mean(lambda y: fn((y - 16.0) * (255.0 / 219.0)), [img], h - 2, w - 2, 2)
 
 
 def sharpness(img: torch.Tensor) -> torch.Tensor:
     """Heuristic sharpness: RMS Sobel gradient magnitude of luma (levels per pixel) -> ``[B]``. Blur lowers it; noise
     and halos raise it too, so read it next to ``noise``, not as perceived quality."""
-    y = _luma_full_range(img, "sharpness")
     # Sobel normalised by 1/8 so a ramp of one level per pixel has gradient 1.
-    sx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=torch.float64, device=y.device) / 8
-    g = F.conv2d(y, torch.stack([sx, sx.t()]).unsqueeze(1))
-    return g.square().sum(dim=1).mean(dim=(1, 2)).sqrt()
+    sx = host64(torch.tensor([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]])) / 8
+    kernel = torch.stack([sx, sx.t()]).unsqueeze(1)
+    return _luma_filter_mean(img, "sharpness", lambda y: F.conv2d(y, kernel).square().sum(dim=1)).sqrt()
 
 
 def noise_sigma(img: torch.Tensor) -> torch.Tensor:
     """Heuristic noise std of luma (0..255 levels) -> ``[B]``, lower is better: Immerkaer, "Fast Noise Variance
     Estimation", CVIU 64(2), 1996. The mask cancels locally linear content, but texture and edges leak in."""
-    y = _luma_full_range(img, "noise_sigma")
-    d = torch.tensor([1.0, -2.0, 1.0], dtype=torch.float64, device=y.device)
-    response = F.conv2d(y, torch.outer(d, d).view(1, 1, 3, 3))
-    return math.sqrt(math.pi / 2.0) / 6.0 * response.abs().mean(dim=(1, 2, 3))
+    d = host64(torch.tensor([1, -2, 1]))
+    kernel = torch.outer(d, d).view(1, 1, 3, 3)
+    return math.sqrt(math.pi / 2.0) / 6.0 * _luma_filter_mean(img, "noise_sigma",
+                                                              lambda y: F.conv2d(y, kernel).abs())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learned metrics through pyiqa (chaofengc/IQA-PyTorch), strictly from files already on disk. pyiqa caches its
+# checkpoints in <torch hub dir>/pyiqa, OpenAI's CLIP in <torch hub dir>/clip (re-downloaded on a SHA-256 mismatch),
+# and MANIQA builds timm's vit_base_patch8_224 pretrained, from the Hugging Face hub cache. Every one of those files is
+# checked before a metric is built; while it builds, the downloaders are disabled and the hub client is offline.
 
 
 def _no_reference(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:

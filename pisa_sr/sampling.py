@@ -14,7 +14,7 @@ from .bypass import BypassTarget, LowRankBypass
 from .errors import PisaError
 from .guidance import Pass, check_lambda, combine_eps, plan_passes
 from .latent_tiles import EpsFn, run_tiled
-from .runtime import Hooks
+from .runtime import Hooks, is_oom
 
 log = logging.getLogger("PiSA-SR")
 
@@ -103,7 +103,7 @@ def sample_eps(z: torch.Tensor, unet: Unet, sem_removal: Sequence[BypassTarget],
             return run_tiled(z, eps_fn, tile, overlap, tpc, progress=hooks.progress,
                              check_interrupt=hooks.check_interrupt)
         except Exception as e:
-            if not hooks.is_oom(e):
+            if not is_oom(e):
                 raise
             del e  # drop the traceback (it holds the failed call's activations) before retrying
             hooks.empty_cache()

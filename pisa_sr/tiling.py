@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .runtime import host64
+
 
 def axis_starts(length: int, tile: int, overlap: int) -> list[int]:
     """The release's offsets ``i * (tile - overlap)``, last tile edge-aligned; ``tile`` is clamped to ``length``."""
@@ -48,9 +50,10 @@ def needs_tiling(height: int, width: int, tile: int) -> bool:
 
 def gaussian_weights(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The release's blending weight ``[h, w]``: per axis ``exp(-(x - mid)^2 / (2 * 0.01 * n^2))`` (sigma = n / 10),
-    without the normalising constant, which cancels when dividing by the weight sum."""
+    without the normalising constant, which cancels when dividing by the weight sum. Computed in fp64 on the CPU
+    (the release's numpy) and rounded there, so no fp64 reaches ``device``."""
     def ramp(n: int) -> torch.Tensor:
-        x = torch.arange(n, dtype=torch.float64, device=device)
+        x = host64(torch.arange(n))
         return torch.exp(-((x - (n - 1) / 2) ** 2) / (2 * 0.01 * n * n))
 
-    return torch.outer(ramp(h), ramp(w)).to(dtype)
+    return torch.outer(ramp(h), ramp(w)).to(dtype).to(device)

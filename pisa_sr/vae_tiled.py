@@ -5,7 +5,7 @@ variances (the release's tiled VAE) drops the spread between tile means. Here al
 *step* at a time, a step being everything between two GroupNorms (norm -> SiLU -> at most one 3x3 conv, plus
 shortcut or resampling). After each step the tile cores are parked in a full-size map (``park.Parking``: memory
 within a budget, else a memory-mapped file) and
-per-channel count/mean/M2 are merged across tiles (Chan's formula, fp64), so the next GroupNorm uses the whole
+per-channel count/mean/M2 are merged across tiles (Chan's formula, fp64 on the CPU), so the next GroupNorm uses the whole
 image's statistics. A tile reads its core plus a HALO from the parked map, enough for one 3x3 conv, and sees the
 untiled network's zero padding at the border: tiled == untiled up to float error, with no blending. The mid
 block runs on the whole (1/8-side) map when the caller says it fits, else tiled; its attention is exact either way
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .errors import PisaError
 from .park import Parking
+from .runtime import host64, is_oom
 
 log = logging.getLogger("PiSA-SR")
 
@@ -36,7 +37,6 @@ log = logging.getLogger("PiSA-SR")
 # downsample needs its window to start on an even pixel.
 HALO = 2
 
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 _CHUNK = 32  # channels widened to fp32 at once for the norm/statistics of 16-bit tiles
 _SD_VAE = "Connect the VAE of the SD 2.1-base checkpoint."
 
@@ -66,20 +66,19 @@ class _Map:
         self.scale = scale
         self.owned = owned  # allocated here (may be overwritten once consumed), not the caller's input
         self.count = 0
-        self.mean: torch.Tensor | None = None  # [B, C] fp64
-        self.m2: torch.Tensor | None = None  # [B, C] fp64, sum of squared deviations
+        self.mean: torch.Tensor | None = None  # [B, C] fp64, CPU
+        self.m2: torch.Tensor | None = None  # [B, C] fp64, CPU, sum of squared deviations
         self.affine: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per norm: fp32 scale, shift (stats final)
 
-    def add_stats(self, core: torch.Tensor, acc_device: torch.device) -> None:
-        """Merge the statistics of one tile core (each pixel of the map is added exactly once)."""
+    def add_stats(self, core: torch.Tensor) -> None:
+        """Merge the statistics of one tile core (each pixel of the map is added exactly once), in fp64 on the CPU."""
         n = core.shape[-2] * core.shape[-1]
         # fp32 statistics; 16-bit tiles are widened a few channels at a time to keep the working set small
         step = _CHUNK if core.dtype != torch.float32 else core.shape[1]
         parts = [torch.var_mean(core[:, c:c + step].float(), dim=(-2, -1), unbiased=False)
                  for c in range(0, core.shape[1], step)]
         var, mean = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
-        mean = mean.to(acc_device, torch.float64)
-        m2 = var.to(acc_device, torch.float64) * n
+        mean, m2 = host64(mean), host64(var) * n
         if self.count == 0:
             self.mean, self.m2 = mean, m2
         else:
@@ -105,7 +104,6 @@ class _Runner:
         self.max_core = (max(b - a for a, b in itertools.pairwise(ys)), max(b - a for a, b in itertools.pairwise(xs)))
         self.h, self.w = base_h, base_w
         self.device, self.dtype, self.parking, self.park = device, dtype, parking, parking.device
-        self.acc_device = device if device.type != "mps" else torch.device("cpu")  # mps has no fp64
         self.progress, self.check_interrupt = progress, check_interrupt
         self.done, self.total = 0, 0
 
@@ -146,12 +144,11 @@ class _Runner:
         scale = inv.expand(b, g, c // g).reshape(b, c)
         shift = -gmean.expand(b, g, c // g).reshape(b, c) * scale
         if norm.weight is not None:
-            w = norm.weight.detach().to(self.acc_device, torch.float64)
+            w = host64(norm.weight)
             scale, shift = scale * w, shift * w
         if norm.bias is not None:
-            shift = shift + norm.bias.detach().to(self.acc_device, torch.float64)
-        return (scale.to(self.device, torch.float32)[:, :, None, None],
-                shift.to(self.device, torch.float32)[:, :, None, None])
+            shift = shift + host64(norm.bias)
+        return (scale.float().to(self.device)[:, :, None, None], shift.float().to(self.device)[:, :, None, None])
 
     def step(self, inputs: list[_Map], fn: Callable[..., torch.Tensor], out_channels: int, out_scale: int, *,
              halo: int = HALO, stats: bool = True, into: _Map | None = None, last: bool = False) -> _Map:
@@ -187,7 +184,7 @@ class _Runner:
             ny, nx = (y1 - y0) * out_scale, (x1 - x0) * out_scale
             core = y[:, :, oy:oy + ny, ox:ox + nx]
             if stats:
-                out.add_stats(core, self.acc_device)
+                out.add_stats(core)
             out.data[:, :, y0 * out_scale:y1 * out_scale, x0 * out_scale:x1 * out_scale].copy_(core)
             del y, core
             self.parking.trim()
@@ -237,7 +234,7 @@ class _Runner:
             o = _untokens(F.scaled_dot_product_attention(_tokens(q), keys, values), q.shape)
             del q
             res = x.data[region].to(self.device) + attn.proj_out(o)
-            out.add_stats(res, self.acc_device)
+            out.add_stats(res)
             out.data[region].copy_(res)
             del o, res
             self.parking.trim()
@@ -265,13 +262,14 @@ class _Runner:
                 h = mid.block_2(_whole_attention(mid.attn_1, mid.block_1(whole_input(), None)), None)
                 out = self.new_map(h.shape[0], h.shape[1], 1)
                 out.data.copy_(h)
-                out.add_stats(h, self.acc_device)
+                out.add_stats(h)
                 del h
                 self.tick()
                 return out
-            except _OOM:
-                if whole:
+            except Exception as e:
+                if whole or not is_oom(e):
                     raise
+                del e  # its traceback holds the failed try's activations
                 log.warning("tiled %s: the mid block does not fit on %s as a whole; running it tiled (exact)",
                             what, self.device)
                 self.total += tiled_units - 1

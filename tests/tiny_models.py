@@ -72,11 +72,11 @@ def diffusers_vae(seed: int = 1):
     return vae.eval()
 
 
-def comfy_vae_from_diffusers(vae):
+def comfy_vae_from_diffusers(vae, dtype: torch.dtype | None = None):
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": VAE_CH,
                 "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
     sd = {k: v.clone() for k, v in vae.state_dict().items()}
-    return comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": 4, "ddconfig": ddconfig}})
+    return comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": 4, "ddconfig": ddconfig}}, dtype=dtype)
 
 
 @dataclass

@@ -7,6 +7,7 @@ exists.
 """
 from __future__ import annotations
 
+import copy
 import io
 import math
 import re
@@ -230,6 +231,19 @@ case("encode-no-disk-for-vae-maps", ENCODE, lambda c: encode(no_disk(c), image(6
 case("encode-vae-temp-unwritable", ENCODE, lambda c: encode(unwritable_temp(c), image(64, 64), vae_tile_size=128),
      "temp_is_a_file", "writable")
 
+
+def overflowing_fp16_vae(c, part: str):
+    """The tiny VAE in fp16 with its ``part``'s conv_in weights x 1e5: activations pass fp16's 65504 (inf, then NaN
+    through GroupNorm), as a 16-bit VAE's can at large sizes. Real fp16 arithmetic on the CPU."""
+    vae = copy.deepcopy(c.world.vae)
+    getattr(vae, part).conv_in.weight.data.mul_(1e5)
+    return tiny_models.comfy_vae_from_diffusers(vae, dtype=torch.float16)
+
+
+case("encode-fp16-vae-overflow", ENCODE, lambda c: run_node(
+    "PiSA_EncodeLQ", image=image(), vae=overflowing_fp16_vae(c, "encoder"), upscale=4, resize_filter="bicubic"),
+     "16-bit (fp16) VAE overflowed", "bf16 or fp32")
+
 # ------------------------------------------------------------------------------------------------ Sample
 case("sample-no-pisa-loras", SAMPLE, lambda c: sample(c, model=c.world.model), "Load PiSA LoRAs")
 case("sample-lambda-range", SAMPLE, lambda c: sample(c, lp=4.5), "Use 1.0")
@@ -251,6 +265,8 @@ case("sample-nan-conditioning", SAMPLE, lambda c: sample(c, positive=[[poke(c.wo
 case("sample-conditioning-width", SAMPLE, lambda c: sample(c, positive=[[torch.zeros(1, 77, 4), {}]]),
      "conditioning width", "CLIP of the SD 2.1-base checkpoint")
 case("sample-precision", SAMPLE, lambda c: sample(c, precision="fp8"), "auto")
+case("sample-bf16-not-native", SAMPLE, lambda c: (c.mp.setattr(c.unet, "bf16_native", lambda d: False),
+                                                  sample(c, precision="bf16")), "no native bf16", "fp16 or fp32")
 case("sample-out-of-memory", SAMPLE, lambda c: sample_raising(c, mm.OOM_EXCEPTION, "simulated"), "Lower tile_size")
 case("sample-host-out-of-memory", SAMPLE, lambda c: sample_raising(  # what PyTorch raises when the host runs out
     c, RuntimeError, "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
@@ -271,6 +287,9 @@ case("decode-batch-mismatch", DECODE, lambda c: decode(c, with_lq(latent(b=3), b
      "PiSA Encode LQ")  # 3 latents, 2 LQ images
 case("decode-latent-resized", DECODE, lambda c: decode(c, with_lq(latent(8, 8), b=1, h=64, w=80), "none"),
      "resized between nodes")  # decodes to 64x64, LQ was 80x64
+case("decode-fp16-vae-overflow", DECODE, lambda c: run_node(
+    "PiSA_Decode", latent=latent(), vae=overflowing_fp16_vae(c, "decoder"), color_fix="none"),
+     "16-bit (fp16) VAE overflowed", "bf16 or fp32")
 
 
 # ------------------------------------------------------------------------------------------------ the tests

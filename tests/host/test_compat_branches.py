@@ -217,29 +217,3 @@ def test_vae_claims_a_tile_not_the_untiled_estimate(op, compat, world, monkeypat
     untiled = getattr(vae, f"memory_used_{op}")(shape, vae.vae_dtype)
     print(f"\n{op} 2048 px ({vae.vae_dtype}): claims {need / GIB:.2f} GiB, ComfyUI's untiled {untiled / GIB:.1f} GiB")
     assert models == [vae.patcher] and 0 < need < untiled / 8
-
-
-class AcceleratorError(RuntimeError):
-    """Shaped like torch.AcceleratorError as upstream's is_oom reads it: a RuntimeError with an error_code."""
-
-    def __init__(self, message: str, error_code: int):
-        super().__init__(message)
-        self.error_code = error_code
-
-
-def test_is_oom_asks_comfyui(compat, monkeypatch):
-    """is_oom(e) in Comfy-Org/ComfyUI comfy/model_management.py @ 02b2b3886164 also counts an AcceleratorError
-    with error_code 2 (cudaErrorMemoryAllocation) whatever its message; 0.3.75 has no is_oom."""
-    err = AcceleratorError("CUDA error: an illegal memory access", error_code=2)
-    assert not hasattr(mm, "is_oom")
-    assert not compat.is_oom(err)  # 0.3.75: torch's OutOfMemoryError and the host allocator's messages only
-    assert compat.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory"))
-
-    def is_oom(e):
-        return isinstance(e, mm.OOM_EXCEPTION) or (
-            isinstance(e, AcceleratorError) and (e.error_code == 2 or "out of memory" in str(e).lower()))
-
-    monkeypatch.setattr(mm, "is_oom", is_oom, raising=False)
-    assert compat.is_oom(err)
-    assert not compat.is_oom(AcceleratorError("CUDA error: an illegal memory access", error_code=700))
-    assert not compat.is_oom(ValueError("out of range"))
