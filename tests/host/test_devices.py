@@ -345,8 +345,8 @@ def test_bf16_native_asks_the_device_and_not_emulation(monkeypatch):
 
 
 def test_precision_guard_uses_the_models_load_device(monkeypatch):
-    unet, compat = host.pack("nodes.unet"), host.pack("nodes.compat")
-    monkeypatch.setattr(compat, "compute_dtype", lambda m: torch.float32)
+    unet = host.pack("nodes.unet")
+    monkeypatch.setattr(unet, "compute_dtype", lambda m: torch.float32)
     monkeypatch.setattr(unet, "with_compute_dtype", lambda m, d: ("clone", d))
     _cuda(monkeypatch, {0: 8, 1: 7})
     with pytest.raises(PisaError, match="cuda:1 has no native bf16"):
