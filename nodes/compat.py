@@ -49,7 +49,7 @@ def attach(model: Any, key: str, value: Any) -> None:
 #   comfyanonymous/ComfyUI main.py @ 002f2bedd6e4              (ModelPatcherDynamic becomes CoreModelPatcher on NVIDIA)
 #   Comfy-Org/ComfyUI comfy/cli_args.py @ 03294572a556         (dynamic VRAM on unless --disable-dynamic-vram,
 #                                                               --highvram, --gpu-only, --novram or --cpu)
-# tests/test_compat_branches.py drives each branch with a stand-in shaped like the object named in its comment.
+# tests/host/test_compat_branches.py drives each branch with a stand-in shaped like the object named in its comment.
 def load_model(model: Any, batch_shape: list[int]) -> None:
     """Claim device memory through ComfyUI's manager (applies patches, evicts other models as needed). 0.3.75
     ModelPatcher.load: a later partial load (--lowvram) can add a cast-time LowVramPatch to a module whose weight an

@@ -261,7 +261,7 @@ def _load_torch_zip(data: bytes, path: str) -> Any:
 def _record_sizes(reader, names: list[str], data: bytes) -> dict[str, int]:
     """Each record's unpacked size, read without unpacking it. torch 2.11 (the GPU machine's) has no
     PyTorchFileReader.get_record_size: there the zip's central directory gives the same numbers (found by the
-    offline GPU rehearsal, tests/test_gpu_check.py)."""
+    offline GPU rehearsal, tests/host/test_gpu_check.py)."""
     if hasattr(reader, "get_record_size"):
         return {n: reader.get_record_size(n) for n in names}
     try:

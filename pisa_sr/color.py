@@ -6,7 +6,7 @@ blurs in bands of rows: two single-channel planes (2/3 of one [C,H,W] image) plu
 its padding and the convolution's scratch (which is ~17x its input: a whole 8192 px plane would add 4.5 GB).
 Both equal the release's formulas bit for bit, except the wavelet fix on planes of at most _ONEDNN_MIN pixels (about
 143 x 143), where PyTorch picks another convolution kernel for one channel than for three (at most 2 ulp apart;
-tests/test_color.py).
+tests/core/test_color.py).
 """
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ def _banded_mean(fn: Callable[..., torch.Tensor], imgs: list[torch.Tensor], out_
                  ) -> torch.Tensor:
     """``[B]`` float64 (CPU): the mean over an ``out_h x out_w`` map of ``fn(*luma bands)``, where map row i reads
     luma rows i..i+halo of each of ``imgs`` (``[B or 1,H,W,3]``). One image and one band of about ``_BAND_PX`` map
-    pixels at a time, so the fp64 working set is bounded whatever the image size (tests/test_devices.py)."""
+    pixels at a time, so the fp64 working set is bounded whatever the image size (tests/host/test_devices.py)."""
     rows = max(1, _BAND_PX // max(1, out_w))
     means = []
     for b in range(imgs[0].shape[0]):

@@ -26,7 +26,7 @@ def is_oom(exc: BaseException) -> bool:
 
 def host64(t: torch.Tensor) -> torch.Tensor:
     """``t`` as float64 on the CPU, moved first and widened there: the pack's only way to make float64 (MPS has
-    none, DirectML/XPU may lack it, consumer GPUs run it at 1/32..1/64 speed). tests/test_devices.py holds it."""
+    none, DirectML/XPU may lack it, consumer GPUs run it at 1/32..1/64 speed). tests/host/test_devices.py holds it."""
     return t.detach().to("cpu").to(torch.float64)
 
 

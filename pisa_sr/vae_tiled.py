@@ -415,7 +415,7 @@ def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, *, progress: P
 # encode 1767 per image px, times the dtype size.
 _PLAIN = {True: 2178 * 64, False: 1767}
 # Tiled working set, in copies of a tile's C-channel region at full resolution: measured with live-tensor
-# accounting (tests/test_vae_tiled.py's _LiveBytes) on the full-size SD VAE at 6.0 for decode (the step that
+# accounting (tests/host/test_vae_tiled.py's _LiveBytes) on the full-size SD VAE at 6.0 for decode (the step that
 # upsamples 2C channels into the top level) and 4.0 for encode, fp32 and bf16 alike; one copy of margin each.
 _TILE_COPIES = {True: 7, False: 5}
 # Whole-map mid block at latent resolution, 4x the base channels: input, norm output, q/k/v and their token-layout

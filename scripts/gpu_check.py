@@ -11,7 +11,7 @@ limit and writes its JSON part under --out as soon as each step finishes, so a k
 
     bash scripts/gpu_check.sh --device "$OUT"               # on the GPU machine (bench/RESULTS.md: the exact call)
     bash scripts/gpu_check.sh --device "$OUT" --stages b    # rerun one stage
-    bash scripts/gpu_check.sh --out out/gpu --cpu --tiny    # what CI rehearses (tests/test_gpu_check.py)
+    bash scripts/gpu_check.sh --out out/gpu --cpu --tiny    # what CI rehearses (tests/host/test_gpu_check.py)
 
 Bounds (8-bit PSNR against the fp32 reference; why: bench/RESULTS.md "GPU acceptance"): 40 dB where the VAE runs in
 fp16 or fp32, 35 dB where it runs in bf16 (ComfyUI's default VAE dtype on an H100); bench rows: bench_pipeline.py's

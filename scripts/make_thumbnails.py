@@ -30,7 +30,7 @@ CAPTIONS = {
     "pisa_sr_large_tiled": ("x4, large image, tiled", "64 px latent tiles, overlap 24", (160, 128)),
     "pisa_sr_lambda_sweep": ("x4, lambda sweep", "3x3 grid of (lambda_pix, lambda_sem) settings", (128, 128)),
     # These two need ComfyUI-Distributed's nodes in the server (not installed here): their thumbnails were composed
-    # with compose() from a single-participant run of the batch example in tests/test_distributed.py.
+    # with compose() from a single-participant run of the batch example in tests/host/test_distributed.py.
     "pisa_sr_distributed_batch": ("x4, batch over several GPUs", "master + workers (ComfyUI-Distributed)", (32, 32)),
     "pisa_sr_distributed_video": ("x4, video over several GPUs", "frames shared by master + workers", (32, 32)),
 }

@@ -39,7 +39,7 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/python" -m pip install -q -r "$req" >&2
   touch "$venv/.complete"
 fi
-# The newest front end on PyPI, for the browser matrix (tests/test_browser.py serves it with --front-end-root).
+# The newest front end on PyPI, for the browser matrix (tests/host/test_browser.py serves it with --front-end-root).
 fe="$cache/frontend-1.58.1"
 if [ ! -f "$fe/.complete" ]; then
   echo "setup_host: installing comfyui-frontend-package 1.58.1 into $fe" >&2
@@ -48,7 +48,7 @@ if [ ! -f "$fe/.complete" ]; then
   touch "$fe/.complete"
 fi
 
-# ComfyUI-Manager 4.3 (its command line cm-cli) for tests/test_install.py, in a venv of its own that also sees the
+# ComfyUI-Manager 4.3 (its command line cm-cli) for tests/host/test_install.py, in a venv of its own that also sees the
 # host venv's packages (a .pth file): what the Manager installs for a pack lands there, not in the host venv.
 mgr="$venv-manager-4.3"
 if [ ! -f "$mgr/.complete" ]; then

@@ -40,7 +40,7 @@ PINNED, NEWEST = "1.32.9", "1.58.1"  # the host venv's front end; the newest on 
 MATRIX = [f"{fe}-{mode}" for fe in (PINNED, NEWEST) for mode in ("classic", "vue")]
 # Every shipped example workflow must load cleanly; the adjustable one is also queued from the browser (the pad and
 # the before/after slider are its subject). The others run through the API in test_server.py and test_install.py.
-# The distributed examples need ComfyUI-Distributed's nodes, which this server does not have (tests/test_distributed.py).
+# The distributed examples need ComfyUI-Distributed's nodes, which this server does not have (tests/host/test_distributed.py).
 ALL_WORKFLOWS = sorted(p.stem for p in (host.REPO / "example_workflows").glob("*.json") if "distributed" not in p.stem)
 QUEUED = "pisa_sr_adjustable"
 INPUT = (64, 64)  # the queued input: a 256 px result keeps each run short on a 2-core CPU

@@ -9,7 +9,7 @@
   block).
 - bf16: the guard asks the model's load_device, not counting emulation, with the device facts monkeypatched.
 - A bf16 IMAGE one bf16 step above 1.0 is clamped, not refused as HDR.
-The fp16 VAE overflow and the bf16 refusal are refusals: tests/test_bad_input.py.
+The fp16 VAE overflow and the bf16 refusal are refusals: tests/host/test_bad_input.py.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from helpers import LiveBytes, make_image, no_grad, pil_to_image, run_node  # no
 from pisa_sr import checks, frames, metrics, runtime, vae_tiled
 from pisa_sr.errors import PisaError
 
-ONE_PASS_TOL = 5e-5  # as tests/test_sampler.py
+ONE_PASS_TOL = 5e-5  # as tests/host/test_sampler.py
 WIDE = (torch.float64, torch.complex64, torch.complex128)
 PACK_DIRS = (str(host.REPO), os.path.dirname(host.pack().__file__))  # the core, and the pack as ComfyUI loaded it
 

@@ -1,7 +1,7 @@
 """Issue 23, node side: what grows with the picture outside the VAE has a stated bound, held here in live tensor bytes
 (tests/helpers.LiveBytes: every tensor allocated inside the measured call and alive at the peak; what existed before,
 weights and inputs, is not counted). The VAE itself is stubbed where it would dominate (its bounds are the tiled
-VAE's, tests/test_vae_tiled.py), so each bound is the node's own. Units: one fp32 [H,W,3] image of the picture.
+VAE's, tests/host/test_vae_tiled.py), so each bound is the node's own. Units: one fp32 [H,W,3] image of the picture.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _lq_latent(h: int, w: int, frames: int = 1) -> dict:
 @pytest.mark.parametrize("color_fix", ["none", "adain", "wavelet"])
 def test_decode_colour_fix_works_in_place(monkeypatch, color_fix):
     """Decode, per frame beyond the IMAGE: the decoder's output (1 image), which is truncated to 8 bits and colour-
-    fixed in place, the LQ frame in fp32 (1, not for 'none') and the fix's working set (tests/test_color.py: adain
+    fixed in place, the LQ frame in fp32 (1, not for 'none') and the fix's working set (tests/core/test_color.py: adain
     none, wavelet 2/3 image + 3 bands)."""
     h, w = 512, 384
     band = 256 << 10

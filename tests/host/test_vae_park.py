@@ -1,6 +1,6 @@
 """The tiled VAE within a host-memory budget (pisa_sr.park): maps beyond the budget go to memory-mapped temp files.
 
-Same tiny random autoencoders as tests/test_vae_tiled.py, CPU, fp32. The bounded path must give bit-identical
+Same tiny random autoencoders as tests/host/test_vae_tiled.py, CPU, fp32. The bounded path must give bit-identical
 output to the unlimited one (same tiles, same arithmetic, only where the maps live differs), stay within its budget
 plus one tile's working set, leave no file or mapping behind after an interruption, and refuse up front (one line,
 amount and place) when the disk cannot take the spill.
