@@ -6,10 +6,12 @@ same base folder, so a script called from inside the test process reuses the tes
 from __future__ import annotations
 
 import asyncio
+import atexit
 import importlib
 import importlib.abc
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -47,6 +49,8 @@ def boot(comfy_dir: str | None = None, base_dir: str | None = None, *, cpu: bool
     from comfy.cli_args import args
 
     base = Path(base_dir or tempfile.mkdtemp(prefix="pisa-host-"))
+    if not base_dir:  # a throwaway base goes with the process (rmtree unlinks the pack's symlink, never follows it)
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
     args.cpu = cpu
     args.use_pytorch_cross_attention = pytorch_attention
     args.disable_all_custom_nodes = False
