@@ -45,6 +45,10 @@ def rgb_to_y(img: torch.Tensor) -> torch.Tensor:
     """BT.601 luma of RGB ``[B,H,W,3]`` in [0,1] -> ``[B,H,W]`` in [16,235], as MATLAB's ``rgb2ycbcr``; float64 on the
     CPU so the metrics built on it do not inherit half-precision rounding (they call it one band at a time)."""
     _check_image(img)
+    return _luma(img)
+
+
+def _luma(img: torch.Tensor) -> torch.Tensor:
     r, g, b = host64(img).unbind(-1)
     return 16.0 + 65.481 * r + 128.553 * g + 24.966 * b
 
@@ -60,7 +64,7 @@ def _banded_mean(fn: Callable[..., torch.Tensor], imgs: list[torch.Tensor], out_
         total = None
         for r0 in range(0, out_h, rows):
             r1 = min(out_h, r0 + rows)
-            bands = (rgb_to_y(x[min(b, x.shape[0] - 1):][:1, r0:r1 + halo]).unsqueeze(1) for x in imgs)
+            bands = (_luma(x[min(b, x.shape[0] - 1):][:1, r0:r1 + halo]).unsqueeze(1) for x in imgs)  # checked once
             part = fn(*bands).sum()
             total = part if total is None else total + part
         means.append(total / (out_h * out_w))
