@@ -568,3 +568,30 @@ def test_graph_works_without_the_extension(page, browser, shots):
         screenshot(pg, shots / "without_extension.png")
     finally:
         pg.context.close()
+
+
+def test_help_panel_shows_the_node_page(browser, servers, shots):
+    """Newest front end, Vue nodes: select the sampler with the pointer, press the selection toolbox's Node Info: the
+    side panel renders web/docs/PiSA_Sample.md (its first paragraph, the input list) with the lambda map loaded."""
+    pg = open_front_end(browser, servers(NEWEST), vue=True)
+    try:
+        load_workflow(pg, QUEUED)
+        sid = node_id(pg, "PiSA_Sample")
+        box = pg.locator(f'[data-node-id="{sid}"]').first.bounding_box()
+        pg.mouse.click(box["x"] + 40, box["y"] + 12)  # the title bar
+        pg.get_by_role("button", name="Node Info").click()
+        page_md = (host.REPO / "web" / "docs" / "PiSA_Sample.md").read_text()
+        first = page_md.split("\n\n")[1].split(":")[0].replace("\n", " ")  # "PiSA-SR's single diffusion step. ..."
+        pg.wait_for_function("(t) => [...document.querySelectorAll('.node-help-content')]"
+                             ".some(e => e.innerText.replace(/\\s+/g, ' ').includes(t))", arg=first, timeout=60_000)
+        text = pg.evaluate("() => document.querySelector('.node-help-content').innerText")
+        for name in ("lambda_pix", "lambda_sem", "tile_size", "precision"):
+            assert name in text, name
+        pg.wait_for_function("() => [...document.querySelectorAll('.node-help-content img')]"
+                             ".some(i => i.src.endsWith('/docs/lambda_map.svg') && i.complete && i.naturalWidth > 0)",
+                             timeout=60_000)
+        pg.screenshot(path=str(shots / "help_panel.png"))
+        shutil.copy(shots / "help_panel.png", DOCS_SHOTS / "pisa_sr_help_vue.png")
+        assert pisa_console_problems(pg) == []
+    finally:
+        pg.context.close()
