@@ -78,7 +78,7 @@ def read_loras(path: str) -> PisaLoras:
 
 def diffusers_to_comfy_modules(model) -> dict[str, str]:
     """Diffusers UNet module name -> ComfyUI module path (``diffusion_model....``), for weight-bearing modules."""
-    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    mapping = comfy.utils.unet_to_diffusers(compat.unet_config(model))
     return {dk.removesuffix(".weight"): "diffusion_model." + ck.removesuffix(".weight") for dk, ck in mapping.items()
             if dk.endswith(".weight") and ck.endswith(".weight")}
 
@@ -102,7 +102,7 @@ def apply_pisa_loras(model, loras: PisaLoras):
     check_sd2_eps(model)
     check_weight_dtype(model)
     module_map = diffusers_to_comfy_modules(model)
-    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in compat.unet_weights(model).items()}
     mismatch = "The LoRA file and the base model do not match: PiSA-SR needs Stable Diffusion 2.1-base."
     for lset in loras.sets():
         for name, pair in lset.pairs.items():

@@ -180,13 +180,13 @@ class PiSALambdaSweep(io.ComfyNode):
         batch, n = z.shape[0], len(pairs)
         z_hq = sweep_latents(z, eps_pix, eps_sem, pairs)
         for s in range(n):  # in place, a setting at a time: no second S x B copy
-            z_hq[s * batch:(s + 1) * batch] = model.model.process_latent_out(z_hq[s * batch:(s + 1) * batch])
+            z_hq[s * batch:(s + 1) * batch] = compat.latent_out(model, z_hq[s * batch:(s + 1) * batch])
         labels = sweep_labels(pairs, batch)
 
         chosen = quality = fidelity = None
         best_idx = [0] * batch
         if choose_best != "off":
-            ref = model.model.process_latent_out(sweep_latents(z, eps_pix, eps_sem, [REFERENCE_SETTING]))
+            ref = compat.latent_out(model, sweep_latents(z, eps_pix, eps_sem, [REFERENCE_SETTING]))
             images, quality, fidelity = decode_settings(latent, z_hq, n, batch, vae, color_fix, choose_best,
                                                         ref.to(torch.float32))
             chosen = choose_best_per_image(quality, fidelity, floor, metrics.METRICS[choose_best].direction > 0)
