@@ -43,8 +43,7 @@ def lora_file_choices() -> list[str]:
 
 
 def lora_file_path(name: object) -> str | None:
-    """The file in models/pisa_sr, else in models/loras; None if neither has it (or ``name`` is no file name: the
-    API can send any JSON value)."""
+    """The file in models/pisa_sr, else in models/loras; None if neither has it (the API can send any JSON value)."""
     if not isinstance(name, str):
         return None
     return folder_paths.get_full_path(MODEL_FOLDER, name) or folder_paths.get_full_path("loras", name)
@@ -64,8 +63,7 @@ def missing_file_message(lora_name: str) -> str:
 
 
 def read_loras(path: str) -> PisaLoras:
-    """Validated LoRAs, cached by a hash of the bytes read: a replaced file is reloaded whatever its size and mtime,
-    and re-queued prompts skip the validation."""
+    """Validated LoRAs, cached by content_key: a replaced file is reloaded, a re-queued prompt skips validation."""
     data = read_file(path)
     key = content_key(data)
     with _cache_lock:
@@ -150,8 +148,7 @@ class PiSALoadLoRAs(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, lora_name: str, **_) -> str:
-        """Keyed on the file's content, so the output cache re-runs this node when the file was replaced, even with
-        the same size and mtime."""
+        """Keyed on the file's content, so the output cache re-runs this node when the file was replaced."""
         path = lora_file_path(lora_name)
         try:
             return content_key(read_file(path)).hex() if path else lora_name

@@ -54,10 +54,9 @@ def _repeat_extras(latent: dict, samples: torch.Tensor, settings: int, batch: in
 
 def decode_settings(latent: dict, z_hq_raw: torch.Tensor, settings: int, batch: int, vae, color_fix: str,
                     metric: str | None = None, ref_raw: torch.Tensor | None = None):
-    """Each setting decoded once, B at a time as PiSA Tiled VAE Decode does -> (images, quality[s][b], fidelity[s][b]);
-    the scores (``metric``, and PSNR on Y vs the decoded pix-only ``ref_raw``) are empty lists without ``metric``.
-    Each setting's B images go straight into the preallocated S x B output (no second copy of it), so beyond the
-    output this holds one setting's B images, and the reference's B with ``metric``."""
+    """Each setting decoded once as PiSA Tiled VAE Decode does -> (images, quality[s][b], fidelity[s][b]); the scores
+    (``metric``, and PSNR on Y vs the decoded pix-only ``ref_raw``) are empty without ``metric``. Beyond the S x B
+    output this holds one setting's B images (and the reference's B)."""
     hooks = compat.hooks()
     info = lq_reference(latent, batch, color_fix)
     ref = None if metric is None else decode_frames(ref_raw, info, vae, color_fix)

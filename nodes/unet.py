@@ -50,9 +50,8 @@ def unet_eps_t1(model: Any, z: torch.Tensor, context: torch.Tensor, sigma: torch
 
 
 class _DtypeClones(dict):
-    """dtype -> compute-dtype clone, attached to the MODEL: one clone per dtype keeps ComfyUI's loaded-model entry
-    stable, so a queued prompt does not re-apply every LoRA. A clone of the MODEL starts empty, so a cached clone
-    never stands in for a model with other patches."""
+    """dtype -> compute-dtype clone, attached to the MODEL: a stable clone per dtype spares a queued prompt from
+    re-applying every LoRA; a clone of the MODEL starts empty, so no cached clone stands in for other patches."""
 
     def on_model_patcher_clone(self) -> "_DtypeClones":
         return _DtypeClones()
