@@ -148,7 +148,7 @@ def model_type(model: Any) -> Any:
 
 
 def unet_config(model: Any) -> dict:
-    return model.model.model_config.unet_config
+    return model_config(model).unet_config
 
 
 def weight_dtype(model: Any) -> torch.dtype:
@@ -159,7 +159,7 @@ def compute_dtype(model: Any) -> torch.dtype:
     """The dtype the UNet computes in: a compute-dtype override, else ComfyUI's manual cast, else the weights'."""
     # model_config's, not model.model.manual_cast_dtype: another clone may have patched that
     d = model.object_patches.get("manual_cast_dtype", model.model.model_config.manual_cast_dtype)
-    return d if d is not None else model.model.get_dtype()
+    return d if d is not None else weight_dtype(model)
 
 
 def latent_in(model: Any, z: torch.Tensor) -> torch.Tensor:
