@@ -14,8 +14,7 @@ EXPECTED = ("PiSA-SR needs Stable Diffusion 2.1-base (512 px, epsilon prediction
 
 def check_sd2_eps(model: Any) -> None:
     """Refuse anything that is not an SD 2.x epsilon-prediction UNet with the stock noise schedule."""
-    base = getattr(model, "model", None)
-    if (cfg := getattr(base, "model_config", None)) is None:
+    if (cfg := compat.model_config(model)) is None:
         raise PisaError(f"the MODEL input is not a diffusion model. {EXPECTED}")
     name = type(cfg).__name__
     unet = getattr(cfg, "unet_config", {}) or {}
@@ -29,7 +28,7 @@ def check_sd2_eps(model: Any) -> None:
                         f"({unet.get('in_channels')} input channels). {EXPECTED}")
     if unet.get("context_dim") != 1024 or not unet.get("use_linear_in_transformer", False):
         raise PisaError(f"the connected model is not an SD 2.x UNet. {EXPECTED}")
-    if (mtype := getattr(base, "model_type", None)) != compat.ModelType.EPS:
+    if (mtype := compat.model_type(model)) != compat.ModelType.EPS:
         raise PisaError(f"the connected model predicts {getattr(mtype, 'name', '?')} "
                         f"(e.g. SD 2.1 768-v is v-prediction). {EXPECTED}")
     ms = model.get_model_object("model_sampling")
@@ -40,7 +39,7 @@ def check_sd2_eps(model: Any) -> None:
                         f"Connect the model straight from Load Checkpoint. {EXPECTED}")
     # Same class but other sigmas (ModelSamplingDiscrete with zsnr, a changed schedule): t=1 would mean another sigma.
     try:
-        stock = kinds.ModelSamplingDiscrete(base.model_config).sigmas
+        stock = kinds.ModelSamplingDiscrete(cfg).sigmas
     except (TypeError, AttributeError):  # another constructor on this ComfyUI version: keep the class checks only
         stock = ms.sigmas
     if ms.sigmas.shape != stock.shape or not torch.allclose(ms.sigmas.float().cpu(), stock.float().cpu(), rtol=1e-4,
@@ -56,6 +55,6 @@ FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float
 def check_weight_dtype(model: Any) -> None:
     """Refuse fp8-stored UNet weights: rounding the merged LoRA into fp8 moved eps by as much as eps itself on the
     test models (docs/errors.md), so the result would be silently wrong."""
-    if model.model.get_dtype() in FP8_DTYPES:
+    if compat.weight_dtype(model) in FP8_DTYPES:
         raise PisaError("the UNet is stored in fp8 (UNETLoader weight_dtype fp8_*), which is too coarse to hold "
                         "PiSA-SR's LoRAs. Load it with weight_dtype default, or use Load Checkpoint.")

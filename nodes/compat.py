@@ -93,14 +93,6 @@ def memory_required(model: Any, shape: list[int]) -> int:
         return int(torch.Size(shape).numel() * 4 * 1024)
 
 
-def per_item_memory(model: Any, shape: list[int]) -> tuple[int, int]:
-    """(fixed, per-item) bytes of a UNet call on ``shape`` with batch n = ``fixed + n * per_item``: the slope between
-    batch 1 and 2, so a constant term counts once per call, not per tile (0.3.75's and the newest are linear)."""
-    one = memory_required(model, list(shape))
-    per = max(memory_required(model, [2 * shape[0], *shape[1:]]) - one, 1)
-    return max(one - per, 0), per
-
-
 def patcher_free_memory(patcher: Any, device: Any) -> int:
     """Free memory on ``device`` as ``patcher`` sees it: newer ComfyUI counts what dynamic VRAM can evict."""
     # upstream: Comfy-Org/ComfyUI comfy/model_patcher.py @ 08d0e510f4e5 (ModelPatcher.get_free_memory(device) on
@@ -141,6 +133,57 @@ def vae_free_memory(vae: Any) -> int:
     # upstream: Comfy-Org/ComfyUI comfy/sd.py @ 033046cc4fac (VAE.decode/encode size batches with
     # self.patcher.get_free_memory(self.device))
     return patcher_free_memory(vae.patcher, vae.device)
+
+
+# ---------------------------------------------------------------- the BaseModel behind a MODEL
+# 0.3.75 and Comfy-Org/ComfyUI comfy/model_patcher.py @ 08d0e510f4e5: ModelPatcher.model is the BaseModel
+# (comfy/model_base.py @ 094c74c1b7f9: model_config, model_type, get_dtype, process_latent_in/out, apply_model).
+def model_config(model: Any) -> Any:
+    """The BaseModel's config (its class names the family, e.g. SD20), or None if ``model`` is no diffusion model."""
+    return getattr(getattr(model, "model", None), "model_config", None)
+
+
+def model_type(model: Any) -> Any:
+    return getattr(model.model, "model_type", None)
+
+
+def unet_config(model: Any) -> dict:
+    return model_config(model).unet_config
+
+
+def weight_dtype(model: Any) -> torch.dtype:
+    return model.model.get_dtype()
+
+
+def compute_dtype(model: Any) -> torch.dtype:
+    """The dtype the UNet computes in: a compute-dtype override, else ComfyUI's manual cast, else the weights'."""
+    # model_config's, not model.model.manual_cast_dtype: another clone may have patched that
+    d = model.object_patches.get("manual_cast_dtype", model.model.model_config.manual_cast_dtype)
+    return d if d is not None else weight_dtype(model)
+
+
+def latent_in(model: Any, z: torch.Tensor) -> torch.Tensor:
+    """A raw (VAE) latent scaled into the UNet's space."""
+    return model.model.process_latent_in(z)
+
+
+def latent_out(model: Any, z: torch.Tensor) -> torch.Tensor:
+    return model.model.process_latent_out(z)
+
+
+def unet_weights(model: Any) -> dict[str, torch.Tensor]:
+    """The BaseModel's state dict (``diffusion_model.<module>.weight`` keys)."""
+    return model.model.state_dict()
+
+
+def unet_module(model: Any, path: str) -> torch.nn.Module:
+    return model.model.get_submodule(path)
+
+
+def apply_model(model: Any, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, topts: dict
+                ) -> torch.Tensor:
+    """One UNet call the way the sampler makes it (c_in scaling, wrappers, patches, casting are ComfyUI's)."""
+    return model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=topts)
 
 
 # ---------------------------------------------------------------- UNet internals

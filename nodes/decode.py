@@ -41,13 +41,10 @@ def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0, vae_ram
 
 def decode_frames(z: torch.Tensor, info: LQInfo | None, vae, color_fix: str, vae_tile_size: int = 0,
                   vae_ram_budget: float = 0.0) -> torch.Tensor:
-    """The IMAGE [B,H,W,3], decoded and colour-fixed one frame at a time into the output, so memory does not grow
-    with the batch beyond the IMAGE itself; every frame's result is what it would be alone.
-
-    Memory per frame beyond the IMAGE and the decoder's output: the 8-bit truncation and the colour fix
-    work in place on that output; the LQ frame as fp32 (one [3,H,W] image, 12 bytes per output pixel) plus, for
-    the wavelet fix, two single-channel planes and a few bands (pisa_sr.color). The resize back happens only after
-    the release's small-image pre-resize, so its output is at most ``upscale`` x 1024 px long (pisa_sr.resize)."""
+    """The IMAGE [B,H,W,3], decoded and colour-fixed one frame at a time into the output: beyond the IMAGE and one
+    frame's decoder output (truncated and colour-fixed in place), a frame costs its LQ as fp32 (12 bytes per pixel)
+    and the wavelet fix's planes (pisa_sr.color); the resize back only follows the small-image pre-resize, so its
+    output is at most ``upscale`` x 1024 px long (pisa_sr.resize)."""
     b = z.shape[0]
     img: torch.Tensor | None = None
     for i in range(b):

@@ -43,8 +43,7 @@ def lora_file_choices() -> list[str]:
 
 
 def lora_file_path(name: object) -> str | None:
-    """The file in models/pisa_sr, else in models/loras; None if neither has it (or ``name`` is no file name: the
-    API can send any JSON value)."""
+    """The file in models/pisa_sr, else in models/loras; None if neither has it (the API can send any JSON value)."""
     if not isinstance(name, str):
         return None
     return folder_paths.get_full_path(MODEL_FOLDER, name) or folder_paths.get_full_path("loras", name)
@@ -64,8 +63,7 @@ def missing_file_message(lora_name: str) -> str:
 
 
 def read_loras(path: str) -> PisaLoras:
-    """Validated LoRAs, cached by a hash of the bytes read: a replaced file is reloaded whatever its size and mtime,
-    and re-queued prompts skip the validation."""
+    """Validated LoRAs, cached by content_key: a replaced file is reloaded, a re-queued prompt skips validation."""
     data = read_file(path)
     key = content_key(data)
     with _cache_lock:
@@ -78,7 +76,7 @@ def read_loras(path: str) -> PisaLoras:
 
 def diffusers_to_comfy_modules(model) -> dict[str, str]:
     """Diffusers UNet module name -> ComfyUI module path (``diffusion_model....``), for weight-bearing modules."""
-    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    mapping = comfy.utils.unet_to_diffusers(compat.unet_config(model))
     return {dk.removesuffix(".weight"): "diffusion_model." + ck.removesuffix(".weight") for dk, ck in mapping.items()
             if dk.endswith(".weight") and ck.endswith(".weight")}
 
@@ -102,7 +100,7 @@ def apply_pisa_loras(model, loras: PisaLoras):
     check_sd2_eps(model)
     check_weight_dtype(model)
     module_map = diffusers_to_comfy_modules(model)
-    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in compat.unet_weights(model).items()}
     mismatch = "The LoRA file and the base model do not match: PiSA-SR needs Stable Diffusion 2.1-base."
     for lset in loras.sets():
         for name, pair in lset.pairs.items():
@@ -150,8 +148,7 @@ class PiSALoadLoRAs(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, lora_name: str, **_) -> str:
-        """Keyed on the file's content, so the output cache re-runs this node when the file was replaced, even with
-        the same size and mtime."""
+        """Keyed on the file's content, so the output cache re-runs this node when the file was replaced."""
         path = lora_file_path(lora_name)
         try:
             return content_key(read_file(path)).hex() if path else lora_name

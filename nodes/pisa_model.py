@@ -35,5 +35,5 @@ def info_of(model: Any) -> PisaModelInfo:
 
 def sem_removal_targets(model: Any, info: PisaModelInfo) -> list[BypassTarget]:
     """Hooks that subtract the sem LoRA in the activations, turning the merged pix+sem model into pix only."""
-    return [BypassTarget(model.model.get_submodule(info.module_map[name]), pair, sign=-1.0)
+    return [BypassTarget(compat.unet_module(model, info.module_map[name]), pair, sign=-1.0)
             for name, pair in info.loras.sem.pairs.items()]

@@ -1,10 +1,8 @@
 """Before/after previews for PiSA Tiled VAE Decode: the result (``images``) and the resized LQ (``pisa_lq``) as
-small temp images, which web/pisa_sr.js draws with a slider. They never change the IMAGE or fail the node.
+small temp images, which web/compare.js draws with a slider. They never change the IMAGE or fail the node.
 
-Memory: a preview is shrunk band by band, so at most BAND_BYTES of input rows (or one output row's,
-``ceil(H / h) + 1`` rows, if more) is converted to fp32 at a time; nothing full-size is copied, whatever the
-picture's size. Only an input smaller than the preview in some side (at most PREVIEW_MAX_SIDE px there) is enlarged
-whole.
+Memory: a preview is shrunk band by band (BAND_BYTES of fp32 input rows, or one output row's if more); nothing
+full-size is copied. Only an input smaller than the preview in some side is enlarged whole.
 """
 from __future__ import annotations
 
@@ -24,13 +22,11 @@ LQ_KEY = "pisa_lq"
 
 
 def _float01(img: torch.Tensor) -> torch.Tensor:
-    """[B,H,W,C] float in [0,1] (uint8 / 255); a copy only for another dtype."""
     return img.to(torch.float32).div_(255.0) if img.dtype == torch.uint8 else img.to(torch.float32)
 
 
 def resize_bhwc(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[B,H,W,C] float in [0,1] or uint8 to float [B,h,w,C] at ``size`` (h, w): area-averaged when shrinking (band
-    by band, see _shrink), bilinear when enlarging."""
+    """[B,H,W,C] float in [0,1] or uint8 -> float [B,h,w,C] at ``size`` (h, w): area when shrinking, else bilinear."""
     h_in, w_in = img.shape[1:3]
     if (h_in, w_in) == tuple(size):
         return _float01(img)
@@ -42,9 +38,8 @@ def resize_bhwc(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _shrink(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """F.interpolate's area mode (output pixel (i, j) averages input rows [i*H//h, ceil((i+1)*H/h)) and the columns
-    likewise), over bands of about BAND_BYTES of fp32 input: each band's rows are averaged over their columns,
-    then each output row over its rows. Equal to the whole-image call up to fp32 rounding (mean of means)."""
+    """F.interpolate's area mode (output row i averages input rows [i*H//h, ceil((i+1)*H/h)), columns likewise), a
+    band at a time: columns first, then rows. Equal to the whole-image call up to fp32 rounding (mean of means)."""
     (h_in, w_in), (h, w) = img.shape[1:3], size
     out = torch.empty((img.shape[0], h, w, img.shape[3]), dtype=torch.float32)
     rows = max(1, BAND_BYTES // (w_in * img.shape[3] * 4) * h // h_in)  # output rows per band
@@ -66,8 +61,7 @@ def preview_size(h: int, w: int) -> tuple[int, int]:
 
 def comparison_images(result: torch.Tensor, info: LQInfo | None,
                       first: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(result preview, LQ preview or None), both [B,h,w,3] float at the same preview size; the LQ of result frame k
-    is the one the decoder colour-fixed it against, frame ``first + k`` of the latent."""
+    """(result preview, LQ preview or None) at one preview size; result frame k's LQ is latent frame ``first + k``."""
     size = preview_size(*result.shape[1:3])
     res = resize_bhwc(result.detach().cpu(), size)
     if info is None:
@@ -82,8 +76,8 @@ def preview_images(images: torch.Tensor) -> list:
 
 
 def comparison_ui(result: torch.Tensor, info: LQInfo | None) -> dict | None:
-    """The decode node's UI output, or None (logged) if the previews could not be written. One frame at a time, so a
-    long batch costs one frame's preview tensors, not a second copy of the IMAGE."""
+    """The decode node's UI output, or None (logged) if the previews could not be written; a frame at a time, so a
+    long batch costs one frame's preview tensors."""
     try:
         out = {"images": []} if info is None else {"images": [], LQ_KEY: []}
         for i in range(result.shape[0]):

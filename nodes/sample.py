@@ -50,7 +50,7 @@ def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: f
     if latent.get("noise_mask") is not None:
         raise PisaError("this LATENT carries a noise mask (e.g. from Set Latent Noise Mask). PiSA-SR restores the "
                         "whole image and cannot keep masked areas: remove the mask node.")
-    context = conditioning_context(positive, model.model.model_config.unet_config.get("context_dim"))
+    context = conditioning_context(positive, compat.unet_config(model).get("context_dim"))
     model = unet.model_for_precision(model, precision)
     dev = model.load_device
     b, _, h, w = raw.shape
@@ -79,7 +79,7 @@ def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: f
             part = slice(start, min(b, start + frames))
             # Contiguous NCHW: a channels_last latent (CPU VAEEncode) runs the UNet channels_last, whose GroupNorm
             # sums in another order (eps moved 2e-4); one layout keeps tiled, untiled and batched calls identical.
-            z = model.model.process_latent_in(raw[part].to(dev, torch.float32)).contiguous()
+            z = compat.latent_in(model, raw[part].to(dev, torch.float32)).contiguous()
             done = start // frames * calls_per_chunk
             chunk_hooks = replace(hooks, progress=lambda d, t, done=done: hooks.progress(min(total, done + d),
                                                                                          total))
@@ -111,7 +111,7 @@ def sample_hq(model, latent: dict, positive, lambda_pix: float, lambda_sem: floa
                                      precision=precision, tiles_per_call=tiles_per_call):
         if out is None:  # frame_chunks has checked the latent
             out = torch.empty(latent["samples"].shape, dtype=torch.float32)
-        out[part] = model.model.process_latent_out(z - eps).to(torch.float32).cpu()
+        out[part] = compat.latent_out(model, z - eps).to(torch.float32).cpu()
     return out
 
 

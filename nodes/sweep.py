@@ -54,10 +54,9 @@ def _repeat_extras(latent: dict, samples: torch.Tensor, settings: int, batch: in
 
 def decode_settings(latent: dict, z_hq_raw: torch.Tensor, settings: int, batch: int, vae, color_fix: str,
                     metric: str | None = None, ref_raw: torch.Tensor | None = None):
-    """Each setting decoded once, B at a time as PiSA Tiled VAE Decode does -> (images, quality[s][b], fidelity[s][b]);
-    the scores (``metric``, and PSNR on Y vs the decoded pix-only ``ref_raw``) are empty lists without ``metric``.
-    Each setting's B images go straight into the preallocated S x B output (no second copy of it), so beyond the
-    output this holds one setting's B images, and the reference's B with ``metric``."""
+    """Each setting decoded once as PiSA Tiled VAE Decode does -> (images, quality[s][b], fidelity[s][b]); the scores
+    (``metric``, and PSNR on Y vs the decoded pix-only ``ref_raw``) are empty without ``metric``. Beyond the S x B
+    output this holds one setting's B images (and the reference's B)."""
     hooks = compat.hooks()
     info = lq_reference(latent, batch, color_fix)
     ref = None if metric is None else decode_frames(ref_raw, info, vae, color_fix)
@@ -180,13 +179,13 @@ class PiSALambdaSweep(io.ComfyNode):
         batch, n = z.shape[0], len(pairs)
         z_hq = sweep_latents(z, eps_pix, eps_sem, pairs)
         for s in range(n):  # in place, a setting at a time: no second S x B copy
-            z_hq[s * batch:(s + 1) * batch] = model.model.process_latent_out(z_hq[s * batch:(s + 1) * batch])
+            z_hq[s * batch:(s + 1) * batch] = compat.latent_out(model, z_hq[s * batch:(s + 1) * batch])
         labels = sweep_labels(pairs, batch)
 
         chosen = quality = fidelity = None
         best_idx = [0] * batch
         if choose_best != "off":
-            ref = model.model.process_latent_out(sweep_latents(z, eps_pix, eps_sem, [REFERENCE_SETTING]))
+            ref = compat.latent_out(model, sweep_latents(z, eps_pix, eps_sem, [REFERENCE_SETTING]))
             images, quality, fidelity = decode_settings(latent, z_hq, n, batch, vae, color_fix, choose_best,
                                                         ref.to(torch.float32))
             chosen = choose_best_per_image(quality, fidelity, floor, metrics.METRICS[choose_best].direction > 0)

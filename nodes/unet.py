@@ -9,6 +9,7 @@ from ..pisa_sr.checks import check_choice
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.runtime import bf16_native
 from . import compat
+from .compat import compute_dtype
 
 EPS_CAPTURE_KEY = "pisa_sr_eps"
 DTYPE_CLONES_KEY = "pisa_sr_dtype_clones"
@@ -42,26 +43,18 @@ def unet_eps_t1(model: Any, z: torch.Tensor, context: torch.Tensor, sigma: torch
         return y
 
     topts = compat.options_with_outer_unet_wrapper(model, EPS_CAPTURE_KEY, capture, eager=eager)
-    out = model.model.apply_model(x, s, c_crossattn=context.to(dev), transformer_options=topts)
+    out = compat.apply_model(model, x, s, context.to(dev), topts)
     if len(captured) == 1 and captured[0].shape == z.shape:
         return captured[0].float()
     return (x - out.float()) / s.reshape(-1, 1, 1, 1)
 
 
 class _DtypeClones(dict):
-    """dtype -> compute-dtype clone, attached to the MODEL: one clone per dtype keeps ComfyUI's loaded-model entry
-    stable, so a queued prompt does not re-apply every LoRA. A clone of the MODEL starts empty, so a cached clone
-    never stands in for a model with other patches."""
+    """dtype -> compute-dtype clone, attached to the MODEL: a stable clone per dtype spares a queued prompt from
+    re-applying every LoRA; a clone of the MODEL starts empty, so no cached clone stands in for other patches."""
 
     def on_model_patcher_clone(self) -> "_DtypeClones":
         return _DtypeClones()
-
-
-def compute_dtype(model: Any) -> torch.dtype:
-    """The dtype the UNet computes in: a compute-dtype override, else ComfyUI's manual cast, else the weights'."""
-    # model_config's, not model.model.manual_cast_dtype: another clone may have patched that
-    d = model.object_patches.get("manual_cast_dtype", model.model.model_config.manual_cast_dtype)
-    return d if d is not None else model.model.get_dtype()
 
 
 def with_compute_dtype(model: Any, dtype: torch.dtype) -> Any:
@@ -90,8 +83,16 @@ def model_for_precision(model: Any, precision: str) -> Any:
     return with_compute_dtype(model, dtype)
 
 
+def per_item_memory(model: Any, shape: list[int]) -> tuple[int, int]:
+    """(fixed, per-item) bytes of a UNet call on ``shape`` with batch n = ``fixed + n * per_item``: the slope between
+    batch 1 and 2, so a constant term counts once per call, not per tile (0.3.75's and the newest are linear)."""
+    one = compat.memory_required(model, list(shape))
+    per = max(compat.memory_required(model, [2 * shape[0], *shape[1:]]) - one, 1)
+    return max(one - per, 0), per
+
+
 def tiles_per_call_for(model: Any, tile_shape: list[int], passes: int) -> int:
     """As many tiles per UNet call as free memory allows (at least 1, at most MAX_TILES_PER_CALL)."""
-    fixed, per_tile = compat.per_item_memory(model, [passes] + tile_shape[1:])
+    fixed, per_tile = per_item_memory(model, [passes] + tile_shape[1:])
     free = compat.free_memory(model)
     return max(1, min(MAX_TILES_PER_CALL, int((0.8 * free - fixed) // per_tile)))

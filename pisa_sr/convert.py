@@ -1,8 +1,8 @@
 """Convert the release ``pisa_sr.pkl`` to a ``.safetensors`` file once, so ComfyUI never has to open a pickle.
 
-Run from the pack folder: ``python -m pisa_sr.convert pisa_sr.pkl pisa_sr.safetensors`` (or ``--check FILE``).
-The input goes through the node's checked loader; the output is re-read and compared bit for bit, then written under
-a temporary name and moved into place, so a failure never leaves a half-written file. Same input, same bytes.
+Run from the pack folder: ``python -m pisa_sr.convert pisa_sr.pkl pisa_sr.safetensors`` (or ``--check FILE``). The
+input goes through the node's checked loader; the output is re-read, compared bit for bit, then written under a
+temporary name and moved into place (never half-written). Same input, same bytes.
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def to_release_dict(loras: PisaLoras) -> dict[str, Any]:
 
 
 def safetensors_bytes(loras: PisaLoras) -> bytes:
-    """The conversion as bytes: the release's tensors and key names, lists and ranks as metadata; same input, same
-    bytes (keys sorted, written here because the library orders metadata by a randomly seeded hash map)."""
+    """The conversion as bytes, the lists and ranks as metadata; written here, keys sorted, because the library orders
+    metadata by a randomly seeded hash map (same input, same bytes)."""
     sd = to_release_dict(loras)
     meta = {"format": SAFETENSORS_FORMAT, "version": SAFETENSORS_VERSION}
     for k in KINDS:
@@ -100,6 +100,14 @@ def summary(loras: PisaLoras) -> str:
     return "\n".join(lines)
 
 
+def _load(path: str, out: TextIO) -> PisaLoras | None:
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        print(f"refused: {e}", file=out)
+        return None
+
+
 def convert(src: str, dst: str, force: bool = False, out: TextIO = sys.stdout) -> int:
     """Convert ``src`` to ``dst`` and verify it; returns an exit code and prints what happened."""
     if not dst.lower().endswith(".safetensors"):
@@ -111,10 +119,7 @@ def convert(src: str, dst: str, force: bool = False, out: TextIO = sys.stdout) -
     if os.path.exists(dst) and not force:
         print(f"error: '{dst}' exists; pass --force to replace it.", file=out)
         return EXIT_USAGE
-    try:
-        loras = load_checkpoint(src)
-    except CheckpointError as e:
-        print(f"refused: {e}", file=out)
+    if (loras := _load(src, out)) is None:
         return EXIT_REFUSED
     data = safetensors_bytes(loras)
     try:
@@ -144,10 +149,7 @@ def convert(src: str, dst: str, force: bool = False, out: TextIO = sys.stdout) -
 
 
 def check(path: str, out: TextIO = sys.stdout) -> int:
-    try:
-        loras = load_checkpoint(path)
-    except CheckpointError as e:
-        print(f"refused: {e}", file=out)
+    if (loras := _load(path, out)) is None:
         return EXIT_REFUSED
     print(f"ok: '{path}' is a valid PiSA-SR checkpoint ({os.path.getsize(path):,} bytes).", file=out)
     print(summary(loras), file=out)

@@ -1,10 +1,6 @@
-"""Learned no-reference scores (MUSIQ, CLIP-IQA, MANIQA; pisa_sr.metrics lists them beside the plain scores) through
-the optional ``pyiqa`` package (chaofengc/IQA-PyTorch), strictly from files already on disk (README: Quality Score).
-
-pyiqa caches its checkpoints in <torch hub dir>/pyiqa, OpenAI's CLIP in <torch hub dir>/clip (re-downloaded on a
-SHA-256 mismatch), and MANIQA builds timm's vit_base_patch8_224 pretrained, from the Hugging Face hub cache. Every one
-of those files is checked before a metric is built; while it builds, the downloaders are disabled and the hub client
-is offline.
+"""Learned no-reference scores (MUSIQ, CLIP-IQA, MANIQA) through the optional ``pyiqa`` package, strictly from files
+already on disk: pyiqa's checkpoints (<torch hub dir>/pyiqa), OpenAI's CLIP (<torch hub dir>/clip) and MANIQA's timm
+backbone (Hugging Face hub cache) are checked before a metric is built, which happens with the downloaders disabled.
 """
 from __future__ import annotations
 
@@ -36,7 +32,7 @@ def _pyiqa_installed() -> bool:
 
 
 def _stamp(path: str) -> tuple[str, int, int]:
-    """A file version (path, size, mtime), the key of the cached checks below."""
+    """(path, size, mtime): the key of the cached checks below."""
     st = os.stat(path)
     return path, st.st_size, st.st_mtime_ns
 
@@ -78,8 +74,7 @@ def _maniqa_backbone_cached() -> tuple[bool, str]:
 
 
 def learned_metric_status(name: str) -> tuple[bool, str]:
-    """``(available, reason)`` for a learned metric, from the file system only: pyiqa is not imported and nothing
-    is downloaded."""
+    """``(available, reason)`` for a learned metric, from the file system only (pyiqa is not imported)."""
     key = name.lower()
     check_choice("learned metric", key, _PYIQA_FILES)
     fetch = (f"once outside ComfyUI, e.g. python -c \"import pyiqa; pyiqa.create_metric('{key}')\"; "
@@ -136,9 +131,8 @@ _OFFLINE_PATCHES = (
 
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
-    """Patch the loaded libraries' module attributes (no environment variables, no sockets) and restore them
-    after. The patches are process-wide while they last: another thread using huggingface_hub or pyiqa meanwhile is
-    offline too."""
+    """Patch the loaded libraries' module attributes and restore them after; process-wide while they last (another
+    thread using huggingface_hub or pyiqa meanwhile is offline too)."""
     saved = []
     try:
         for module, attr, value in _OFFLINE_PATCHES:
@@ -153,8 +147,7 @@ def _offline() -> Iterator[None]:
 
 
 def learned_score(img: torch.Tensor, name: str) -> torch.Tensor:
-    """Learned no-reference score ``[B]`` float64 (CPU) from pyiqa (MUSIQ, CLIP-IQA or MANIQA, higher is better), its
-    metric built once per device; ``PisaError`` saying what is missing and how to get it, never a download."""
+    """``[B]`` float64 (CPU), higher is better, the metric built once per device; PisaError if weights are missing."""
     _check_image(img)
     key = name.lower()
     ok, reason = learned_metric_status(key)

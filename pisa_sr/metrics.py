@@ -20,9 +20,6 @@ from .errors import PisaError
 from .learned_metrics import learned_score
 from .runtime import host64
 
-__all__ = ["MetricSpec", "METRICS", "rgb_to_y", "psnr_y", "ssim_y", "sharpness", "noise_sigma", "score",
-           "format_score"]
-
 
 @dataclass(frozen=True)
 class MetricSpec:
@@ -76,10 +73,8 @@ def _pair(img: torch.Tensor, ref: torch.Tensor, crop_border: int, min_side: int)
     _check_image(img, "image")
     _check_image(ref, "reference")
     if img.shape[1:3] != ref.shape[1:3]:
-        raise PisaError(
-            f"image and reference sizes differ: {tuple(img.shape[1:3])} vs {tuple(ref.shape[1:3])} (H, W); "
-            "resize one of them first"
-        )
+        raise PisaError(f"image and reference sizes differ: {tuple(img.shape[1:3])} vs {tuple(ref.shape[1:3])} "
+                        "(H, W); resize one of them first")
     if ref.shape[0] not in (1, img.shape[0]):
         raise PisaError(f"reference batch {ref.shape[0]} must be 1 or match the image batch {img.shape[0]}")
     crop_border = int(crop_border)
@@ -87,12 +82,9 @@ def _pair(img: torch.Tensor, ref: torch.Tensor, crop_border: int, min_side: int)
         raise PisaError(f"crop_border must be >= 0, got {crop_border}")
     h, w = img.shape[1] - 2 * crop_border, img.shape[2] - 2 * crop_border
     if h < min_side or w < min_side:
-        raise PisaError(
-            f"image {tuple(img.shape[1:3])} is too small for crop_border={crop_border}: "
-            f"{min_side}x{min_side} px must remain"
-        )
-    c = crop_border
-    return [x[:, c:c + h, c:c + w] for x in (img, ref)]
+        raise PisaError(f"image {tuple(img.shape[1:3])} is too small for crop_border={crop_border}: "
+                        f"{min_side}x{min_side} px must remain")
+    return [x[:, crop_border:crop_border + h, crop_border:crop_border + w] for x in (img, ref)]
 
 
 def psnr_y(img: torch.Tensor, ref: torch.Tensor, crop_border: int = 4) -> torch.Tensor:
@@ -111,8 +103,7 @@ def ssim_y(img: torch.Tensor, ref: torch.Tensor, crop_border: int = 4) -> torch.
     x = host64(torch.arange(-_SSIM_RADIUS, _SSIM_RADIUS + 1))
     taps = torch.exp(-(x * x) / (2.0 * 1.5**2))
     taps = taps / taps.sum()
-    c1 = (0.01 * _DATA_RANGE) ** 2
-    c2 = (0.03 * _DATA_RANGE) ** 2
+    c1, c2 = (0.01 * _DATA_RANGE) ** 2, (0.03 * _DATA_RANGE) ** 2
 
     def ssim_map(y: torch.Tensor, y_ref: torch.Tensor) -> torch.Tensor:
         # One separable 'valid' Gaussian pass over the five moment images.
@@ -157,13 +148,6 @@ def noise_sigma(img: torch.Tensor) -> torch.Tensor:
                                                               lambda y: F.conv2d(y, kernel).abs())
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Learned metrics through pyiqa (chaofengc/IQA-PyTorch), strictly from files already on disk. pyiqa caches its
-# checkpoints in <torch hub dir>/pyiqa, OpenAI's CLIP in <torch hub dir>/clip (re-downloaded on a SHA-256 mismatch),
-# and MANIQA builds timm's vit_base_patch8_224 pretrained, from the Hugging Face hub cache. Every one of those files is
-# checked before a metric is built; while it builds, the downloaders are disabled and the hub client is offline.
-
-
 def _no_reference(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
     return lambda img, ref, crop_border: fn(img)
 
@@ -184,9 +168,7 @@ METRICS: dict[str, MetricSpec] = {
 }
 
 
-def score(
-    img: torch.Tensor, metric: str, ref: Optional[torch.Tensor] = None, crop_border: int = 4
-) -> torch.Tensor:
+def score(img: torch.Tensor, metric: str, ref: Optional[torch.Tensor] = None, crop_border: int = 4) -> torch.Tensor:
     """Score every image of a batch with ``metric`` (a key of ``METRICS``, whose ``direction`` says which way is
     better) -> ``[B]`` float64; ``psnr`` and ``ssim`` need ``ref`` (batch 1 or B), the others ignore it."""
     key = metric.strip().lower() if isinstance(metric, str) else metric

@@ -90,7 +90,7 @@ def _parse_list(text: str) -> list[tuple[float, float]]:
 
 def parse_lambda_pairs(text: str) -> list[tuple[float, float]]:
     """``[(lambda_pix, lambda_sem), ...]`` from a list ``"0.5,1; 1,1"`` or a grid ``"pix=0.5:1.5:0.5 sem=1"`` (pix
-    outer, sem inner; syntax in README). Errors quote the fragment at fault, so a node can show them as they are."""
+    outer, sem inner); errors quote the fragment at fault."""
     if not isinstance(text, str):
         raise PisaError(f"lambda settings must be text, got {type(text).__name__}")
     pairs = _parse_grid(text) if "=" in text else _parse_list(text)
@@ -105,8 +105,7 @@ def _short(v: float) -> str:
 
 
 def format_label(lp: float, ls: float) -> str:
-    """``"pix 1.00 / sem 1.50"``: ASCII because Pillow's built-in font has no Greek glyphs; more than two decimals
-    only when needed to tell settings apart."""
+    """``"pix 1.00 / sem 1.50"`` (ASCII: Pillow's built-in font has no Greek); more decimals only when needed."""
     return f"pix {_short(float(lp))} / sem {_short(float(ls))}"
 
 
@@ -127,9 +126,8 @@ def combine(eps_pix: torch.Tensor, eps_sem: torch.Tensor, pairs: Sequence[tuple[
 
 def sweep_latents(z: torch.Tensor, eps_pix: torch.Tensor, eps_sem: torch.Tensor,
                   pairs: Sequence[tuple[float, float]]) -> torch.Tensor:
-    """The sampler's ``z - eps(lp, ls)`` for every setting, fp32, setting-major: row ``s * B + b`` is setting ``s``
-    on image ``b`` -> ``[S*B, C, h, w]``. One setting at a time, so beyond the output it holds three latents of
-    ``z``'s size (eps_sem - eps_pix, one setting's eps, the difference) whatever the number of settings."""
+    """The sampler's ``z - eps(lp, ls)`` for every setting, fp32, setting-major (row ``s * B + b``) -> ``[S*B, C, h,
+    w]``; a setting at a time, so beyond the output it holds three latents of ``z``'s size."""
     if not pairs:
         raise PisaError("a sweep needs at least one (lambda_pix, lambda_sem) pair")
     b = z.shape[0]
@@ -147,9 +145,8 @@ def sweep_labels(pairs: Sequence[tuple[float, float]], batch: int = 1) -> list[s
 
 def choose_best(quality: Sequence[float], fidelity: Sequence[float], floor: float,
                 higher_is_better: bool = True) -> tuple[int, str]:
-    """(0-based index, why) of the best-quality setting among those with ``fidelity >= floor``: fidelity filters out
-    settings that drift too far, quality ranks the rest. NaN scores are ignored, ties go to the earliest setting;
-    when none meets the floor, the highest-fidelity one is returned and the explanation says so."""
+    """(0-based index, why) of the best-quality setting among those with ``fidelity >= floor``; NaN scores are
+    ignored, ties go to the earliest; when none meets the floor, the highest-fidelity one (and the reason)."""
     q, f, floor = [float(v) for v in quality], [float(v) for v in fidelity], float(floor)
     if len(q) != len(f):
         raise PisaError(f"{len(q)} quality scores but {len(f)} fidelity scores")

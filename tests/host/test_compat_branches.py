@@ -133,7 +133,7 @@ def test_tiles_per_call_under_the_dynamic_patcher(compat):
     unet = host.pack("nodes.unet")
     dyn = NewestDynamicPatcher(3 * GIB)
     tile = [1, 4, 32, 32]
-    fixed, per = compat.per_item_memory(dyn, [2] + tile[1:])
+    fixed, per = unet.per_item_memory(dyn, [2] + tile[1:])
     assert fixed == 0 and per == int(dyn.model.memory_required([2] + tile[1:]))  # linear: no fixed part
     n = unet.tiles_per_call_for(dyn, tile, 2)
     assert n == min(unet.MAX_TILES_PER_CALL, int(0.8 * dyn.free // per)) and n > 1
@@ -143,7 +143,7 @@ def test_tiles_per_call_under_the_dynamic_patcher(compat):
 
 def test_linear_estimate_matches_per_tile_division(compat, world):
     """0.3.75's ModelPatcher.memory_required forwards to the BaseModel: the slope form changes nothing there."""
-    fixed, per = compat.per_item_memory(world.model, [2, 4, 24, 24])
+    fixed, per = host.pack("nodes.unet").per_item_memory(world.model, [2, 4, 24, 24])
     assert abs(per - world.model.memory_required([2, 4, 24, 24])) <= 1  # int() of a float estimate
     assert fixed <= 1
 
