@@ -145,11 +145,11 @@ def main() -> int:
     budgets.update({f"forced {b:g} GiB": int(b * GIB) for b in a.budget_gib})
     print(f"device={dev} dtype={dt} torch={torch.__version__} vae_ch={ch} threads={torch.get_num_threads()} "
           f"free RAM {free_ram / GIB:.1f} GiB load {os.getloadavg()[0]:.1f} date={time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"{'op':7} {'px':>5} {'budget':24} {'plan':24} {'time s':>8} {'x ref':>6} {'host GiB':>9} "
-          f"{'dev GiB':>8} {'files':>5} {'max |diff| to ref':>13}")
     isz = torch.empty((), dtype=dt).element_size()
     if a.attention:
         return attention_rows(a, dev, dt, isz, ch, sizes, budgets, free_ram, spill, vae_ops.plan)
+    print(f"{'op':7} {'px':>5} {'budget':24} {'plan':24} {'time s':>8} {'x ref':>6} {'host GiB':>9} "
+          f"{'dev GiB':>8} {'files':>5} {'max |diff| to ref':>13}")
     for px in sizes:
         for op in a.ops:
             is_dec = op == "decode"

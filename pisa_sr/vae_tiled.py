@@ -246,8 +246,8 @@ class _Runner:
         flat, x_flat = qkv.data.view(b, 3 * c, n), x.data.view(b, c, n)
         q_len, kv_len = self.attention_blocks(c, x.scale)
 
-        def tokens(part: int, a: int, b: int) -> torch.Tensor:  # [B, 1, b - a, C] contiguous, on the device
-            return flat[:, part * c:(part + 1) * c, a:b].transpose(1, 2).unsqueeze(1).to(self.device).contiguous()
+        def tokens(part: int, t0: int, t1: int) -> torch.Tensor:  # [B, 1, t1 - t0, C] contiguous, on the device
+            return flat[:, part * c:(part + 1) * c, t0:t1].transpose(1, 2).unsqueeze(1).to(self.device).contiguous()
 
         def chunks():  # the keys/values, a chunk at a time, their pages dropped after each
             for k0 in range(0, n, kv_len):

@@ -7,6 +7,7 @@ amount and place) when the disk cannot take the spill.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import re
 
@@ -248,8 +249,8 @@ def test_resident_spill_pages_are_bounded_independently_of_the_picture(ae, tmp_p
     bound = _resident_bound(ae, 8)
     peaks = []
     for side in (24, 48):
-        z = _latent(side, side, seed=31)
-        _, mem = _bounded_run(lambda **k: tiled_decode(ae, z, 8, whole_mid=False, **k), side, side, tmp_path, MIB)
+        run = functools.partial(tiled_decode, ae, _latent(side, side, seed=31), 8, whole_mid=False)
+        _, mem = _bounded_run(run, side, side, tmp_path, MIB)
         peaks.append(mem.peak_mapped)
     print(f"\n[resident spill pages, tile 8] 24 latent px: {peaks[0] / MIB:.2f} MiB, 48: {peaks[1] / MIB:.2f} MiB; "
           f"bound {bound / MIB:.2f} MiB")
