@@ -11,6 +11,14 @@ bit-identical) or PSNR to the untiled one.
 
     python bench/bench_vae.py --cpu --sizes 2048 --runs 1 --ops decode    # CPU, full-size SD VAE, fp32
     python bench/bench_vae.py --cpu --tiny                                 # CPU smoke mode: tiny VAE, 256 and 512 px
+    python bench/bench_vae.py --cpu --attention --sizes 1024 4096          # the tiled mid block's attention only
+
+``--attention``: the mid block's attention as the tiled path runs it under each budget's plan (query block and
+key/value chunk from ``vae_tiled.attention_blocks`` within the planned tile's working set): one query block against
+all keys, timed three ways: PyTorch's scaled_dot_product_attention with all keys/values held (the previous method,
+needs them whole), the chunks merged by log-sum-exp with the CPU kernel that returns it, and with the matmul
+fallback; the keys/values are copied chunk by chunk from RAM as the tiled path copies them from the parked map.
+Reported per block and scaled to the whole map's blocks, with the largest difference to the SDPA row.
 Run with the host python (bash scripts/setup_host.sh prints it) and PISA_COMFY_DIR set.
 """
 from __future__ import annotations
@@ -54,6 +62,7 @@ def main() -> int:
     ap.add_argument("--release", action="store_true", help="also the release's tiled VAE (decode only; bench/_release.py)")
     ap.add_argument("--comfy-tiled", action="store_true", help="also ComfyUI's VAEDecodeTiled (decode only)")
     ap.add_argument("--cap-gib", type=float, default=None, help="GPU: see and use only this much device memory")
+    ap.add_argument("--attention", action="store_true", help="only the tiled mid block's attention rows (see above)")
     a = ap.parse_args()
     if a.cap_gib and not a.cpu:  # before ComfyUI reads the device's total
         from bench_pipeline import cap_device_memory
@@ -64,10 +73,11 @@ def main() -> int:
 
     comfy_boot.boot(cpu=a.cpu, pytorch_attention=False)  # ComfyUI's own attention choice for the VAE
     comfy_boot.load_pack()
-    import torch
     import comfy.model_management as mm
     import comfy.sd
+    import torch
     from comfy.ldm.models.autoencoder import AutoencoderKL
+
     from pisa_sr.park import Parking
     from pisa_sr.vae_tiled import parked_bytes, tiled_decode, tiled_encode
 
@@ -108,7 +118,8 @@ def main() -> int:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
-    def timed(fn):
+    def timed(fn, *args, **kwargs):
+        """(median time, peak host growth GiB, peak device GiB, output as fp32) of ``fn(*args, **kwargs)``."""
         times, out, grow, peak = [], None, 0, float("nan")
         for _ in range(a.runs):
             out = None
@@ -119,13 +130,13 @@ def main() -> int:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current RSS
             t = time.perf_counter()
-            out = fn()
+            out = fn(*args, **kwargs)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated() / GIB
             times.append(time.perf_counter() - t)
             grow = max(grow, rss("VmHWM") - before)
-        return statistics.median(times), grow / GIB, peak, out
+        return statistics.median(times), grow / GIB, peak, out.float()
 
     free_ram = mm.get_free_memory(torch.device("cpu"))
     budgets = {} if a.no_unlimited else {"unlimited": None}
@@ -134,9 +145,11 @@ def main() -> int:
     budgets.update({f"forced {b:g} GiB": int(b * GIB) for b in a.budget_gib})
     print(f"device={dev} dtype={dt} torch={torch.__version__} vae_ch={ch} threads={torch.get_num_threads()} "
           f"free RAM {free_ram / GIB:.1f} GiB load {os.getloadavg()[0]:.1f} date={time.strftime('%Y-%m-%d %H:%M')}")
+    isz = torch.empty((), dtype=dt).element_size()
+    if a.attention:
+        return attention_rows(a, dev, dt, isz, ch, sizes, budgets, free_ram, spill, vae_ops.plan)
     print(f"{'op':7} {'px':>5} {'budget':24} {'plan':24} {'time s':>8} {'x ref':>6} {'host GiB':>9} "
           f"{'dev GiB':>8} {'files':>5} {'max |diff| to ref':>13}")
-    isz = torch.empty((), dtype=dt).element_size()
     for px in sizes:
         for op in a.ops:
             is_dec = op == "decode"
@@ -146,30 +159,31 @@ def main() -> int:
             rows = {}
             if a.untiled:
                 try:
-                    rows["untiled"] = ("-", *timed(lambda: (net.decode if is_dec else net.encode)(x.to(dev)).float()))
+                    rows["untiled"] = ("-", *timed(net.decode if is_dec else net.encode, x.to(dev)))
                 except Exception as e:  # noqa: BLE001 (an OOM of either kind: reported as a row)
                     rows["untiled"] = ("-", None, type(e).__name__)
                     mm.soft_empty_cache()
             if a.comfy_tiled and is_dec:
-                rows["comfy VAEDecodeTiled"] = ("64/16 latent", *timed(
-                    lambda: vae.decode_tiled(x.float(), tile_x=64, tile_y=64, overlap=16).movedim(-1, 1) * 2 - 1))
+                r = timed(vae.decode_tiled, x.float(), tile_x=64, tile_y=64, overlap=16)
+                rows["comfy VAEDecodeTiled"] = ("64/16 latent", *r[:3], r[3].movedim(-1, 1) * 2 - 1)
             if a.release and is_dec:  # csslc/PiSA-SR src/my_utils/vaehook.py as bench/_release.py re-implements it
                 from _release import DEC_PAD, DEC_TILE, tiled_vae_forward
 
                 dvae.to(dev)
+                with torch.no_grad():
+                    zq = dvae.post_quant_conv(x.to(dev))  # a 1x1 conv on the latent, outside the timing
                 rows[f"release tiler {DEC_TILE}/{DEC_PAD}"] = (f"tile {DEC_TILE}+{DEC_PAD}, per-tile mid", *timed(
-                    lambda: tiled_vae_forward(dvae.decoder, dvae.post_quant_conv(x.to(dev)), DEC_TILE, DEC_PAD,
-                                              is_decoder=True).float()))
+                    tiled_vae_forward, dvae.decoder, zq, DEC_TILE, DEC_PAD, is_decoder=True))
+                del zq
                 dvae.to("cpu")
             for name, budget in budgets.items():
                 pl = vae_ops.plan(dev, mm.get_free_memory(dev) if dev.type != "cpu" else free_ram,
                                   budget if budget is not None else 1 << 62, spill, (side, side),
                                   a.tile, is_decoder=is_dec, dtype_bytes=isz, base_channels=ch)
                 parking = pl.parking if budget is not None else Parking(pl.parking.device)
-                fn = tiled_decode if is_dec else tiled_encode
                 kw = {} if is_dec else {"device": dev}
-                res = timed(lambda: fn(net, x.to(dev) if is_dec else x, pl.tile, whole_mid=pl.whole_mid,
-                                       parking=parking, **kw).float())
+                res = timed(tiled_decode if is_dec else tiled_encode, net, x.to(dev) if is_dec else x, pl.tile,
+                            whole_mid=pl.whole_mid, parking=parking, **kw)
                 mid = {None: "whole?", True: "whole", False: "tiled"}[pl.whole_mid]
                 rows[name] = (f"tile {pl.tile}, mid {mid}, {parking.device.type}", *res, parking.files)
             ref = rows["unlimited" if "unlimited" in rows else next(iter(budgets))]  # the reference row ("ref")
@@ -190,6 +204,56 @@ def main() -> int:
             print(f"        parked maps by the formula (parked_bytes): {need / GIB:.2f} GiB; x4 area "
                   f"({px * 2} px): {4 * need / GIB:.2f} GiB, x16 ({px * 4} px): {16 * need / GIB:.2f} GiB")
             del rows, x
+    return 0
+
+
+def attention_rows(a, dev, dt, isz: int, ch: int, sizes, budgets: dict, free_ram: int, spill: str, plan) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from pisa_sr import vae_tiled
+
+    def chunked(q, k, v, kv_len: int):
+        pairs = ((k[:, :, i:i + kv_len].clone(), v[:, :, i:i + kv_len].clone()) for i in range(0, k.shape[2], kv_len))
+        return vae_tiled._attend(q, pairs)
+
+    def best(fn, *args):
+        times, out = [], None
+        for _ in range(a.runs):
+            t = time.perf_counter()
+            out = fn(*args)
+            times.append(time.perf_counter() - t)
+        return min(times), out
+
+    print(f"{'px':>5} {'budget':24} {'tile':>4} {'q block':>7} {'kv chunk':>8} {'method':32} {'s/block':>8} "
+          f"{'x sdpa':>6} {'whole map s':>11} {'max |diff|':>10}")
+    g = torch.Generator().manual_seed(0)
+    c = 4 * ch
+    lse_kernel = vae_tiled._lse_kernel
+    for px in sizes:
+        n = (px // 8) ** 2
+        k, v = (torch.randn(1, 1, n, c, generator=g).to(dev, dt) for _ in range(2))
+        for name, budget in budgets.items():
+            pl = plan(dev, free_ram, budget if budget is not None else 1 << 62, spill, (px // 8, px // 8), a.tile,
+                      is_decoder=True, dtype_bytes=isz, base_channels=ch)
+            work = vae_tiled._tile_bytes(pl.tile, is_decoder=True, dtype_bytes=isz, base_channels=ch)
+            q_len, kv_len = vae_tiled.attention_blocks(n, c, isz, work, streamed_lse=lse_kernel(dev) is not None)
+            q = torch.randn(1, 1, q_len, c, generator=g).to(dev, dt)
+            t_ref, ref = best(F.scaled_dot_product_attention, q, k, v)
+            rows = [("sdpa, all keys/values held", t_ref, ref)]
+            if kv_len < n:
+                rows.append(("chunks + lse, CPU kernel", *best(chunked, q, k, v, kv_len)))
+                vae_tiled._lse_kernel = lambda device: None
+                try:
+                    rows.append(("chunks + lse, matmul", *best(chunked, q, k, v, kv_len)))
+                finally:
+                    vae_tiled._lse_kernel = lse_kernel
+            blocks = -(-n // q_len)
+            for method, t, out in rows:
+                diff = (out.float() - ref.float()).abs().max().item()
+                print(f"{px:5d} {name:24} {pl.tile:4d} {q_len:7d} {kv_len:8d} {method:32} {t:8.2f} "
+                      f"{t / t_ref:6.2f} {t * blocks:11.0f} {diff:10.1e}", flush=True)
+        del k, v
     return 0
 
 

@@ -5,6 +5,7 @@ retry: first parking on the host instead of the device, then smaller tiles.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import folder_paths
 from ..pisa_sr.checks import check_vae_output
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.park import Parking
-from ..pisa_sr.runtime import is_oom
+from ..pisa_sr.runtime import retry_oom
 from ..pisa_sr.vae_tiled import (_tiled_peak, auto_tile_size, parked_bytes, tiled_decode, tiled_encode,
                                  whole_mid_bytes)
 from . import compat
@@ -114,28 +115,26 @@ def _run(vae, one, out: torch.Tensor, size_wh: tuple[int, int], tile_override: i
     p = plan(torch.device(vae.device), compat.vae_free_memory(vae), ram_budget(ram_gib), _spill_dir(), size_wh,
              tile_override, **kw)
     hooks = compat.hooks()
-    i = 0
-    while i < out.shape[0]:
-        try:
-            with compat.device_context(vae.device):
-                one(i, p, hooks)
-            i += 1
-        except Exception as e:
-            if not is_oom(e):
-                raise
-            del e
-            hooks.empty_cache()
-            if p.parking.device.type != "cpu":
-                p.parking = Parking("cpu", budget=ram_budget(ram_gib), spill_dir=_spill_dir())
-                log.warning("PiSA-SR VAE: out of memory; retrying with the tiles' full-size maps parked on the host.")
-                continue
-            new = max(smallest, (min(p.tile, max(w, h)) // 2) // unit * unit)
-            if new >= p.tile or p.tile <= smallest:
-                raise PisaError(f"out of memory even with {p.tile * (8 if is_decoder else 1)} px VAE tiles. Free "
-                                "memory (close other models) or lower the image size.") from None
-            log.warning("PiSA-SR VAE: out of memory at tile %d; retrying with tile %d (the result is identical, "
-                        "only slower).", p.tile, new)
-            p.tile = new
+
+    def attempt(i: int) -> None:
+        with compat.device_context(vae.device):
+            one(i, p, hooks)
+
+    def shrink() -> None:
+        if p.parking.device.type != "cpu":
+            p.parking = Parking("cpu", budget=ram_budget(ram_gib), spill_dir=_spill_dir())
+            log.warning("PiSA-SR VAE: out of memory; retrying with the tiles' full-size maps parked on the host.")
+            return
+        new = max(smallest, (min(p.tile, max(w, h)) // 2) // unit * unit)
+        if new >= p.tile or p.tile <= smallest:
+            raise PisaError(f"out of memory even with {p.tile * (8 if is_decoder else 1)} px VAE tiles. Free "
+                            "memory (close other models) or lower the image size.")
+        log.warning("PiSA-SR VAE: out of memory at tile %d; retrying with tile %d (the result is identical, "
+                    "only slower).", p.tile, new)
+        p.tile = new
+
+    for i in range(out.shape[0]):  # an OOM retries from the sample it hit
+        retry_oom(functools.partial(attempt, i), shrink, hooks.empty_cache)
     return out
 
 

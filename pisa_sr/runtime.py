@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # Lower-cased message shapes of an out-of-memory RuntimeError, by who raises it: CUDA/ROCm ("CUDA/HIP out of
 # memory", also torch.AcceleratorError's), Apple ("MPS backend out of memory"), Intel ("XPU out of memory", Level
@@ -22,6 +25,21 @@ def is_oom(exc: BaseException) -> bool:
         return True
     return isinstance(exc, RuntimeError) and (getattr(exc, "error_code", None) == 2 or any(
         s in str(exc).lower() for s in _OOM_MESSAGES))
+
+
+def retry_oom(attempt: Callable[[], T], shrink: Callable[[], None], empty_cache: Callable[[], None]) -> T:
+    """``attempt()``, retried after each out-of-memory error once ``empty_cache()`` ran and ``shrink()`` made the next
+    try smaller (it logs what it changed, or raises PisaError when nothing is left to shrink). The failed try's
+    exception is dropped first: its traceback holds that try's activations. Other errors pass through."""
+    while True:
+        try:
+            return attempt()
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            del e
+        empty_cache()
+        shrink()
 
 
 def host64(t: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from .bypass import BypassTarget, LowRankBypass
 from .errors import PisaError
 from .guidance import Pass, check_lambda, combine_eps, plan_passes
 from .latent_tiles import EpsFn, run_tiled
-from .runtime import Hooks, is_oom
+from .runtime import Hooks, retry_oom
 
 log = logging.getLogger("PiSA-SR")
 
@@ -96,23 +96,22 @@ def sample_eps(z: torch.Tensor, unet: Unet, sem_removal: Sequence[BypassTarget],
     if p is Pass.NONE:
         return torch.zeros_like(z, dtype=torch.float32)
     tpc = max(1, int(tiles_per_call))
-    while True:
+
+    def attempt() -> torch.Tensor:
         eps_fn = make_eps_fn(unet, sem_removal, lambda_pix, lambda_sem, one_pass=one_pass, both=both,
                              bypass_unet=bypass_unet)
-        try:
-            return run_tiled(z, eps_fn, tile, overlap, tpc, progress=hooks.progress,
-                             check_interrupt=hooks.check_interrupt)
-        except Exception as e:
-            if not is_oom(e):
-                raise
-            del e  # drop the traceback (it holds the failed call's activations) before retrying
-            hooks.empty_cache()
-            if tpc > 1:
-                tpc //= 2
-                log.warning("PiSA-SR: out of memory; retrying with %d tile(s) per UNet call.", tpc)
-            elif one_pass and p is Pass.DUAL:
-                one_pass = False
-                log.warning("PiSA-SR: out of memory; retrying adjustable mode as two UNet passes per tile.")
-            else:
-                raise PisaError("out of memory even with one tile per call. Lower tile_size (e.g. 64) or free "
-                                "memory (close other models).") from None
+        return run_tiled(z, eps_fn, tile, overlap, tpc, progress=hooks.progress, check_interrupt=hooks.check_interrupt)
+
+    def shrink() -> None:
+        nonlocal tpc, one_pass
+        if tpc > 1:
+            tpc //= 2
+            log.warning("PiSA-SR: out of memory; retrying with %d tile(s) per UNet call.", tpc)
+        elif one_pass and p is Pass.DUAL:
+            one_pass = False
+            log.warning("PiSA-SR: out of memory; retrying adjustable mode as two UNet passes per tile.")
+        else:
+            raise PisaError("out of memory even with one tile per call. Lower tile_size (e.g. 64) or free "
+                            "memory (close other models).")
+
+    return retry_oom(attempt, shrink, hooks.empty_cache)

@@ -8,12 +8,12 @@ within a budget, else a memory-mapped file) and
 per-channel count/mean/M2 are merged across tiles (Chan's formula, fp64 on the CPU), so the next GroupNorm uses the whole
 image's statistics. A tile reads its core plus a HALO from the parked map, enough for one 3x3 conv, and sees the
 untiled network's zero padding at the border: tiled == untiled up to float error, with no blending. The mid
-block runs on the whole (1/8-side) map when the caller says it fits, else tiled; its attention is exact either way
-(PyTorch's scaled-dot-product attention over all keys, one query tile at a time when tiled): on the CPU it was the
-fastest of SDPA, the release-style streamed online softmax and ComfyUI's sliced attention (bench/RESULTS.md).
+block runs on the whole (1/8-side) map when the caller says it fits, else tiled; its attention is exact either way:
+tiled, blocks of queries attend to every key, the keys/values read from the parked map in chunks and the chunks'
+results merged by their log-sum-exp (``_attend``), so the attention's working set is one tile's, whatever the image.
 
-Device memory scales with the tile (plus the whole-map mid block, or the keys/values of a tiled attention), the
-parked maps with the image (``parked_bytes``), held within the parking's budget.
+Device memory scales with the tile (plus the whole-map mid block when it runs whole), the parked maps with the image
+(``parked_bytes``), held within the parking's budget.
 Only GroupNorm is re-implemented; convs, resamplers and mid blocks run through their own ``forward`` so ComfyUI's
 casting ops keep working. Nothing is patched, so an interruption leaves no state.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -89,16 +89,12 @@ class _Map:
         self.count += n
 
 
-def _steps(levels: list[torch.nn.Module]) -> int:
-    """Tile steps of ``_Runner.levels``: two per resnet block and per attention, one per resampler."""
-    return len(levels) - 1 + sum(2 * (len(lvl.block) + len(lvl.attn)) for lvl in levels)
-
-
 class _Runner:
-    """Drives all tiles through the network step by step; owns progress, interruption and parking."""
+    """Drives all tiles through the network step by step; owns progress, interruption and parking. ``work``: the
+    bytes one tile's working set may take (``_tile_bytes``), the allowance of the tiled attention too."""
 
     def __init__(self, base_h: int, base_w: int, tile: int, device: torch.device, dtype: torch.dtype,
-                 parking: Parking, progress: Progress | None, check_interrupt: Interrupt | None):
+                 parking: Parking, progress: Progress | None, check_interrupt: Interrupt | None, work: float):
         ys, xs = _cuts(base_h, tile), _cuts(base_w, tile)
         self.cores = [(ys[i], ys[i + 1], xs[j], xs[j + 1]) for i in range(len(ys) - 1) for j in range(len(xs) - 1)]
         self.max_core = (max(b - a for a, b in itertools.pairwise(ys)), max(b - a for a, b in itertools.pairwise(xs)))
@@ -106,6 +102,29 @@ class _Runner:
         self.device, self.dtype, self.parking, self.park = device, dtype, parking, parking.device
         self.progress, self.check_interrupt = progress, check_interrupt
         self.done, self.total = 0, 0
+        self.work = work
+
+    def attention_blocks(self, channels: int, scale: int) -> tuple[int, int]:
+        """(query block, key/value chunk) in tokens for a tiled attention over the map at ``scale``."""
+        return attention_blocks(self.h * scale * self.w * scale, channels, self.dtype.itemsize, self.work,
+                                streamed_lse=_lse_kernel(self.device) is not None)
+
+    def units(self, levels: list[torch.nn.Module], scale: int, up: bool) -> int:
+        """Progress units of ``levels`` entered at ``scale``: a tile step per resnet half and per resampler; per
+        attention a tile step (q/k/v) and its query blocks."""
+        n, total = len(self.cores), 0
+        for lvl in levels:
+            total += 2 * n * len(lvl.block)
+            for a in lvl.attn:
+                total += n + self.attention_units(a, scale)
+            if lvl is not levels[-1]:
+                total += n
+                scale = scale * 2 if up else scale // 2
+        return total
+
+    def attention_units(self, attn: torch.nn.Module, scale: int) -> int:
+        n = self.h * scale * self.w * scale
+        return -(-n // self.attention_blocks(attn.norm.num_channels, scale)[0])
 
     def check(self) -> None:
         if self.check_interrupt is not None:
@@ -213,8 +232,8 @@ class _Runner:
         return self.step([h, x], second, blk.conv2.out_channels, x.scale, into=reuse)
 
     def attention(self, attn: torch.nn.Module, x: _Map) -> _Map:
-        """AttnBlock, exact: global norm, then each query tile attends to every position (keys/values of the whole
-        map on the device, 2 maps at this resolution)."""
+        """AttnBlock, exact: global norm and q/k/v in tiles (parked), then blocks of queries attend to every key,
+        the keys/values read from the parked map a chunk at a time (``attention_blocks``: within ``work``)."""
         c = x.data.shape[1]
 
         def qkv_fn(t: torch.Tensor) -> torch.Tensor:
@@ -222,21 +241,38 @@ class _Runner:
             return torch.cat([attn.q(n), attn.k(n), attn.v(n)], dim=1)
 
         qkv = self.step([x], qkv_fn, 3 * c, x.scale, halo=0, stats=False)
-        keys, values = (_tokens(qkv.data[:, i * c:(i + 1) * c].to(self.device)) for i in (1, 2))
-        self.parking.trim()  # the whole qkv map was just read
+        # [B, C, N] token views of the maps (both layouts a map has, NCHW and channels-last, have one)
+        b, n = x.data.shape[0], x.data.shape[-2] * x.data.shape[-1]
+        flat, x_flat = qkv.data.view(b, 3 * c, n), x.data.view(b, c, n)
+        q_len, kv_len = self.attention_blocks(c, x.scale)
+
+        def tokens(part: int, t0: int, t1: int) -> torch.Tensor:  # [B, 1, t1 - t0, C] contiguous, on the device
+            return flat[:, part * c:(part + 1) * c, t0:t1].transpose(1, 2).unsqueeze(1).to(self.device).contiguous()
+
+        def chunks():  # the keys/values, a chunk at a time, their pages dropped after each
+            for k0 in range(0, n, kv_len):
+                yield tokens(1, k0, min(n, k0 + kv_len)), tokens(2, k0, min(n, k0 + kv_len))
+                self.parking.trim()
+
+        whole = (tokens(1, 0, n), tokens(2, 0, n)) if kv_len >= n else None  # read once for every block
+        self.parking.trim()
         # the residual reads x pointwise, so the output can overwrite it (see ``step``)
-        out = _Map(x.data, x.scale) if x.owned else self.new_map(x.data.shape[0], c, x.scale)
-        s = x.scale
-        for y0, y1, x0, x1 in self.cores:
+        out = _Map(x.data, x.scale) if x.owned else self.new_map(b, c, x.scale)
+        out_flat = out.data.view(b, c, n)
+        for q0 in range(0, n, q_len):
             self.check()
-            region = (slice(None), slice(None), slice(y0 * s, y1 * s), slice(x0 * s, x1 * s))
-            q = qkv.data[:, :c][region].to(self.device)
-            o = _untokens(F.scaled_dot_product_attention(_tokens(q), keys, values), q.shape)
+            q1 = min(n, q0 + q_len)
+            q = tokens(0, q0, q1)
+            o = F.scaled_dot_product_attention(q, *whole) if whole else _attend(q, chunks())
             del q
-            res = x.data[region].to(self.device) + attn.proj_out(o)
+            self.parking.trim()
+            # [B, 1, T, C] -> [B, C, T, 1]: the 1x1 convolution over a column of tokens
+            o = o.squeeze(1).transpose(1, 2)[..., None].contiguous()
+            res = x_flat[:, :, q0:q1, None].to(self.device) + attn.proj_out(o)
+            del o
             out.add_stats(res)
-            out.data[region].copy_(res)
-            del o, res
+            out_flat[:, :, q0:q1].copy_(res[..., 0])
+            del res
             self.parking.trim()
             self.tick()
         return out
@@ -276,6 +312,44 @@ class _Runner:
         x = self.resnet(mid.block_1, tiled_input())
         x = self.attention(mid.attn_1, x)
         return self.resnet(mid.block_2, x)
+
+
+def _lse_kernel(device: torch.device) -> Callable | None:
+    """PyTorch's CPU flash-attention kernel, the one scaled_dot_product_attention runs on the CPU, which also returns
+    the log-sum-exp a chunked attention merges by; None elsewhere (or in a torch without it): ``_chunk`` then uses
+    matmuls. On the CPU it was the faster of the two for the chunk shapes used (bench/bench_vae.py --attention)."""
+    if device.type != "cpu":
+        return None
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of tokens ``q`` [B,1,T,C] over one chunk of keys/values: (output fp32, log-sum-exp [B,1,T,1])."""
+    kernel = _lse_kernel(q.device)
+    if kernel is not None:
+        o, lse = kernel(q, k, v)[:2]
+        return o.float(), lse.unsqueeze(-1)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    return torch.matmul(s.sub_(lse).exp_(), v.float()), lse
+
+
+def _attend(q: torch.Tensor, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """softmax(q k^T / sqrt(C)) v for tokens ``q`` [B,1,T,C] over keys/values given in ``chunks`` (pairs [B,1,K,C]
+    that together hold every key, one pair alive at a time): the chunks' results merged by their log-sum-exp in fp32,
+    equal to scaled_dot_product_attention over all keys up to float rounding."""
+    acc = lse = None
+    for k, v in chunks:
+        o, part = _chunk(q, k, v)
+        del k, v
+        if acc is None:
+            acc, lse = o, part
+            continue
+        new = torch.logaddexp(lse, part)
+        acc.mul_(torch.exp(lse - new)).add_(o.mul_(torch.exp(part - new)))
+        lse = new
+        del o, part
+    return acc.to(q.dtype)
 
 
 def _tokens(t: torch.Tensor) -> torch.Tensor:
@@ -343,12 +417,14 @@ def tiled_decode(ae: torch.nn.Module, z: torch.Tensor, tile: int, *, progress: P
         raise PisaError(f"decoders with give_pre_end are not supported. {_SD_VAE}")
 
     parking = parking or Parking()
-    parking.prepare(parked_bytes(w, h, is_decoder=True, dtype_bytes=z.dtype.itemsize,
-                                 base_channels=dec.conv_out.in_channels))
-    run = _Runner(h, w, tile, z.device, z.dtype, parking, progress, check_interrupt)
+    base = dec.conv_out.in_channels
+    parking.prepare(parked_bytes(w, h, is_decoder=True, dtype_bytes=z.dtype.itemsize, base_channels=base))
+    run = _Runner(h, w, tile, z.device, z.dtype, parking, progress, check_interrupt,
+                  _tile_bytes(tile, is_decoder=True, dtype_bytes=z.dtype.itemsize, base_channels=base))
     levels = [dec.up[i] for i in reversed(range(dec.num_resolutions))]
-    mid_units = len(run.cores) * 7  # conv_in + two resnet blocks + attention, tiled
-    run.total = len(run.cores) * (1 + _steps(levels)) + (mid_units if whole_mid is False else 1)
+    # conv_in + two resnet blocks + attention, tiled
+    mid_units = len(run.cores) * 6 + run.attention_units(dec.mid.attn_1, 1)
+    run.total = len(run.cores) + run.units(levels, 1, up=True) + (mid_units if whole_mid is False else 1)
 
     def conv_in(t: torch.Tensor) -> torch.Tensor:
         return dec.conv_in(ae.post_quant_conv(t))
@@ -390,12 +466,13 @@ def tiled_encode(ae: torch.nn.Module, x: torch.Tensor, tile: int, *, progress: P
         raise PisaError(f"VAEs with a latent batch-norm are not supported. {_SD_VAE}")
 
     parking = parking or Parking()
-    parking.prepare(parked_bytes(ww, hh, is_decoder=False, dtype_bytes=dtype.itemsize,
-                                 base_channels=enc.conv_in.out_channels))
-    run = _Runner(h, w, ltile, device, dtype, parking, progress, check_interrupt)
+    base = enc.conv_in.out_channels
+    parking.prepare(parked_bytes(ww, hh, is_decoder=False, dtype_bytes=dtype.itemsize, base_channels=base))
+    run = _Runner(h, w, ltile, device, dtype, parking, progress, check_interrupt,
+                  _tile_bytes(ltile * 8, is_decoder=False, dtype_bytes=dtype.itemsize, base_channels=base))
     levels = [enc.down[i] for i in range(enc.num_resolutions)]
-    mid_units = len(run.cores) * 6  # two resnet blocks + attention, tiled
-    run.total = len(run.cores) * (2 + _steps(levels)) + (mid_units if whole_mid is False else 1)  # + conv_in, out
+    mid_units = len(run.cores) * 5 + run.attention_units(enc.mid.attn_1, 1)  # two resnet blocks + attention, tiled
+    run.total = len(run.cores) * 2 + run.units(levels, 8, up=False) + (mid_units if whole_mid is False else 1)
 
     pre = run.levels(levels, run.step([_Map(x, 8, owned=False)], enc.conv_in, enc.conv_in.out_channels, 8), up=False)
     mid = run.mid(enc.mid, lambda: pre.data.to(device), lambda: pre, whole_mid, mid_units, "encode")
@@ -421,8 +498,6 @@ _TILE_COPIES = {True: 7, False: 5}
 # Whole-map mid block at latent resolution, 4x the base channels: input, norm output, q/k/v and their token-layout
 # copies, attention output, residual.
 _MID_COPIES = 10
-# A tiled attention keeps the keys and values of the whole map on the device (plus one transient layout copy).
-_KV_COPIES = 3
 # Device allocator rounding/fragmentation and convolution workspaces, which CPU accounting does not see.
 _SAFETY = 1.5
 
@@ -448,8 +523,10 @@ def whole_mid_bytes(width: int, height: int, *, is_decoder: bool, dtype_bytes: i
 
 def _tiled_peak(tile: int, width: int, height: int, *, is_decoder: bool, dtype_bytes: int, base_channels: int,
                 whole_mid: bool = True) -> float:
-    mid = _mid_bytes(width, height, _MID_COPIES if whole_mid else _KV_COPIES, is_decoder=is_decoder,
-                     dtype_bytes=dtype_bytes, base_channels=base_channels)
+    """A tile's working set (a tiled attention's is sized within it: ``attention_blocks``), plus the whole-map mid
+    block when it runs whole."""
+    mid = _mid_bytes(width, height, _MID_COPIES, is_decoder=is_decoder, dtype_bytes=dtype_bytes,
+                     base_channels=base_channels) if whole_mid else 0
     return _SAFETY * (_tile_bytes(tile, is_decoder=is_decoder, dtype_bytes=dtype_bytes,
                                   base_channels=base_channels) + mid)
 
@@ -459,7 +536,7 @@ def auto_tile_size(free_bytes: int, width: int, height: int, *, is_decoder: bool
     """Largest tile (latent px for decode, image px for encode, as ``width``/``height``) whose estimated device
     peak fits ``free_bytes``: the whole image (plain path) if the untiled peak fits, else multiples of 8 latent /
     64 image px, never below 16 / 128 even if that does not fit (the caller retries smaller on an OOM).
-    ``whole_mid``: the mid block runs on the whole map (counted), else tiled (its keys/values counted).
+    ``whole_mid``: the mid block runs on the whole map (counted), else tiled (within the tile's working set).
     """
     if width <= 0 or height <= 0 or dtype_bytes <= 0:
         raise ValueError("width, height and dtype_bytes must be positive")
@@ -481,3 +558,21 @@ def parked_bytes(width: int, height: int, *, is_decoder: bool, dtype_bytes: int,
     full-resolution maps for decode (block outputs overwrite their input), two for encode, plus input and output."""
     px = width * height * (64 if is_decoder else 1)
     return int(((3 if is_decoder else 2) * base_channels + 3) * px * dtype_bytes)
+
+
+# Smallest query block / key chunk (tokens) of a tiled attention, however small the allowance: fewer would make the
+# loops the cost (at 512 channels in fp32 such a pair holds 0.5 MiB).
+_MIN_TOKENS = 64
+
+
+def attention_blocks(tokens: int, channels: int, dtype_bytes: int, work: float, *, streamed_lse: bool = True
+                     ) -> tuple[int, int]:
+    """(query block, key/value chunk) in tokens for an attention over ``tokens`` positions of ``channels`` within
+    ``work`` bytes: keys/values take at most a quarter (all of them, read once, when they fit it); the rest holds
+    per query its tokens, fp32 accumulator, chunk output and the residual (``channels * (2 * dtype_bytes + 12)``
+    bytes), plus, without the CPU kernel's log-sum-exp (``streamed_lse``), two fp32 rows of scores per key."""
+    kv = max(_MIN_TOKENS, int(work // (4 * 2 * channels * dtype_bytes)))
+    kv = min(tokens, kv)
+    per_query = channels * (2 * dtype_bytes + 12) + (0 if streamed_lse else 8 * kv)
+    q = int((work - 2 * kv * channels * dtype_bytes) // per_query)
+    return min(tokens, max(_MIN_TOKENS, q)), kv

@@ -7,6 +7,7 @@ amount and place) when the disk cannot take the spill.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import re
 
@@ -49,19 +50,27 @@ def _mappings(directory) -> int:
 
 class _HostBytes(_LiveBytes):
     """Peak live tensor bytes (file-backed maps are views of a buffer, not allocations, so not counted) and peak
-    resident pages of the spill files, sampled at every op that writes into a parked map (copy_): what a tile
-    step holds. An attention's keys/values (read whole from the qkv map at 1/8 side, then dropped from residency)
-    are its working set, as on a GPU, counted by the tile estimate's ``_KV_COPIES``."""
+    resident pages of the spill files, sampled before every ``Parking.trim``: pages only accumulate between trims,
+    and the tiled VAE trims after every tile step, key/value chunk and attention block."""
 
     def __init__(self, h: int, w: int, directory):
         super().__init__(h, w)
         self.directory, self.peak_live, self.peak_mapped = directory, 0, 0
+        self._trim = Parking.trim
+
+    def __enter__(self):
+        def trim(parking):
+            self.peak_mapped = max(self.peak_mapped, _mapped_resident(self.directory))
+            self._trim(parking)
+        Parking.trim = trim
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        Parking.trim = self._trim
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
-        if func is torch.ops.aten.copy_.default:
-            mapped = _mapped_resident(self.directory)
-            self.peak_mapped = max(self.peak_mapped, mapped)
         self.peak_live = max(self.peak_live, self.now)
         return out
 
@@ -178,3 +187,71 @@ def test_plan_budgets_tile_and_maps_together():
     p = vae_ops.plan(torch.device("cpu"), 20 * gib, 4 * gib, "/spill", (256, 256), 0, **cpu_kw)  # 2048 px, fp32
     assert p.whole_mid is False  # the whole-map mid block (~1.9 GiB) does not fit half of the working half
     assert p.parking.budget + vae_tiled._tiled_peak(p.tile, 256, 256, whole_mid=False, **cpu_kw) <= 4 * gib
+
+
+def test_small_budget_tile_does_not_collapse_for_the_attention():
+    """A 4 GiB budget on the CPU (fp32) at 4096 and 8192 px: the tiled mid block's attention streams its keys/values
+    within one tile's working set, so the tile is sized by the budget alone, the same at both sizes, and not the
+    smallest (when the whole map's keys/values were held, 1.5 GiB at 4096 px, it was 16). Working set + maps in RAM
+    stay within the budget."""
+    import host
+
+    vae_ops = host.pack("nodes.vae_ops")
+    gib, kw = 1 << 30, {"is_decoder": True, "dtype_bytes": 4, "base_channels": 128}
+    plans = [vae_ops.plan(torch.device("cpu"), 20 * gib, 4 * gib, "/spill", (side, side), 0, **kw)
+             for side in (512, 1024)]
+    assert [p.whole_mid for p in plans] == [False, False] and plans[0].tile == plans[1].tile > 16
+    p = plans[0]
+    assert p.parking.budget + vae_tiled._tiled_peak(p.tile, 512, 512, whole_mid=False, **kw) <= 4 * gib
+    tokens = 512 * 512  # the mid block's attention at 4096 px: its keys/values (1 GiB) are read in chunks
+    assert vae_tiled.attention_blocks(tokens, 512, 4, vae_tiled._tile_bytes(p.tile, **kw))[1] < tokens
+    print(f"\n[4 GiB budget, fp32] tile {p.tile} latent px at 4096 and 8192 px")
+
+
+def test_streamed_attention_stays_within_budget_and_tile_working_set(ae, tmp_path):
+    """A picture whose keys/values (an attention's, 1.3 MiB) outgrow the tile's working set (1.1 MiB): beyond its
+    output (the caller's IMAGE) the bounded decode adds at most budget + that working set in live tensors, and its
+    output equals the unlimited one."""
+    side, tile, budget = 36, 4, 2 * MIB
+    z = _latent(side, side, seed=29)
+    tile_set = vae_tiled._tile_bytes(tile, is_decoder=True, dtype_bytes=4, base_channels=32)
+    assert 2 * side * side * 128 * 4 > tile_set  # 128 channels at the latent-size level and in the mid block
+    unlimited = tiled_decode(ae, z, tile, whole_mid=False)
+    bounded = Parking(budget=budget, spill_dir=str(tmp_path))
+    with _LiveBytes(side, side) as mem:  # live tensors only (the resident pages are the next test's)
+        out = tiled_decode(ae, z, tile, whole_mid=False, parking=bounded)
+    assert bounded.files > 0 and bounded.peak_in_memory <= budget
+    added = mem.peak - out.untyped_storage().nbytes()
+    print(f"\n[streamed attention, budget {budget / MIB:.0f} MiB] peak live tensors beyond the output "
+          f"{added / MIB:.2f} MiB; tile working set {tile_set / MIB:.2f} MiB")
+    assert torch.equal(out, unlimited)
+    assert added <= budget + tile_set
+
+
+def _resident_bound(ae, tile: int, dtype_bytes: int = 4) -> int:
+    """park.py's bound on resident spill pages for a decode in tiles of ``tile``: the larger of a tile step's
+    ``3 x rows x (row bytes + 2 fault-around windows)`` at the level with the most rows and widest rows, and an
+    attention block's ``(query block + key chunk) x 3C x dtype + 4 windows``. Nothing in it is the picture's size."""
+    dec = ae.decoder
+    rows = tile * 8 + 2 * vae_tiled.HALO  # a region's rows at the top level, the most of any level
+    widest = max((tile * 2 ** i + 2 * vae_tiled.HALO) * 3 * m.in_channels * dtype_bytes  # qkv: 3 x the channels
+                 for i, lvl in enumerate(reversed(dec.up)) for m in lvl.block)  # conservative: 3x every level's
+    work = vae_tiled._tile_bytes(tile, is_decoder=True, dtype_bytes=dtype_bytes, base_channels=dec.conv_out.in_channels)
+    c = dec.mid.attn_1.norm.num_channels
+    q, kv = vae_tiled.attention_blocks(1 << 40, c, dtype_bytes, work)  # the largest blocks: any picture's are <=
+    return max(3 * rows * (widest + 2 * FAULT_AROUND), (q + kv) * 3 * c * dtype_bytes + 4 * FAULT_AROUND)
+
+
+def test_resident_spill_pages_are_bounded_independently_of_the_picture(ae, tmp_path):
+    """Peak resident pages of the spill files for two picture sizes (4x the area) with the same tile: both within
+    park.py's bound, which does not depend on the picture (on maps this narrow the fault-around windows also map
+    the rows between a region's rows, so the smaller picture keeps fewer pages; wider maps reach the bound's term)."""
+    bound = _resident_bound(ae, 8)
+    peaks = []
+    for side in (16, 32):
+        run = functools.partial(tiled_decode, ae, _latent(side, side, seed=31), 8, whole_mid=False)
+        _, mem = _bounded_run(run, side, side, tmp_path, MIB)
+        peaks.append(mem.peak_mapped)
+    print(f"\n[resident spill pages, tile 8] 16 latent px: {peaks[0] / MIB:.2f} MiB, 32: {peaks[1] / MIB:.2f} MiB; "
+          f"bound {bound / MIB:.2f} MiB")
+    assert all(0 < p <= bound for p in peaks)

@@ -166,13 +166,54 @@ def test_no_colour_shift(decoded):
     assert d_mean <= 0.5 / 255 and d_std <= 0.5 / 255
 
 
-@pytest.mark.parametrize("whole_mid", [None, False])
-def test_attention_exact_in_both_mid_modes_and_in_levels(whole_mid):
-    """The tiled (streamed) attention is exact too, for the mid block and for attention inside a level."""
+@pytest.mark.parametrize("whole_mid,tile", [(None, 8), (False, 8), (False, 4)])
+def test_attention_exact_in_both_mid_modes_and_in_levels(whole_mid, tile):
+    """The tiled attention is exact too, for the mid block and for attention inside a level: with its keys/values
+    read whole (tile 8) and in chunks merged by log-sum-exp (tile 4: a smaller working set)."""
     ae = _tiny_vae(4, attn_resolutions=[32]).first_stage_model  # attention in the latent-resolution level too
     z = _latent(24, 20, seed=5, b=2)  # batch 2: per-sample statistics
-    for out, ref in _untiled_and_tiled(ae, z, _smooth_image(2, 160, 192, seed=6), 8, 64, whole_mid=whole_mid):
+    q_len, kv_len = vae_tiled.attention_blocks(24 * 20, 128, 4, vae_tiled._tile_bytes(
+        tile, is_decoder=True, dtype_bytes=4, base_channels=32))
+    assert (kv_len < 24 * 20 and q_len < 24 * 20) == (tile == 4)  # several key chunks and query blocks
+    for out, ref in _untiled_and_tiled(ae, z, _smooth_image(2, 160, 192, seed=6), tile, 8 * tile,
+                                       whole_mid=whole_mid):
         assert _psnr(out, ref, _assert_exact(out, ref)) >= 50
+
+
+# Chunked attention vs an fp64 reference, fp32: at most this multiple of the error of PyTorch's SDPA over all keys on
+# the same inputs (both are fp32 rounding; about 2e-6 absolute here).
+ATTN_REL = 2.0
+
+
+@pytest.mark.parametrize("kernel", ["cpu-lse", "matmul"])
+def test_chunked_attention_equals_attention_over_all_keys(monkeypatch, kernel):
+    """``_attend`` (key chunks merged by log-sum-exp) with PyTorch's CPU kernel and with the matmul fallback other
+    devices use, against scaled-dot-product attention over all keys in fp64; uneven chunks, batch 2."""
+    if kernel == "matmul":
+        monkeypatch.setattr(vae_tiled, "_lse_kernel", lambda device: None)
+    g = torch.Generator().manual_seed(30)
+    q, k, v = (torch.randn(2, 1, n, 64, generator=g) for n in (300, 1000, 1000))
+    k = k * 2  # peaked softmax rows: the merge's rescaling matters
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    chunks = [(k[:, :, a:a + 128], v[:, :, a:a + 128]) for a in range(0, 1000, 128)]
+    out = vae_tiled._attend(q, iter(chunks))
+    whole = F.scaled_dot_product_attention(q, k, v)
+    err, sdpa_err = ((t.double() - ref).abs().max().item() for t in (out, whole))
+    print(f"\n[attention, {kernel}] 8 chunks vs fp64: {err:.1e} (SDPA over all keys: {sdpa_err:.1e})")
+    assert out.dtype == q.dtype and err <= ATTN_REL * sdpa_err
+
+
+def test_attention_blocks_fit_the_tile_working_set_whatever_the_picture():
+    """The tiled attention's query block and key chunk depend on the tile's working set, not on the picture: at
+    4096 and 8192 px (the full SD VAE's mid block, 512 channels) the same sizes, within that working set."""
+    for dtype_bytes, lse in ((4, True), (2, True), (4, False)):
+        work = vae_tiled._tile_bytes(16, is_decoder=True, dtype_bytes=dtype_bytes, base_channels=128)
+        blocks = [vae_tiled.attention_blocks(side * side, 512, dtype_bytes, work, streamed_lse=lse)
+                  for side in (512, 1024)]
+        assert blocks[0] == blocks[1]
+        q, kv = blocks[0]
+        held = 2 * kv * 512 * dtype_bytes + q * (512 * (2 * dtype_bytes + 12) + (0 if lse else 8 * kv))
+        assert q >= 512 and kv >= 512 and held <= work
 
 
 @pytest.mark.parametrize("lat_h,lat_w", [(1, 128), (125, 3), (65, 33)])
