@@ -74,6 +74,7 @@ def test_pyproject_has_registry_metadata():
     assert cfg.project.supported_comfyui_version == comfy["requires-comfyui"]
 
 
+@pytest.mark.one_host("reads requirements.txt only")
 def test_requirements_never_pin_torch():
     # the install lines as ComfyUI-Manager reads them: comments and blank lines dropped
     lines = [ln for raw in (host.REPO / "requirements.txt").read_text().splitlines()
@@ -196,6 +197,7 @@ def test_example_api_twin_runs_on_installed_pack(installed, name, size):
             for i in (result, lq)} == {(4 * size[0], 4 * size[1])}
 
 
+@pytest.mark.one_host("imports __init__.py as a lone module: no ComfyUI import on that path")
 def test_entry_point_tolerates_being_imported_alone():
     """pytest imports the root __init__.py as a lone module when the clone's folder name is not an identifier
     (``ComfyUI-PiSA-SR``): that must not fail, and must not register anything."""
