@@ -56,7 +56,10 @@ DOCS_SHOTS = host.REPO / "docs" / "screenshots"
 PROMPT_TIMEOUT_S = 1200  # hang guard only: an honest run takes 20-250 s on a loaded 2-core CPU
 # Without the extension the queued prompt and the decoder's preview are the front end's alone, the same in both
 # renderers: one run per front end, in a different renderer each (every cell still types and checks the prompt).
-RUN_WITHOUT_EXTENSION = {f"{PINNED}-vue", f"{NEWEST}-classic"}
+# On a second host (PISA_SECOND_HOST=1) only its pinned front end runs that way: 1.58.1 ran it on the first host, and the
+# graph it queues is the one every cell checks against the API twin; this host's backend runs in every queue cell.
+RUN_WITHOUT_EXTENSION = ({f"{PINNED}-classic"} if os.environ.get("PISA_SECOND_HOST") == "1"
+                         else {f"{PINNED}-vue", f"{NEWEST}-classic"})
 # Test probes, installed through the public API: what loadGraphData reports missing, the execution events, and small
 # lookups the other snippets share (a widget by name, a node's element, where a classic node's (0, 0) is on the page).
 PROBE = """async () => {

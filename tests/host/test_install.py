@@ -1,11 +1,12 @@
-"""Install the pack with the real ComfyUI-Manager (comfyui-manager 4.3, its command line cm-cli) into a fresh ComfyUI
-0.3.75 folder, from a git URL of a clone of this repo, then start that ComfyUI and use the pack.
+"""Install the pack with the real ComfyUI-Manager (comfyui-manager 4.3, its command line cm-cli) into a fresh copy of
+the host's ComfyUI folder (0.3.75 or 0.30.0), from a git URL of a clone of this repo, then start that ComfyUI and use
+the pack.
 
 The URL is http://127.0.0.1:<port>/ComfyUI-PiSA-SR.git: a bare clone of this repo's HEAD served over git's dumb HTTP
 protocol by a local web server, the closest real path to the GitHub URL users paste. cm-cli refuses a plain path and
 a file:///... URL (it takes any string without a host for a registry id and looks it up). cm-cli needs no security
-level for a git URL; ComfyUI 0.3.75 has no --enable-manager (newer ComfyUI's switch for the Manager's web UI), and
-the command line needs none. The Manager runs in its own venv (setup_host.sh) that also sees the host venv; the server
+level for a git URL; ComfyUI 0.3.75 has no --enable-manager (0.30.0's switch for the Manager's web UI), and the
+command line needs none on either host. The Manager runs in its own venv (setup_host.sh) that also sees the host venv; the server
 runs with that venv's python, so it sees whatever the Manager installed.
 
 What the real Manager cannot reach here, and so stays a static check: the Comfy Registry install path (a zip of the
