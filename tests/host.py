@@ -1,4 +1,4 @@
-"""The ComfyUI 0.3.75 test host, booted in-process on the CPU by scripts/comfy_boot.py when a test first needs it.
+"""The ComfyUI test host (0.3.75 or 0.30.0, whichever PISA_COMFY_DIR names), booted in-process on the CPU by scripts/comfy_boot.py when a test first needs it.
 
 Only tests and fixtures that use ComfyUI import this module (conftest does so before collecting any test module that
 is not in the core tier). The host folder comes from ``PISA_COMFY_DIR``, set by scripts/run_tests.sh.
@@ -19,4 +19,7 @@ import comfy_boot  # noqa: E402
 from comfy_boot import comfy_nodes, node, pack  # noqa: E402,F401  (the test-facing API)
 
 BASE_DIR = comfy_boot.boot(base_dir=os.environ.get("PISA_TEST_BASE"), cpu=True, pytorch_attention=True)
-COMFY_DIR = Path(os.environ["PISA_COMFY_DIR"])  # the ComfyUI 0.3.75 folder booted above
+COMFY_DIR = Path(os.environ["PISA_COMFY_DIR"])  # the ComfyUI folder booted above
+import comfyui_version  # noqa: E402  (in COMFY_DIR, on sys.path since boot)
+
+VERSION = comfyui_version.__version__  # "0.3.75" or "0.30.0": for messages and screenshots, never for branching

@@ -1,6 +1,6 @@
-"""The host tier: ComfyUI 0.3.75 boots once (tests/host.py) before this folder's modules are imported, with the pack
-loaded as a custom node whose ``pisa_sr`` is the one top-level core (scripts/comfy_boot.py), so tests import the core
-as ``pisa_sr`` like the core tier does."""
+"""The host tier: the ComfyUI host named by PISA_COMFY_DIR (0.3.75 or 0.30.0) boots once (tests/host.py) before this
+folder's modules are imported, with the pack loaded as a custom node whose ``pisa_sr`` is the one top-level core
+(scripts/comfy_boot.py), so tests import the core as ``pisa_sr`` like the core tier does."""
 from __future__ import annotations
 
 import pytest

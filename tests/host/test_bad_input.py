@@ -362,6 +362,7 @@ def test_schema_refuses_at_queue_time(class_type, widgets, expected):
         assert words in errors[name], (name, errors[name])
 
 
+@pytest.mark.one_host("reads docs/errors.md and the test sources only")
 def test_every_refusal_has_a_documented_row_and_every_row_a_test():
     text = DOC.read_text()
     rows = [line for line in text.splitlines() if line.startswith("|") and "`" in line]

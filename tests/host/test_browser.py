@@ -1,18 +1,22 @@
-"""The real ComfyUI front end in headless Chromium, with this pack and tiny weights, over a matrix: the pinned front end
-(comfyui-frontend-package 1.32.9, the host's) and the newest on PyPI (1.58.1, cached by scripts/setup_host.sh), each
-with the classic canvas renderer and with the Vue-nodes renderer (setting Comfy.VueNodes.Enabled).
+"""The real ComfyUI front end in headless Chromium, with this pack and tiny weights, over a matrix: the front end the
+host pins (comfyui-frontend-package in the host venv: 1.32.9 on ComfyUI 0.3.75, 1.47.12 on 0.30.0) and the newest on
+PyPI (1.58.1, cached by scripts/setup_host.sh), each with the classic canvas renderer and with the Vue-nodes renderer
+(setting Comfy.VueNodes.Enabled).
 
 Loads each example workflow as a user would, drives the web extension (fidelity/perception pad on the sampler,
 before/after slider on the decoder) with pointer events at screen coordinates, reads back the widget values (and, with
 Vue nodes, the numbers the node shows) and the prompt the front end queues, queues the adjustable workflow and checks
 its output. One server per front end; a queued prompt is the same in both renderers, so the second one is answered
 from the server's cache. Needs Debian's chromium (/usr/bin/chromium) and pip's playwright in the host venv.
-Screenshots go to the pytest tmp dir; those of 1.58.1 with Vue nodes are also copied to docs/screenshots/ (README).
+Screenshots go to the pytest tmp dir; those of 1.58.1 with Vue nodes on the first host are also copied to
+docs/screenshots/ (README).
 """
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -36,7 +40,9 @@ pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
-PINNED, NEWEST = "1.32.9", "1.58.1"  # the host venv's front end; the newest on PyPI (setup_host.sh caches it)
+# the host venv's front end (what the host's requirements.txt pins); the newest on PyPI (setup_host.sh caches it)
+PINNED, NEWEST = importlib.metadata.version("comfyui-frontend-package"), "1.58.1"
+VUE_IGNORES_HIDE_OUTPUT_IMAGES = {"1.32.9"}  # read in the bundles: 1.47.12's and 1.58.1's Vue preview checks it
 MATRIX = [f"{fe}-{mode}" for fe in (PINNED, NEWEST) for mode in ("classic", "vue")]
 # Every shipped example workflow must load cleanly; the adjustable one is also queued from the browser (the pad and
 # the before/after slider are its subject). The others run through the API in test_server.py and test_install.py.
@@ -50,7 +56,10 @@ DOCS_SHOTS = host.REPO / "docs" / "screenshots"
 PROMPT_TIMEOUT_S = 1200  # hang guard only: an honest run takes 20-250 s on a loaded 2-core CPU
 # Without the extension the queued prompt and the decoder's preview are the front end's alone, the same in both
 # renderers: one run per front end, in a different renderer each (every cell still types and checks the prompt).
-RUN_WITHOUT_EXTENSION = {f"{PINNED}-vue", f"{NEWEST}-classic"}
+# On a second host (PISA_SECOND_HOST=1) only its pinned front end runs that way: 1.58.1 ran it on the first host, and the
+# graph it queues is the one every cell checks against the API twin; this host's backend runs in every queue cell.
+RUN_WITHOUT_EXTENSION = ({f"{PINNED}-classic"} if os.environ.get("PISA_SECOND_HOST") == "1"
+                         else {f"{PINNED}-vue", f"{NEWEST}-classic"})
 # Test probes, installed through the public API: what loadGraphData reports missing, the execution events, and small
 # lookups the other snippets share (a widget by name, a node's element, where a classic node's (0, 0) is on the page).
 PROBE = """async () => {
@@ -323,7 +332,7 @@ def readme_shot(page, shots: Path, name: str, clip: dict | None = None) -> None:
     """A screenshot the README shows: the newest front end with Vue nodes is copied to docs/screenshots/."""
     path = shots / f"{name}{'_vue' if page.vue else ''}.png"
     screenshot(page, path, clip)
-    if page.version == NEWEST and page.vue:
+    if page.version == NEWEST and page.vue and os.environ.get("PISA_SECOND_HOST") != "1":
         shutil.copy(path, DOCS_SHOTS / path.name)
 
 
@@ -506,10 +515,11 @@ def test_queue_from_browser_and_compare_slider(page, shots):
     assert dec["pisa_lq"][0]["filename"] in state["before"][0][2]
     assert dec["images"][0]["filename"] in state["after"][0][2]
     # one preview, not two: no canvas image preview widget (classic), no image preview element (Vue nodes). The Vue
-    # nodes of 1.32.9 offer an extension no way to hide a node's image preview (1.58.1 honours node.hideOutputImages):
-    # there it lies under the slider's canvas, which the extension keeps on top (the drag below proves it gets the pointer).
+    # nodes of 1.32.9 offer an extension no way to hide a node's image preview (1.47.12 and 1.58.1 honour
+    # node.hideOutputImages): there it lies under the slider's canvas, which the extension keeps on top (the drag
+    # below proves it gets the pointer).
     assert "$$canvas-image-preview" not in state["widgets"], state
-    assert state["imgs"] == (1 if page.vue and page.version == PINNED else 0), state
+    assert state["imgs"] == (1 if page.vue and page.version in VUE_IGNORES_HIDE_OUTPUT_IMAGES else 0), state
 
     fit_all(page)
     wait_for_preview(page, save_id)  # the Save Image node's own preview, for the screenshot

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import comfy.model_management as mm
+import comfy.model_patcher
 import comfy.patcher_extension
 import host
 from helpers import make_image, pil_to_image, run_node
@@ -103,8 +104,28 @@ def test_free_memory_asks_the_patcher(compat, world, monkeypatch, cls):
     monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: 7)
     p = cls(12345)
     assert compat.free_memory(p) == 12345 and p.asked == [CUDA1]
-    assert not hasattr(world.model, "get_free_memory")
+    # the host's own patcher: 0.3.75's has no get_free_memory (the manager is asked); 0.30.0's ModelPatcher has it
+    # (mm.get_free_memory + comfy_aimdo's evictable VRAM, none on the CPU), and compat asks it (test below)
     assert compat.free_memory(world.model) == 7
+
+
+@pytest.mark.skipif(not hasattr(comfy.model_patcher.ModelPatcher, "get_free_memory"),
+                    reason="this host's ModelPatcher has no get_free_memory (0.3.75): the manager is asked, tested above")
+def test_free_memory_asks_the_hosts_real_patcher(compat, world, monkeypatch):
+    """On a host whose ModelPatcher has get_free_memory (0.30.0), the pack asks that real method for the UNet and
+    the VAE, on their own devices."""
+    asked = []
+    real = comfy.model_patcher.ModelPatcher.get_free_memory
+
+    def spy(self, device):
+        asked.append((self, device))
+        return real(self, device)
+
+    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory", spy)
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: 7)
+    vae = world.comfy_vae
+    assert compat.free_memory(world.model) == 7 and compat.vae_free_memory(vae) == 7  # no aimdo VRAM on the CPU
+    assert asked == [(world.model, torch.device(world.model.load_device)), (vae.patcher, torch.device(vae.device))]
 
 
 def test_vae_free_memory_asks_the_vae_patcher(compat, world, monkeypatch):
@@ -177,7 +198,10 @@ def test_sampler_node_runs_pre_run_and_cleanup(world, pisa_model, monkeypatch):
 
 def test_vae_ops_enter_the_vae_device_context(compat, world, monkeypatch):
     """VAE.encode/decode run inside cuda_device_context(self.device) (sd.py @ 033046cc4fac); so do the pack's."""
-    assert isinstance(compat.device_context(world.comfy_vae.device), contextlib.nullcontext)  # 0.3.75: none
+    if hasattr(mm, "cuda_device_context"):  # 0.30.0 has it: the host's own context, a no-op for the CPU VAE
+        assert not isinstance(compat.device_context(world.comfy_vae.device), contextlib.nullcontext)
+    else:  # 0.3.75: none
+        assert isinstance(compat.device_context(world.comfy_vae.device), contextlib.nullcontext)
     entered = record_device_context(monkeypatch)
     image = pil_to_image(make_image(16, 16, seed=3))
     (lat,) = run_node("PiSA_EncodeLQ", image=image, vae=world.comfy_vae, upscale=1, resize_filter="bicubic")

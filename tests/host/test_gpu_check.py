@@ -37,6 +37,8 @@ def _offline(cmd: str) -> list[str]:
     return ["bash", "-c", cmd]
 
 
+@pytest.mark.one_host("runs gpu_check.sh --device in its own venv with its own ComfyUI 0.3.75 from the wheel "
+                      "list; the host env is stripped")
 def test_device_command_offline_cpu_tiny(tmp_path):
     dev = _device_env()
     out = tmp_path / "out"

@@ -1,11 +1,12 @@
-"""Install the pack with the real ComfyUI-Manager (comfyui-manager 4.3, its command line cm-cli) into a fresh ComfyUI
-0.3.75 folder, from a git URL of a clone of this repo, then start that ComfyUI and use the pack.
+"""Install the pack with the real ComfyUI-Manager (comfyui-manager 4.3, its command line cm-cli) into a fresh copy of
+the host's ComfyUI folder (0.3.75 or 0.30.0), from a git URL of a clone of this repo, then start that ComfyUI and use
+the pack.
 
 The URL is http://127.0.0.1:<port>/ComfyUI-PiSA-SR.git: a bare clone of this repo's HEAD served over git's dumb HTTP
 protocol by a local web server, the closest real path to the GitHub URL users paste. cm-cli refuses a plain path and
 a file:///... URL (it takes any string without a host for a registry id and looks it up). cm-cli needs no security
-level for a git URL; ComfyUI 0.3.75 has no --enable-manager (newer ComfyUI's switch for the Manager's web UI), and
-the command line needs none. The Manager runs in its own venv (setup_host.sh) that also sees the host venv; the server
+level for a git URL; ComfyUI 0.3.75 has no --enable-manager (0.30.0's switch for the Manager's web UI), and the
+command line needs none on either host. The Manager runs in its own venv (setup_host.sh) that also sees the host venv; the server
 runs with that venv's python, so it sees whatever the Manager installed.
 
 What the real Manager cannot reach here, and so stays a static check: the Comfy Registry install path (a zip of the
@@ -74,6 +75,7 @@ def test_pyproject_has_registry_metadata():
     assert cfg.project.supported_comfyui_version == comfy["requires-comfyui"]
 
 
+@pytest.mark.one_host("reads requirements.txt only")
 def test_requirements_never_pin_torch():
     # the install lines as ComfyUI-Manager reads them: comments and blank lines dropped
     lines = [ln for raw in (host.REPO / "requirements.txt").read_text().splitlines()
@@ -196,6 +198,7 @@ def test_example_api_twin_runs_on_installed_pack(installed, name, size):
             for i in (result, lq)} == {(4 * size[0], 4 * size[1])}
 
 
+@pytest.mark.one_host("imports __init__.py as a lone module: no ComfyUI import on that path")
 def test_entry_point_tolerates_being_imported_alone():
     """pytest imports the root __init__.py as a lone module when the clone's folder name is not an identifier
     (``ComfyUI-PiSA-SR``): that must not fail, and must not register anything."""
