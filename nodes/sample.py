@@ -122,6 +122,7 @@ class PiSASample(io.ComfyNode):
             node_id="PiSA_Sample",
             display_name=NODE,
             category=CATEGORY,
+            **compat.search_aliases(),
             description="PiSA-SR's single diffusion step: eps = lambda_pix*eps_pix + lambda_sem*(eps_sem - "
                         "eps_pix), z_hq = z_lq - eps. The defaults (1, 1) are the release's default mode.",
             inputs=[

@@ -105,6 +105,7 @@ class PiSALambdaSweep(io.ComfyNode):
             node_id="PiSA_LambdaSweep",
             display_name=NODE,
             category=CATEGORY,
+            **compat.search_aliases(),
             description="Every (lambda_pix, lambda_sem) setting from one evaluation of eps_pix and eps_sem (equal "
                         "to running Dual-Guided One-Step Sample per setting); optionally picks the best one.",
             inputs=[

@@ -241,3 +241,18 @@ def test_vae_claims_a_tile_not_the_untiled_estimate(op, compat, world, monkeypat
     untiled = getattr(vae, f"memory_used_{op}")(shape, vae.vae_dtype)
     print(f"\n{op} 2048 px ({vae.vae_dtype}): claims {need / GIB:.2f} GiB, ComfyUI's untiled {untiled / GIB:.1f} GiB")
     assert models == [vae.patcher] and 0 < need < untiled / 8
+
+
+def test_search_aliases_where_the_hosts_schema_has_them(compat):
+    """0.30.0's io.Schema has search_aliases (sent in /object_info, searched by front end 1.58.1): the pack's main
+    nodes carry "upscale", "super resolution", "SR", "PiSA" there. 0.3.75's Schema has no such field: the nodes build
+    without it and are found by name and category."""
+    has = "search_aliases" in getattr(compat.io.Schema, "__dataclass_fields__", {})
+    for path, cls in (("nodes.load_loras", "PiSALoadLoRAs"), ("nodes.encode_lq", "PiSAEncodeLQ"),
+                      ("nodes.sample", "PiSASample"), ("nodes.decode", "PiSADecode"), ("nodes.sweep", "PiSALambdaSweep")):
+        schema = getattr(host.pack(path), cls).define_schema()
+        aliases = getattr(schema, "search_aliases", None)
+        if has:
+            assert {"upscale", "super resolution", "SR", "PiSA"} <= set(aliases), (cls, aliases)
+        else:
+            assert aliases is None, (cls, aliases)
