@@ -1,5 +1,6 @@
 """Generate the example workflows, in ComfyUI's UI format (example_workflows/*.json, drag-and-drop) and API format
-(example_workflows/api/*.json, what /prompt takes), from one description so the two can never disagree.
+(example_workflows/api/*.json, what /prompt takes), and the subgraph blueprint (subgraphs/*.json, listed in the node
+library), from one description so they can never disagree.
 
     python scripts/build_workflows.py            # rewrite the files
     python scripts/build_workflows.py --check    # exit 1 if any file is out of date (run by the tests)
@@ -10,11 +11,13 @@ import argparse
 import json
 import os
 import sys
+import uuid
 from dataclasses import dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_UI = os.path.join(REPO, "example_workflows")
 OUT_API = os.path.join(OUT_UI, "api")
+OUT_BLUEPRINTS = os.path.join(REPO, "subgraphs")
 EXAMPLE_IMAGE = "pisa_sr_example.png"
 SD21_CKPT = "v2-1_512-ema-pruned.safetensors"
 PISA_LORA = "pisa_sr.pkl"
@@ -279,11 +282,79 @@ def to_ui(nodes: list[Node]) -> dict:
             "groups": [], "config": {}, "extra": {}, "version": 0.4}  # no saved view: the front end fits the graph
 
 
+BLUEPRINT = "Image Upscale (PiSA-SR)"
+# The blueprint: the four PiSA nodes with the empty prompt inside. Its inputs, in order: (name, type, the inner
+# inputs it feeds as (node id, input name), the value shown when placed for widget inputs).
+BLUEPRINT_INPUTS = [("image", "IMAGE", [(5, "image")], None), ("model", "MODEL", [(4, "model")], None),
+                    ("clip", "CLIP", [(2, "clip")], None), ("vae", "VAE", [(5, "vae"), (7, "vae")], None),
+                    ("lora_name", "COMBO", [(4, "lora_name")], PISA_LORA), ("upscale", "INT", [(5, "upscale")], 4),
+                    ("lambda_pix", "FLOAT", [(6, "lambda_pix")], 1.0), ("lambda_sem", "FLOAT", [(6, "lambda_sem")], 1.0)]
+BLUEPRINT_OUTPUT = ("IMAGE", "IMAGE", (7, 0))
+
+
+def to_blueprint() -> dict:
+    """A one-node workflow whose node is the subgraph, in the format of ComfyUI's own blueprints/ (a definition in
+    definitions.subgraphs; inside, links from the subgraph's input node -10 and to its output node -20)."""
+    inner = [n for n in basic_graph() if n.id in (2, 4, 5, 6, 7)]
+    for n in inner:  # what comes from outside is not linked inside yet
+        n.links = {k: v for k, v in n.links.items() if v[0] in {m.id for m in inner}}
+    ui = to_ui(inner)
+    links = [{"id": lid, "origin_id": o, "origin_slot": os_, "target_id": t, "target_slot": ts, "type": typ}
+             for lid, o, os_, t, ts, typ in ui["links"]]
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    sg_inputs = []
+    for slot, (name, typ, targets, _) in enumerate(BLUEPRINT_INPUTS):
+        ids = []
+        for node_id, input_name in targets:
+            lid = len(links) + 1
+            entry = next((i for i in nodes[node_id]["inputs"] if i["name"] == input_name), None)
+            if entry is None:  # a widget fed from outside becomes a linked widget input
+                entry = {"name": input_name, "type": typ, "widget": {"name": input_name}}
+                nodes[node_id]["inputs"].append(entry)
+            entry["link"] = lid
+            tslot = nodes[node_id]["inputs"].index(entry)
+            links.append({"id": lid, "origin_id": -10, "origin_slot": slot, "target_id": node_id, "target_slot": tslot,
+                          "type": typ})
+            ids.append(lid)
+        sg_inputs.append({"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"pisa-sr/in/{name}")), "name": name,
+                          "type": typ, "linkIds": ids, "pos": [0, 40 + 20 * slot]})
+    out_name, out_type, (src, src_slot) = BLUEPRINT_OUTPUT
+    lid = len(links) + 1
+    links.append({"id": lid, "origin_id": src, "origin_slot": src_slot, "target_id": -20, "target_slot": 0,
+                  "type": out_type})
+    nodes[src]["outputs"][src_slot]["links"].append(lid)
+    sg_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "pisa-sr/blueprint/image-upscale"))
+    definition = {
+        "id": sg_id, "version": 1, "revision": 0, "config": {}, "name": BLUEPRINT,
+        "state": {"lastGroupId": 0, "lastNodeId": max(nodes), "lastLinkId": len(links), "lastRerouteId": 0},
+        "inputNode": {"id": -10, "bounding": [-200, 0, 140, 40 + 20 * len(BLUEPRINT_INPUTS)]},
+        "outputNode": {"id": -20, "bounding": [1600, 80, 120, 60]},
+        "inputs": sg_inputs,
+        "outputs": [{"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "pisa-sr/out/IMAGE")), "name": out_name,
+                     "type": out_type, "linkIds": [lid], "pos": [1620, 100]}],
+        "widgets": [], "groups": [], "nodes": list(nodes.values()), "links": links, "extra": {},
+        "category": "image/upscaling/PiSA-SR",
+        "description": "PiSA-SR one-step x4 super-resolution (SD 2.1-base + PiSA LoRAs): Load PiSA LoRAs, Encode LQ, "
+                       "Dual-Guided One-Step Sample and Tiled VAE Decode with the empty prompt inside.",
+    }
+    widgets = [(name, value) for name, _, _, value in BLUEPRINT_INPUTS if value is not None]
+    outer = {"id": 1, "type": sg_id, "pos": [0, 0], "size": [340, 220], "flags": {}, "order": 0, "mode": 0,
+             "inputs": [{"name": name, "type": typ, "link": None,
+                         **({"widget": {"name": name}} if value is not None else {})}
+                        for name, typ, _, value in BLUEPRINT_INPUTS],
+             "outputs": [{"name": out_name, "type": out_type, "links": []}], "title": BLUEPRINT,
+             "properties": {"proxyWidgets": [["-1", name] for name, _ in widgets]},
+             "widgets_values": [value for _, value in widgets]}
+    return {"revision": 0, "last_node_id": 1, "last_link_id": 0, "nodes": [outer], "links": [], "version": 0.4,
+            "definitions": {"subgraphs": [definition]}, "extra": {}}
+
+
 def render() -> dict[str, str]:
     files = {}
     for name, nodes in WORKFLOWS.items():
         files[os.path.join(OUT_UI, name + ".json")] = json.dumps(to_ui(nodes), indent=2) + "\n"
         files[os.path.join(OUT_API, name + ".json")] = json.dumps(to_api(nodes), indent=2) + "\n"
+    files[os.path.join(OUT_BLUEPRINTS, BLUEPRINT + ".json")] = json.dumps(to_blueprint(), indent=2) + "\n"
     return files
 
 

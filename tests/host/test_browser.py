@@ -605,3 +605,79 @@ def test_help_panel_shows_the_node_page(browser, servers, shots):
         assert pisa_console_problems(pg) == []
     finally:
         pg.context.close()
+
+
+def blueprint_workflow(server, pix: float, sem: float) -> dict:
+    """A user's saved graph with the shipped blueprint placed: Load Checkpoint, Load Image -> the blueprint -> Save
+    Image (node 5 is the blueprint; its definition travels in definitions.subgraphs, as the front end saves it)."""
+    bp = json.loads((host.REPO / "subgraphs" / "Image Upscale (PiSA-SR).json").read_text())
+    basic = {n["id"]: n for n in workflow(server, "pisa_sr_basic")["nodes"]}
+    ckpt, image, save = basic[1], basic[3], basic[8]
+    (outer,) = bp["nodes"]
+    outer = dict(outer, id=5, pos=[420, 80])
+    names = [i["name"] for i in outer["inputs"]]
+    wiring = {"image": (image, 0, 1), "model": (ckpt, 0, 2), "clip": (ckpt, 1, 3), "vae": (ckpt, 2, 4)}
+    links = [[lid, src["id"], slot, 5, names.index(name), name.upper()] for name, (src, slot, lid) in wiring.items()]
+    links.append([5, 5, 0, save["id"], 0, "IMAGE"])
+    outer["inputs"] = [dict(i, link=wiring[i["name"]][2] if i["name"] in wiring else None) for i in outer["inputs"]]
+    outer["outputs"] = [dict(outer["outputs"][0], links=[5])]
+    values = dict(zip([p[1] for p in outer["properties"]["proxyWidgets"]], outer["widgets_values"]))
+    values.update(lora_name=server.tiny["PiSA_LoadLoRAs"][1], lambda_pix=pix, lambda_sem=sem)
+    outer["widgets_values"] = list(values.values())
+    for n, lids in ((ckpt, {0: [2], 1: [3], 2: [4]}), (image, {0: [1]})):
+        n["outputs"] = [dict(o, links=lids.get(i, [])) for i, o in enumerate(n["outputs"])]
+    save["inputs"] = [dict(save["inputs"][0], link=5)]
+    return {"last_node_id": 8, "last_link_id": 5, "nodes": [ckpt, image, outer, save], "links": links, "groups": [],
+            "config": {}, "extra": {}, "version": 0.4, "definitions": bp["definitions"]}
+
+
+def test_blueprint_is_found_placed_and_gives_the_four_nodes_image(browser, servers, shots):
+    """Newest front end: the pack's subgraph blueprint (subgraphs/) is found by typing in the node search and placed
+    with its four widgets; a graph using it, queued from the browser, saves the image the four PiSA nodes give at the
+    same setting through the API (same nodes, same inputs, one CPU: equal up to 1/255 rounding of the 8-bit PNG)."""
+    srv = servers(NEWEST)
+    pg = open_front_end(browser, srv, vue=True)
+    try:
+        pg.evaluate("async () => { await app.loadGraphData({nodes: [], links: [], version: 0.4}, true, true, 'new'); }")
+        pg.mouse.dblclick(700, 500)  # empty canvas: the node search
+        pg.keyboard.type("PiSA-SR", delay=30)
+        option = pg.get_by_role("option").filter(has_text="Image Upscale (PiSA-SR)").first
+        option.wait_for(timeout=60_000)
+        option.click()
+        placed = pg.evaluate("""() => app.graph.nodes.map(n => ({ sub: !!n.subgraph, title: n.title,
+            widgets: (n.widgets ?? []).map(w => w.name) }))""")
+        assert len(placed) == 1 and placed[0]["sub"] and placed[0]["title"] == "Image Upscale (PiSA-SR)", placed
+        assert set(placed[0]["widgets"]) >= {"lora_name", "upscale", "lambda_pix", "lambda_sem"}, placed
+        pg.screenshot(path=str(shots / "blueprint_placed.png"))
+
+        pix, sem = 0.6, 1.3  # a setting no other test queues: the sampler and decoder really run
+        pg.evaluate("async ([d]) => { window.__t.missing = null; await app.loadGraphData(d, true, true, 'bp'); }",
+                    [blueprint_workflow(srv, pix, sem)])
+        pg.wait_for_function("() => window.__t.missing !== null", timeout=60_000)
+        assert pg.evaluate("() => window.__t.missing") == []
+        pg.posted.clear()
+        pg.evaluate("() => { window.__t.events = []; app.queuePrompt(0); }")
+        pg.wait_for_function("() => Object.keys(app.lastNodeErrors ?? {}).length > 0 || __t.events.some(e => "
+                             "['execution_success', 'execution_error', 'execution_interrupted'].includes(e.type))",
+                             timeout=PROMPT_TIMEOUT_S * 1000)
+        assert pg.evaluate("() => app.lastNodeErrors") in (None, {})
+        events = pg.evaluate("() => window.__t.events")
+        assert any(e["type"] == "execution_success" for e in events), json.dumps(events)[:3000]
+        (sent,) = pg.posted
+        inner = {v["class_type"]: v["inputs"] for v in sent["prompt"].values()}
+        assert (inner["PiSA_Sample"]["lambda_pix"], inner["PiSA_Sample"]["lambda_sem"]) == (pix, sem), inner
+        assert inner["CLIPTextEncode"]["text"] == ""
+        (saved,) = [e["detail"]["output"]["images"][0] for e in events if e["type"] == "executed"
+                    and sent["prompt"][str(e["detail"]["node"])]["class_type"] == "SaveImage"]
+        got = np.asarray(Image.open(srv.base / "output" / saved["subfolder"] / saved["filename"]), dtype=np.int16)
+
+        prompt = workflow(srv, "pisa_sr_basic", api=True)
+        prompt["6"]["inputs"].update(lambda_pix=pix, lambda_sem=sem)
+        prompt["8"]["inputs"]["filename_prefix"] = "four_nodes"
+        (want_path,) = srv.output_images(srv.run(prompt))
+        want = np.asarray(Image.open(want_path), dtype=np.int16)
+        assert got.shape == want.shape == (4 * INPUT[1], 4 * INPUT[0], 3)
+        assert np.abs(got - want).max() <= 1
+        assert pisa_console_problems(pg) == []
+    finally:
+        pg.context.close()
