@@ -601,7 +601,8 @@ def test_help_panel_shows_the_node_page(browser, servers, shots):
                              ".some(i => i.src.endsWith('/docs/lambda_map.svg') && i.complete && i.naturalWidth > 0)",
                              timeout=60_000)
         pg.screenshot(path=str(shots / "help_panel.png"))
-        shutil.copy(shots / "help_panel.png", DOCS_SHOTS / "pisa_sr_help_vue.png")
+        if os.environ.get("PISA_SECOND_HOST") != "1":  # README shots come from the first host
+            shutil.copy(shots / "help_panel.png", DOCS_SHOTS / "pisa_sr_help_vue.png")
         assert pisa_console_problems(pg) == []
     finally:
         pg.context.close()
