@@ -47,6 +47,48 @@ def test_nodes_registered_with_tooltips(server):
     assert server.tiny[1] in options
 
 
+def test_every_node_has_a_help_page_the_server_serves(server):
+    """The node library's help panel fetches /extensions/<pack folder>/docs/<NODE_ID>.md (front end 1.58.1,
+    NodeHelpService.fetchCustomNodeHelp) and resolves relative links against that folder: each page is served as
+    text (an HTML answer counts as missing there), describes every input and output of its node, and each link
+    leads somewhere that exists."""
+    import re
+    import tomllib
+    import urllib.request
+    from comfy_server import PACK_NAME
+
+    repo_url = tomllib.loads((host.REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    info = server.get("/object_info")
+    ours = {nid: n for nid, n in info.items() if n.get("python_module") == f"custom_nodes.{PACK_NAME}"}
+    assert len(ours) == 9, sorted(ours)
+    pages = {p.stem for p in (host.REPO / "web" / "docs").glob("*.md")}
+    assert pages == set(ours), f"pages without a node: {pages - set(ours)}; nodes without a page: {set(ours) - pages}"
+    base = f"/extensions/{PACK_NAME}/docs/"
+    examples = {p.stem for p in (host.REPO / "example_workflows").glob("*.json")}
+    for nid, node in ours.items():
+        with urllib.request.urlopen(server.url + base + nid + ".md", timeout=30) as r:
+            assert "text/html" not in r.headers.get("Content-Type", ""), nid
+            text = r.read().decode()
+        assert text.startswith(f"# {node['display_name']}\n"), nid
+        names = [*node["input"]["required"], *node["input"].get("optional", {}), *node["output_name"]]
+        missing = [n for n in names if f"**{n}**" not in text]
+        assert not missing, f"{nid}.md does not describe {missing}"
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith("https://"):
+                if target.startswith(repo_url + "/"):
+                    path = target[len(repo_url) + 1:].split("/", 2)[2]  # blob|tree/main/<path>
+                    assert (host.REPO / path).exists(), f"{nid}.md links to {target}: no {path} in the pack"
+                continue
+            assert "://" not in target and not target.startswith("/"), f"{nid}.md: {target} would not resolve"
+            with urllib.request.urlopen(server.url + base + target, timeout=30) as r:
+                kind = r.headers.get("Content-Type", "")
+                assert r.status == 200 and not kind.startswith("text/html"), (nid, target, kind)
+                if target.endswith(".svg"):
+                    assert kind.startswith("image/svg+xml"), (target, kind)  # else <img> shows nothing
+        for name in re.findall(r"`(pisa_sr_[a-z_]+)`", text):
+            assert name in examples, f"{nid}.md names the example {name}, which does not exist"
+
+
 def test_sweep_workflow_runs_on_real_server(server):
     """The sweep example as shipped, but 2 settings instead of 3x3 (every full-size VAE decode costs seconds on a
     CPU): settings -> labelled grid from the sweep's own decodes, the chosen setting decoded alone, and the report."""
@@ -120,46 +162,3 @@ def test_example_workflow_runs_on_real_server(server):
     pid = server.pid
     server.stop()
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/status").read().find("zombie") >= 0
-
-
-
-def test_every_node_has_a_help_page_the_server_serves(server):
-    """The node library's help panel fetches /extensions/<pack folder>/docs/<NODE_ID>.md (front end 1.58.1,
-    NodeHelpService.fetchCustomNodeHelp) and resolves relative links against that folder: each page is served as
-    text (an HTML answer counts as missing there), describes every input and output of its node, and each link
-    leads somewhere that exists."""
-    import re
-    import tomllib
-    import urllib.request
-    from comfy_server import PACK_NAME
-
-    repo_url = tomllib.loads((host.REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
-    info = server.get("/object_info")
-    ours = {nid: n for nid, n in info.items() if n.get("python_module") == f"custom_nodes.{PACK_NAME}"}
-    assert len(ours) == 9, sorted(ours)
-    pages = {p.stem for p in (host.REPO / "web" / "docs").glob("*.md")}
-    assert pages == set(ours), f"pages without a node: {pages - set(ours)}; nodes without a page: {set(ours) - pages}"
-    base = f"/extensions/{PACK_NAME}/docs/"
-    examples = {p.stem for p in (host.REPO / "example_workflows").glob("*.json")}
-    for nid, node in ours.items():
-        with urllib.request.urlopen(server.url + base + nid + ".md", timeout=30) as r:
-            assert "text/html" not in r.headers.get("Content-Type", ""), nid
-            text = r.read().decode()
-        assert text.startswith(f"# {node['display_name']}\n"), nid
-        names = [*node["input"]["required"], *node["input"].get("optional", {}), *node["output_name"]]
-        missing = [n for n in names if f"**{n}**" not in text]
-        assert not missing, f"{nid}.md does not describe {missing}"
-        for target in re.findall(r"\]\(([^)\s]+)\)", text):
-            if target.startswith("https://"):
-                if target.startswith(repo_url + "/"):
-                    path = target[len(repo_url) + 1:].split("/", 2)[2]  # blob|tree/main/<path>
-                    assert (host.REPO / path).exists(), f"{nid}.md links to {target}: no {path} in the pack"
-                continue
-            assert "://" not in target and not target.startswith("/"), f"{nid}.md: {target} would not resolve"
-            with urllib.request.urlopen(server.url + base + target, timeout=30) as r:
-                kind = r.headers.get("Content-Type", "")
-                assert r.status == 200 and not kind.startswith("text/html"), (nid, target, kind)
-                if target.endswith(".svg"):
-                    assert kind.startswith("image/svg+xml"), (target, kind)  # else <img> shows nothing
-        for name in re.findall(r"`(pisa_sr_[a-z_]+)`", text):
-            assert name in examples, f"{nid}.md names the example {name}, which does not exist"
