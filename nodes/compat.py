@@ -98,10 +98,7 @@ def memory_required(model: Any, shape: list[int]) -> int:
     # @ 311c01406130 (_calc_cond_batch) ask the BaseModel, not the patcher; ModelPatcherDynamic.memory_required
     # (comfy/model_patcher.py @ 08d0e510f4e5) pads that x1.3 + 1 GiB for mixed-patcher loads only. On 0.3.75
     # ModelPatcher.memory_required forwards to the same BaseModel call.
-    try:
-        return int(model.model.memory_required(input_shape=list(shape)))
-    except Exception:
-        return int(torch.Size(shape).numel() * 4 * 1024)
+    return int(model.model.memory_required(input_shape=list(shape)))
 
 
 def patcher_free_memory(patcher: Any, device: Any) -> int:
