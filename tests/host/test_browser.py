@@ -6,10 +6,11 @@ PyPI (1.58.1, cached by scripts/setup_host.sh), each with the classic canvas ren
 Loads each example workflow as a user would, drives the web extension (fidelity/perception pad on the sampler,
 before/after slider on the decoder) with pointer events at screen coordinates, reads back the widget values (and, with
 Vue nodes, the numbers the node shows) and the prompt the front end queues, queues the adjustable workflow and checks
-its output. One server per front end; a queued prompt is the same in both renderers, so the second one is answered
-from the server's cache. Needs Debian's chromium (/usr/bin/chromium) and pip's playwright in the host venv.
-Screenshots go to the pytest tmp dir; those of 1.58.1 with Vue nodes on the first host are also copied to
-docs/screenshots/ (README).
+its output; on the newest front end also opens the basic example as an app (App mode) and runs it there. One server
+per front end; a queued prompt is the same in both renderers, so the second one is answered from the server's cache.
+Needs Debian's chromium (/usr/bin/chromium) and pip's playwright in the host venv. Screenshots go to the pytest tmp
+dir; those of 1.58.1 with Vue nodes on the first host are also copied to docs/screenshots/ (README), but for the App
+mode one, which comes from the host that serves /api/jobs (0.30.0).
 """
 from __future__ import annotations
 
