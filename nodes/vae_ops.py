@@ -180,8 +180,8 @@ def inputs(unit: str, tiling_note: str = "") -> list:
     """The VAE inputs Encode LQ and Decode share: ``vae_tile_size`` (in ``unit``) and ``vae_ram_budget``."""
     return [io.Int.Input("vae_tile_size", default=0, min=0, max=8192, step=64,
                          tooltip=f"VAE tile size in {unit}; 0 = automatic, 1..128 = the smallest (128). Tiling never "
-                         f"changes the result{tiling_note}, only memory and time."),
+                         f"changes the result{tiling_note}, only memory and time.", **compat.advanced()),
             io.Float.Input("vae_ram_budget", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
                            tooltip="Host RAM (GiB) the tiled VAE may add for its full-size maps and working set; 0 = "
                            "automatic (half the RAM free when the node starts). Maps beyond it go to a temporary file "
-                           "in ComfyUI's temp folder. Never changes the result.")]
+                           "in ComfyUI's temp folder. Never changes the result.", **compat.advanced())]

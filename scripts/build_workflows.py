@@ -229,6 +229,30 @@ WORKFLOWS = {
 }
 
 
+# App mode (front ends 1.47.12 and 1.58.1: src/stores/appModeStore.ts, workflowService.ts in 1.58.1's source maps):
+# extra.linearData lists the app's inputs as [node id, widget name] (the front end upgrades a node id to its widget id
+# on load) and its outputs as node ids; extra.linearMode true opens the workflow as an app, false or absent in the
+# graph. The basic example opens as an app (upload an image, set the factor and the two dials, Run); the others keep
+# the graph open, since their subject is on it (the pad, the tiling note, the grid), and show the same app on the
+# "App" toggle. The distributed ones have none: App mode's Run is a plain queue, which they refuse (Queue Distributed).
+APP_INPUTS = [(3, "image"), (5, "upscale"), (6, "lambda_pix"), (6, "lambda_sem")]
+APPS: dict[str, tuple[list[tuple[int, str]], list[int], bool]] = {
+    "pisa_sr_basic": (APP_INPUTS, [8], True),
+    "pisa_sr_adjustable": (APP_INPUTS, [8], False),
+    "pisa_sr_large_tiled": (APP_INPUTS, [8], False),
+    "pisa_sr_lambda_sweep": ([(3, "image"), (5, "upscale"), (6, "settings")], [12, 10], False),
+}
+
+
+def app_extra(name: str, nodes: list[Node]) -> dict:
+    if name not in APPS:
+        return {}
+    inputs, outputs, opens_as_app = APPS[name]
+    by_id = {n.id: n for n in nodes}
+    assert all(w in by_id[i].widgets for i, w in inputs) and all(by_id[o].type == "SaveImage" for o in outputs)
+    return {"linearMode": opens_as_app, "linearData": {"inputs": [[i, w] for i, w in inputs], "outputs": outputs}}
+
+
 def to_api(nodes: list[Node]) -> dict:
     api = {}
     for n in nodes:
@@ -240,7 +264,7 @@ def to_api(nodes: list[Node]) -> dict:
     return api
 
 
-def to_ui(nodes: list[Node]) -> dict:
+def to_ui(nodes: list[Node], extra: dict | None = None) -> dict:
     by_id = {n.id: n for n in nodes}
     links = []
     out_links: dict[tuple[int, int], list[int]] = {}
@@ -279,7 +303,7 @@ def to_ui(nodes: list[Node]) -> dict:
         ui_nodes.append(node)
     assert all(src in by_id for _, src, *_ in links)
     return {"last_node_id": max(by_id), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-            "groups": [], "config": {}, "extra": {}, "version": 0.4}  # no saved view: the front end fits the graph
+            "groups": [], "config": {}, "extra": extra or {}, "version": 0.4}  # no saved view: the front end fits it
 
 
 BLUEPRINT = "Image Upscale (PiSA-SR)"
@@ -352,7 +376,7 @@ def to_blueprint() -> dict:
 def render() -> dict[str, str]:
     files = {}
     for name, nodes in WORKFLOWS.items():
-        files[os.path.join(OUT_UI, name + ".json")] = json.dumps(to_ui(nodes), indent=2) + "\n"
+        files[os.path.join(OUT_UI, name + ".json")] = json.dumps(to_ui(nodes, app_extra(name, nodes)), indent=2) + "\n"
         files[os.path.join(OUT_API, name + ".json")] = json.dumps(to_api(nodes), indent=2) + "\n"
     files[os.path.join(OUT_BLUEPRINTS, BLUEPRINT + ".json")] = json.dumps(to_blueprint(), indent=2) + "\n"
     return files

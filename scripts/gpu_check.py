@@ -6,8 +6,11 @@ limit and writes its JSON part under --out as soon as each step finishes, so a k
      reference server (--force-fp32, NVIDIA_TF32_OVERRIDE=0: no TF32 in cuBLAS or cuDNN); the LQ input (256 px)
      tiles the latent (sampler tile 96 < 128) and vae_tile_size 512 tiles the 1024 px VAE work.
   b  bench/bench_pipeline.py at 128->512 and 512->2048, device memory capped to a 24 GB card (--cap-gib).
-  c  (separately: --stages c) 1024->4096, bench/bench_vae.py at 4096 and 8192 px under the same cap, and the
-     ComfyUI 0.30.0 host with dynamic VRAM (a placeholder until that host exists: issue 20).
+  c  (separately: --stages c) 1024->4096, bench/bench_vae.py at 4096 and 8192 px under the same cap.
+  d  (separately: --stages d) the second host, ComfyUI 0.30.0 (PISA_COMFY_DIR_0300 / PISA_HOST_PYTHON_0300): every
+     workflow of stage a with dynamic VRAM on (its default on NVIDIA: ModelPatcherDynamic, comfy-aimdo) and with
+     --disable-dynamic-vram, each against a --force-fp32 run of the same host on the same GPU; a dynamic row also
+     needs the server's "DynamicVRAM support detected and enabled", a disabled one its absence.
 
     bash scripts/gpu_check.sh --device "$OUT"               # on the GPU machine (bench/RESULTS.md: the exact call)
     bash scripts/gpu_check.sh --device "$OUT" --stages b    # rerun one stage
@@ -37,7 +40,7 @@ sys.path.insert(0, str(HERE))
 from comfy_server import REPO, ComfyServer  # noqa: E402
 
 BOUND_DB = {"fp16": 40.0, "fp32": 40.0, "bf16": 35.0}  # keyed by the VAE dtype of the compared setting
-LIMITS_S = {"a": 300, "b": 210, "c": 540}  # per stage, on an H100 (step-by-step estimate: bench/RESULTS.md)
+LIMITS_S = {"a": 300, "b": 210, "c": 540, "d": 300}  # per stage, on an H100 (step-by-step estimate: bench/RESULTS.md)
 LEFT_GIB = 2.5  # --lowvram: device memory left by --reserve-vram (the fp16 SD 2.1 UNet is 1.6 GiB + inference)
 CAP_GIB = 24.0
 IGNORED = {"pisa_sr_lambda_sweep": {"10": "grid: its printed scores may differ in the last digit by precision",
@@ -126,23 +129,28 @@ class env_set:
                 os.environ[k] = v
 
 
-def run_setting(setting: str, flags: list[str], env: dict, names: list[str], ckpt: str, pisa: str, a) -> dict:
+def run_setting(setting: str, flags: list[str], env: dict, names: list[str], ckpt: str, pisa: str, a,
+                host: tuple[str, str] | None = None) -> dict:
+    """``host``: (ComfyUI folder, its Python) when not the first host (PISA_COMFY_DIR, PISA_HOST_PYTHON)."""
     from run_example import example_image
 
-    srv = ComfyServer(models={"checkpoints": [ckpt], "pisa_sr": [pisa]}, extra_args=flags, cpu=a.cpu)
+    comfy_dir, python = host or (None, None)
+    srv = ComfyServer(comfy_dir=comfy_dir, python=python, models={"checkpoints": [ckpt], "pisa_sr": [pisa]},
+                      extra_args=flags, cpu=a.cpu)
     image = example_image(str(srv.base / "input" / "gpu_check.png"), a.image_px, a.image_px)
     fe = srv.base / "frontend"  # no front-end package on the GPU machine: an empty web root
     fe.mkdir()
     (fe / "index.html").write_text("gpu_check\n")
     srv.extra_args = [*flags, "--front-end-root", str(fe)]
     out: dict = {"flags": flags, "env": env, "workflows": {}}
-    log(f"a: starting the {setting} server {' '.join(flags)} {' '.join(f'{k}={v}' for k, v in env.items())}")
+    log(f"{a.stage}: starting the {setting} server {' '.join(flags)} "
+        f"{' '.join(f'{k}={v}' for k, v in env.items())}")
     t0 = time.time()
     global CURRENT
     CURRENT = srv
     with env_set(**env), srv.running():
         out["start_s"] = round(time.time() - t0, 1)
-        log(f"a: {setting} server up in {out['start_s']}s")
+        log(f"{a.stage}: {setting} server up in {out['start_s']}s")
         for name in names:
             t1 = time.time()
             entry = srv.run(prepared(name, ckpt, pisa, image, a.vae_tile), timeout=a.run_guard)
@@ -150,15 +158,19 @@ def run_setting(setting: str, flags: list[str], env: dict, names: list[str], ckp
             if not images:
                 raise RuntimeError(f"{name} under {setting} wrote no image")
             out["workflows"][name] = {"seconds": round(time.time() - t1, 2), "images": images}
-            log(f"a: {setting:<8} {name:<22} {out['workflows'][name]['seconds']:7.2f}s")
+            log(f"{a.stage}: {setting:<8} {name:<22} {out['workflows'][name]['seconds']:7.2f}s")
         out.update(server_log_facts(srv.log_path.read_text(errors="replace")))
     CURRENT = None
     return out
 
 
+DYNAMIC_ON = "DynamicVRAM support detected and enabled"  # ComfyUI 0.30.0 main.py, once aimdo took the device
+
+
 def server_log_facts(text: str) -> dict:
-    """From ComfyUI 0.3.75's log: the VAE dtype ("VAE load device: ..., dtype: torch.bfloat16") and which models
-    were loaded partially ("Requested to load BaseModel" ... "loaded partially; ...")."""
+    """From ComfyUI's log (0.3.75 and 0.30.0 print these lines alike): the VAE dtype ("VAE load device: ..., dtype:
+    torch.bfloat16"), which models were loaded partially ("Requested to load BaseModel" ... "loaded partially; ..."),
+    and whether 0.30.0 runs with dynamic VRAM."""
     vae, last, partial = None, None, []
     for ln in text.splitlines():
         if "VAE load device:" in ln and "dtype:" in ln:
@@ -167,7 +179,7 @@ def server_log_facts(text: str) -> dict:
             last = ln.split("Requested to load ", 1)[1].strip()
         elif "loaded partially" in ln:
             partial.append(last)
-    return {"vae_dtype": vae, "partial_loads": partial}
+    return {"vae_dtype": vae, "partial_loads": partial, "dynamic_vram": DYNAMIC_ON in text}
 
 
 def compare(setting: str, got: dict, ref: dict, cpu: bool) -> list[dict]:
@@ -187,6 +199,9 @@ def compare(setting: str, got: dict, ref: dict, cpu: bool) -> list[dict]:
         if setting == "lowvram" and not cpu:  # the UNet's partial-load path (and the double-LoRA fix) must run
             row["partial_loads"] = sorted(set(m for m in got["partial_loads"] if m))
             row["ok"] = row["ok"] and "BaseModel" in row["partial_loads"]
+        if setting in DYNAMIC_SETTINGS:  # 0.30.0: dynamic VRAM on where asked (a GPU only), off where disabled
+            row["dynamic_vram"] = got["dynamic_vram"]
+            row["ok"] = row["ok"] and got["dynamic_vram"] == (setting == "dynamic" and not cpu)
         rows.append(row)
     return rows
 
@@ -197,13 +212,18 @@ def device_total_gib() -> float:
     return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
 
 
-def stage_a(a, part: dict, save) -> bool:
+def weights(a, part: dict) -> tuple[str, str]:
     import make_tiny_weights
 
     t0 = time.time()
     ckpt, pisa = make_tiny_weights.make(make_tiny_weights.cache_dir(), full=not a.tiny)
     part["weights"] = {"checkpoint": os.path.basename(ckpt), "full": not a.tiny, "seconds": round(time.time() - t0, 1)}
-    log(f"a: weights ready in {part['weights']['seconds']}s")
+    log(f"weights ready in {part['weights']['seconds']}s")
+    return ckpt, pisa
+
+
+def stage_a(a, part: dict, save) -> bool:
+    ckpt, pisa = weights(a, part)
     names = [n for n in a.workflows.split(",") if n] if a.workflows else workflow_names()
     settings = {"default": ([], {})}
     if not a.cpu:  # --lowvram / --novram change nothing on the CPU (no device memory to manage)
@@ -216,6 +236,31 @@ def stage_a(a, part: dict, save) -> bool:
     save()
     for setting, (flags, env) in settings.items():
         got = run_setting(setting, flags, env, names, ckpt, pisa, a)
+        part["rows"] += compare(setting, got, ref, a.cpu)
+        save()
+    return all(r["ok"] for r in part["rows"]) and len(part["rows"]) == len(names) * len(settings)
+
+
+DYNAMIC_SETTINGS = {"dynamic": [], "no_dynamic": ["--disable-dynamic-vram"]}
+
+
+def stage_d(a, part: dict, save) -> bool:
+    """Stage a's workflows on ComfyUI 0.30.0: dynamic VRAM on (the default there) and off, against --force-fp32.
+    On a CPU dynamic VRAM cannot start (it needs an NVIDIA GPU), so the default server there would be the disabled
+    one without its flag: only --disable-dynamic-vram runs (the rehearsal keeps its cost to three servers in all)."""
+    comfy, python = os.environ.get("PISA_COMFY_DIR_0300"), os.environ.get("PISA_HOST_PYTHON_0300")
+    if not comfy or not os.path.isfile(os.path.join(comfy, "main.py")):
+        raise RuntimeError("no ComfyUI 0.30.0: PISA_COMFY_DIR_0300 is unset or wrong (scripts/gpu_check.sh sets it)")
+    host = (comfy, python or sys.executable)
+    ckpt, pisa = weights(a, part)
+    names = [n for n in a.workflows.split(",") if n] if a.workflows else workflow_names()
+    part.update(comfyui=comfy, workflows=names, image_px=a.image_px, vae_tile_size=a.vae_tile, rows=[])
+    ref = run_setting("fp32", ["--force-fp32"], {"NVIDIA_TF32_OVERRIDE": "0"}, names, ckpt, pisa, a, host)
+    part["fp32_start_s"] = ref["start_s"]
+    save()
+    settings = {k: v for k, v in DYNAMIC_SETTINGS.items() if not (a.cpu and k == "dynamic")}
+    for setting, flags in settings.items():
+        got = run_setting(setting, flags, {}, names, ckpt, pisa, a, host)
         part["rows"] += compare(setting, got, ref, a.cpu)
         save()
     return all(r["ok"] for r in part["rows"]) and len(part["rows"]) == len(names) * len(settings)
@@ -279,7 +324,6 @@ def stage_b(a, part: dict, save) -> bool:
 
 def stage_c(a, part: dict, save) -> bool:
     part["rows"] = []
-    part["comfyui_0_30_host"] = "not run: the ComfyUI 0.30.0 host (dynamic VRAM) does not exist yet (issue 20)"
     ok = a.cpu or bench_rows(a, part, save, "1024:4096", 1, 0, need_plain=False)
     cmd = [sys.executable, str(REPO / "bench" / "bench_vae.py"), "--runs", "1"]
     cmd += ["--cpu", "--tiny"] if a.cpu else ["--sizes", "4096", "8192", "--cap-gib", str(CAP_GIB)]
@@ -289,7 +333,7 @@ def stage_c(a, part: dict, save) -> bool:
     return ok and rc == 0 and all(r["ok"] for r in part["rows"])
 
 
-STAGES = {"a": stage_a, "b": stage_b, "c": stage_c}
+STAGES = {"a": stage_a, "b": stage_b, "c": stage_c, "d": stage_d}
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
@@ -360,6 +404,7 @@ def summary_lines(part: dict) -> list[str]:
         if "workflow" in r:
             db = "identical" if r["min_psnr_db"] is None else f"{r['min_psnr_db']} dB"
             extra = f" partial loads {r['partial_loads']}" if "partial_loads" in r else ""
+            extra += f" dynamic VRAM {'on' if r['dynamic_vram'] else 'off'}" if "dynamic_vram" in r else ""
             lines.append(f"  {flag} {r['workflow']:<22} {r['setting']:<8} vae {r['vae_dtype']:<8} {db:>10} "
                          f">= {r['bound_db']}  {r['seconds']}s (fp32 {r['fp32_seconds']}s){extra}")
         else:
@@ -390,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for the report: stage_<x>.json and summary.json")
-    ap.add_argument("--stages", default="a,b", help="comma list of a, b, c (c is separate: it needs ~9 minutes)")
+    ap.add_argument("--stages", default="a,b", help="comma list of a, b, c, d (c and d are separate calls: c needs "
+                    "~9 minutes; d is the ComfyUI 0.30.0 host)")
     ap.add_argument("--cpu", action="store_true", help="CPU only (default setting only: the others are no-ops)")
     ap.add_argument("--tiny", action="store_true", help="tiny random UNet instead of SD 2.1-base-shaped weights")
     ap.add_argument("--workflows", default="", help="comma list (default: every non-distributed example)")
@@ -412,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = [s for s in a.stages.split(",") if s]
     for s in stages:
         if s not in STAGES:
-            ap.error(f"unknown stage {s!r}; use a, b, c")
+            ap.error(f"unknown stage {s!r}; use a, b, c, d")
     t0 = time.time()
     info = device_info(a.cpu)
     if not a.cpu and "gpu" not in info:

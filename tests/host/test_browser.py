@@ -6,10 +6,11 @@ PyPI (1.58.1, cached by scripts/setup_host.sh), each with the classic canvas ren
 Loads each example workflow as a user would, drives the web extension (fidelity/perception pad on the sampler,
 before/after slider on the decoder) with pointer events at screen coordinates, reads back the widget values (and, with
 Vue nodes, the numbers the node shows) and the prompt the front end queues, queues the adjustable workflow and checks
-its output. One server per front end; a queued prompt is the same in both renderers, so the second one is answered
-from the server's cache. Needs Debian's chromium (/usr/bin/chromium) and pip's playwright in the host venv.
-Screenshots go to the pytest tmp dir; those of 1.58.1 with Vue nodes on the first host are also copied to
-docs/screenshots/ (README).
+its output; on the newest front end also opens the basic example as an app (App mode) and runs it there. One server
+per front end; a queued prompt is the same in both renderers, so the second one is answered from the server's cache.
+Needs Debian's chromium (/usr/bin/chromium) and pip's playwright in the host venv. Screenshots go to the pytest tmp
+dir; those of 1.58.1 with Vue nodes on the first host are also copied to docs/screenshots/ (README), but for the App
+mode one, which comes from the host that serves /api/jobs (0.30.0).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +128,8 @@ def open_front_end(browser, server, vue: bool, block_extension: bool = False):
     """A fresh browser context on the server's front end, with the test probes installed."""
     # the user's settings, read by the front end at load: no first-run dialogs, no minimap, the renderer
     (server.base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(
-        {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.VueNodes.Enabled": vue}))
+        {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.VueNodes.Enabled": vue,
+         "Comfy.OnboardingCoachmarks.Seen": ["appMode"]}))  # 1.58.1's App-mode tour, shown on a first app
     pg = browser.new_context(viewport={"width": 1600, "height": 900}).new_page()
     pg.vue, pg.server = vue, server
     pg.console_lines, pg.blocked, pg.posted = [], [], []
@@ -679,6 +682,64 @@ def test_blueprint_is_found_placed_and_gives_the_four_nodes_image(browser, serve
         want = np.asarray(Image.open(want_path), dtype=np.int16)
         assert got.shape == want.shape == (4 * INPUT[1], 4 * INPUT[0], 3)
         assert np.abs(got - want).max() <= 1
+        assert pisa_console_problems(pg) == []
+    finally:
+        pg.context.close()
+
+
+def test_example_opens_as_an_app_and_runs(browser, servers, shots):
+    """Newest front end, as a user would: the basic example opens in App mode (extra.linearMode) showing exactly the
+    four inputs of its extra.linearData (image, upscale, lambda_pix, lambda_sem; no tile size, precision or VAE
+    tiling); a lambda_sem typed into the app reaches the queued prompt; Run saves the x4 image and the app shows it."""
+    srv = servers(NEWEST)
+    pg = open_front_end(browser, srv, vue=True)
+    try:
+        load_workflow(pg, "pisa_sr_basic")
+        widgets = pg.get_by_test_id("linear-widgets")
+        widgets.wait_for(timeout=60_000)
+        labels = [t.strip() for t in widgets.get_by_test_id("builder-widget-label").all_inner_texts()]
+        assert labels == ["image", "upscale", "lambda_pix", "lambda_sem"], labels
+        text = widgets.inner_text()
+        assert not any(k in text for k in ("tile_size", "tile_overlap", "precision", "vae_tile", "ckpt_name")), text
+        assert widgets.locator("img").evaluate_all("(e) => e.some(i => i.complete && i.naturalWidth > 0)")  # upload
+
+        sem = 1.2  # a setting no other test queues: the sampler and decoder really run
+        box = widgets.locator('[data-testid="app-mode-widget-item"]').nth(3).locator("input").first.bounding_box()
+        pg.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        pg.keyboard.press("Control+A")
+        pg.keyboard.type(str(sem))
+        pg.keyboard.press("Enter")
+        pg.wait_for_timeout(400)
+        pg.posted.clear()
+        pg.evaluate("() => { window.__t.events = []; }")
+        pg.get_by_test_id("linear-run-button").get_by_role("button", name="Run", exact=True).click()
+        pg.wait_for_function("() => __t.events.some(e => ['execution_success', 'execution_error', "
+                             "'execution_interrupted'].includes(e.type))", timeout=PROMPT_TIMEOUT_S * 1000)
+        events = pg.evaluate("() => window.__t.events")
+        assert any(e["type"] == "execution_success" for e in events), json.dumps(events)[:3000]
+        (sent,) = pg.posted
+        assert (sent["prompt"]["6"]["inputs"]["lambda_pix"], sent["prompt"]["6"]["inputs"]["lambda_sem"]) == (1.0, sem)
+        (saved,) = [e["detail"]["output"]["images"][0] for e in events
+                    if e["type"] == "executed" and str(e["detail"]["node"]) == "8"]
+        out = Image.open(srv.base / "output" / saved["subfolder"] / saved["filename"])
+        assert out.size == (4 * INPUT[0], 4 * INPUT[1])
+        # the app's output panel shows that saved image
+        pg.wait_for_function("(f) => [...document.querySelectorAll('[data-testid=linear-center-panel] img')]"
+                             ".some(i => i.src.includes(encodeURIComponent(f)) && i.complete && i.naturalWidth === "
+                             f"{4 * INPUT[0]})", arg=saved["filename"], timeout=60_000)
+        # 1.58.1 follows its jobs through /api/jobs (0.30.0 has it, 0.3.75 not): only there does the app see the
+        # run end (on 0.3.75 "Cancel this run" stays up, the image shown all the same); the README shot comes from there
+        try:
+            jobs_api = bool(srv.get("/api/jobs"))
+        except urllib.error.HTTPError:
+            jobs_api = False
+        if jobs_api:
+            pg.get_by_test_id("linear-cancel-run").wait_for(state="detached", timeout=60_000)
+        pg.mouse.move(1150, 500)  # empty output panel: no tooltip over the shot
+        pg.wait_for_timeout(500)
+        pg.screenshot(path=str(shots / "app_mode.png"))
+        if jobs_api:
+            shutil.copy(shots / "app_mode.png", DOCS_SHOTS / "pisa_sr_app_vue.png")
         assert pisa_console_problems(pg) == []
     finally:
         pg.context.close()

@@ -258,3 +258,24 @@ def test_search_aliases_where_the_hosts_schema_has_them(compat):
             assert {"upscale", "super resolution", "SR", "PiSA"} <= set(aliases), (cls, aliases)
         else:
             assert aliases is None, (cls, aliases)
+
+
+def test_rarely_touched_inputs_are_advanced_where_the_host_schema_has_it(compat):
+    """0.30.0's io.Input takes `advanced` (sent in /object_info; front end 1.58.1 folds such widgets under the node's
+    "show advanced"): tile sizes, precision and the VAE tiling inputs are marked so, and only those. 0.3.75's Input
+    has no such keyword: no input carries the field and /object_info is as before."""
+    import inspect
+
+    has = "advanced" in inspect.signature(compat.io.Input.__init__).parameters
+    rare = {"tile_size", "tile_overlap", "precision", "vae_tile_size", "vae_ram_budget"}
+    seen = set()
+    for path, cls in (("nodes.encode_lq", "PiSAEncodeLQ"), ("nodes.sample", "PiSASample"),
+                      ("nodes.decode", "PiSADecode"), ("nodes.sweep", "PiSALambdaSweep")):
+        for inp in getattr(host.pack(path), cls).define_schema().inputs:
+            marked = getattr(inp, "advanced", None)
+            if has and inp.id in rare:
+                assert marked is True and inp.as_dict()["advanced"] is True, (cls, inp.id)
+                seen.add(inp.id)
+            else:
+                assert not marked and "advanced" not in inp.as_dict(), (cls, inp.id)
+    assert seen == (rare if has else set())

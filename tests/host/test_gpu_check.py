@@ -3,7 +3,9 @@ documented device command, `bash scripts/gpu_check.sh --device OUT`, in `--cpu -
 GPU machine's image (scripts/device-image.txt: torch 2.11.0, transformers 5.17, peft ...; Python 3.12 where this
 machine has it), installing only the wheels that scripts/prepare_device.sh puts into .whl/ with --no-index, inside
 a network namespace with nothing but loopback, so a missing wheel, a version difference or a network call fails
-here. One workflow and the 128->512 bench row keep it cheap; the GPU run does every workflow and setting."""
+here. One workflow and the 128->512 bench row keep it cheap; the GPU run does every workflow and setting. Stage d
+runs that workflow on the second host, ComfyUI 0.30.0 unpacked from .whl/ComfyUI-0.30.0.tar.xz, on the same Python
+(--force-fp32 and --disable-dynamic-vram: dynamic VRAM itself needs an NVIDIA GPU)."""
 from __future__ import annotations
 
 import json
@@ -43,16 +45,17 @@ def test_device_command_offline_cpu_tiny(tmp_path):
     dev = _device_env()
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PISA_HOST_PYTHON", "PISA_COMFY_DIR", "VIRTUAL_ENV")}
+           if k not in ("PYTHONPATH", "PISA_HOST_PYTHON", "PISA_COMFY_DIR", "PISA_HOST_PYTHON_0300",
+                        "PISA_COMFY_DIR_0300", "VIRTUAL_ENV")}
     env.update(dev, PISA_DEVICE_SITE=str(tmp_path / "site"), PYTHONUNBUFFERED="1")
-    cmd = _offline(f"bash scripts/gpu_check.sh --device {out} --cpu --tiny --workflows pisa_sr_basic --stages a,b "
-                   "--limit-a 3000 --limit-b 3000")  # the stage limits are for an H100: hang guards here
+    cmd = _offline(f"bash scripts/gpu_check.sh --device {out} --cpu --tiny --workflows pisa_sr_basic --stages a,b,d "
+                   "--limit-a 3000 --limit-b 3000 --limit-d 3000")  # the stage limits are for an H100: hang guards here
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)  # hang guard
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert "==== gpu_check summary ====" in proc.stdout and "gpu_check: PASS" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["ok"] and summary["stages"] == {"a": "pass", "b": "pass"}
+    assert summary["ok"] and summary["stages"] == {"a": "pass", "b": "pass", "d": "pass"}
     assert summary["device"]["torch"].startswith("2.11.0") and summary["device"]["cpu"]
     a = json.loads((out / "stage_a.json").read_text())
     (row,) = a["rows"]
@@ -62,7 +65,13 @@ def test_device_command_offline_cpu_tiny(tmp_path):
     b = json.loads((out / "stage_b.json").read_text())
     (brow,) = b["rows"]
     assert brow["workload"] == "128->512" and brow["ok"] and brow["psnr_db"] >= brow["bound_db"] == 40.0
-    assert sorted(p.name for p in out.iterdir()) == ["stage_a.json", "stage_b.json", "summary.json"]  # <= 8 files
+    d = json.loads((out / "stage_d.json").read_text())
+    assert d["comfyui"].endswith("ComfyUI-0.30.0") and not d["weights"]["full"]
+    (drow,) = d["rows"]
+    assert drow["workflow"] == "pisa_sr_basic" and drow["setting"] == "no_dynamic" and drow["ok"]
+    assert drow["min_psnr_db"] is None and drow["dynamic_vram"] is False  # fp32 on a CPU; dynamic VRAM needs a GPU
+    names = ["stage_a.json", "stage_b.json", "stage_d.json", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == names  # <= 8 files
 
 
 def test_stage_time_limit_keeps_the_report(tmp_path):
