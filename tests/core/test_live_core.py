@@ -11,7 +11,6 @@ from pisa_sr import live
 from pisa_sr.errors import PisaError
 from pisa_sr.guidance import combine_eps
 
-pytestmark = pytest.mark.core
 
 
 def entry(node_id: str = "6", b: int = 1, h: int = 8, w: int = 10, pix: bool = True, prompt: dict | None = None):
