@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from typing import Any
 
 import torch
@@ -182,6 +183,12 @@ def latent_out(model: Any, z: torch.Tensor) -> torch.Tensor:
     return model.model.process_latent_out(z)
 
 
+def latent_to_raw(model: Any):
+    """``latent_out`` without the model: the latent format's own conversion (a small object; keeping it does not
+    keep the UNet alive, which a bound method of the BaseModel would)."""
+    return model.model.latent_format.process_out
+
+
 def unet_weights(model: Any) -> dict[str, torch.Tensor]:
     """The BaseModel's state dict (``diffusion_model.<module>.weight`` keys)."""
     return model.model.state_dict()
@@ -226,3 +233,60 @@ def hooks() -> runtime.Hooks:
     return runtime.Hooks(progress=lambda d, t: bar.update_absolute(d, t),
                          check_interrupt=mm.throw_exception_if_processing_interrupted,
                          empty_cache=mm.soft_empty_cache)
+
+
+# ---------------------------------------------------------------- the server (live preview, issue 21)
+# 0.3.75 server.py: PromptServer.instance (set in __init__), .routes (aiohttp RouteTableDef added to the app after
+# the custom nodes load), add_on_prompt_handler (called by POST /prompt before validation), send_sync(event, data,
+# sid), client_id (the running prompt's client, set by execution.PromptExecutor); execution.PromptQueue: queue items
+# (number, prompt_id, prompt, extra_data, outputs, sensitive), delete_queue_item(fn) (one item per call),
+# get_history(map_function=) (no copy), delete_history_item(id).
+def prompt_server() -> Any:
+    """ComfyUI's PromptServer, or None where ComfyUI runs without its server (in-process tests and benches)."""
+    return getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+
+
+def add_post_route(path: str, handler) -> bool:
+    srv = prompt_server()
+    if srv is None:
+        return False
+    srv.routes.post(path)(handler)
+    return True
+
+
+def add_on_prompt_handler(handler) -> bool:
+    srv = prompt_server()
+    if srv is None or not callable(getattr(srv, "add_on_prompt_handler", None)):
+        return False
+    srv.add_on_prompt_handler(handler)
+    return True
+
+
+def send_event(event: str, data: dict) -> None:
+    """A websocket event to the client that queued the running prompt (nobody listens without a server)."""
+    srv = prompt_server()
+    if srv is not None:
+        srv.send_sync(event, data, srv.client_id)
+
+
+def drop_queued(match) -> int:
+    """Remove the pending (not running) prompts whose API prompt ``match``es; how many were removed."""
+    srv = prompt_server()
+    if srv is None:
+        return 0
+    n = 0
+    while srv.prompt_queue.delete_queue_item(lambda item: match(item[2])):
+        n += 1
+    return n
+
+
+def drop_history(match) -> int:
+    """Remove the history entries whose API prompt ``match``es; how many were removed."""
+    srv = prompt_server()
+    if srv is None:
+        return 0
+    q = srv.prompt_queue
+    ids = [pid for pid, hit in q.get_history(map_function=lambda e: match(e["prompt"][2])).items() if hit]
+    for pid in ids:
+        q.delete_history_item(pid)
+    return len(ids)

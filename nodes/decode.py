@@ -8,7 +8,7 @@ from ..pisa_sr.color import COLOR_FIXES, apply_color_fix
 from ..pisa_sr.errors import PisaError
 from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.resize import resize_output
-from . import compat, vae_ops
+from . import compat, live, vae_ops
 from .compat import io
 from .errors import CATEGORY, names_refusals
 from .lq_info import LQInfo, lq_info_of
@@ -30,18 +30,20 @@ def lq_reference(latent: dict, batch: int, color_fix: str) -> LQInfo | None:
     return info
 
 
-def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0, vae_ram_budget: float = 0.0
-              ) -> torch.Tensor:
+def decode_hq(latent: dict, vae, color_fix: str, vae_tile_size: int = 0, vae_ram_budget: float = 0.0,
+              on_decoded=None) -> torch.Tensor:
     """The IMAGE [B,H,W,3] of a checked LATENT (see decode_frames)."""
     z = check_latent(latent, "Dual-Guided One-Step Sample")
     check_choice("colour fix", color_fix, COLOR_FIXES)
     return decode_frames(z, lq_reference(latent, z.shape[0], color_fix), vae, color_fix, vae_tile_size,
-                         vae_ram_budget)
+                         vae_ram_budget, on_decoded)
 
 
 def decode_frames(z: torch.Tensor, info: LQInfo | None, vae, color_fix: str, vae_tile_size: int = 0,
-                  vae_ram_budget: float = 0.0) -> torch.Tensor:
-    """The IMAGE [B,H,W,3], decoded and colour-fixed one frame at a time into the output: beyond the IMAGE and one
+                  vae_ram_budget: float = 0.0, on_decoded=None) -> torch.Tensor:
+    """The IMAGE [B,H,W,3], decoded and colour-fixed one frame at a time into the output (``on_decoded(i, out)``
+    sees frame i's truncated decoder output before its colour fix: the live loupe keeps its AdaIN statistics).
+    Beyond the IMAGE and one
     frame's decoder output (truncated and colour-fixed in place), a frame costs its LQ as fp32 (12 bytes per pixel)
     and the wavelet fix's planes (pisa_sr.color); the resize back only follows the small-image pre-resize, so its
     output is at most ``upscale`` x 1024 px long (pisa_sr.resize)."""
@@ -56,6 +58,8 @@ def decode_frames(z: torch.Tensor, info: LQInfo | None, vae, color_fix: str, vae
                                 f"is {w}x{h}; the latent was resized between nodes.")
             if color_fix != "none":  # on the release's 8-bit (truncated) decoder output, to stay equal to it
                 out = out.clamp_(0, 1).mul_(255.0).floor_().div_(255.0)
+                if on_decoded is not None:
+                    on_decoded(i, out)
                 out = apply_color_fix(out, info.lq_float_bchw(i), color_fix)
         frame = out.clamp_(0, 1).movedim(1, -1)
         if info is not None and info.plan.resize_back:
@@ -85,11 +89,16 @@ class PiSADecode(io.ComfyNode):
                 *vae_ops.inputs("output px", " (no seams)"),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="The upscaled image.")],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],  # the live preview's record of the decoder
         )
 
     @classmethod
     @names_refusals(NODE)
     @trims_heap
     def execute(cls, latent, vae, color_fix="adain", vae_tile_size=0, vae_ram_budget=0.0) -> io.NodeOutput:
-        img = decode_hq(latent, vae, color_fix, vae_tile_size, vae_ram_budget)
-        return io.NodeOutput(img, ui=comparison_ui(img, lq_info_of(latent)))
+        rec = live.decoder_record(latent, cls.hidden, color_fix, vae_tile_size, vae_ram_budget)
+        img = decode_hq(latent, vae, color_fix, vae_tile_size, vae_ram_budget, rec and rec.keep_stats)
+        ui = comparison_ui(img, lq_info_of(latent))
+        if rec is not None:
+            ui = live.decoder_ui(rec, img, ui)
+        return io.NodeOutput(img, ui=ui)

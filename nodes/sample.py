@@ -10,10 +10,10 @@ import torch
 from ..pisa_sr import sampling
 from ..pisa_sr.checks import check_finite, check_latent
 from ..pisa_sr.errors import PisaError
-from ..pisa_sr.guidance import LAMBDA_MAX, LAMBDA_MIN, Pass
+from ..pisa_sr.guidance import LAMBDA_MAX, LAMBDA_MIN, Pass, combine_eps
 from ..pisa_sr.heap import trims_heap
 from ..pisa_sr.tiling import needs_tiling, plan_tiles
-from . import compat, unet
+from . import compat, live, unet
 from .compat import io
 from .errors import CATEGORY, names_refusals
 from .pisa_model import info_of, sem_removal_targets
@@ -39,10 +39,12 @@ def conditioning_context(positive, width: int) -> torch.Tensor:
 
 def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,
                  tile_overlap: int, *, precision: str = "auto", both: bool = False, one_pass: bool = True,
-                 tiles_per_call: int | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+                 tiles_per_call: int | None = None, scaled: bool = False
+                 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """(frames, z_lq scaled, eps fp32) per chunk of the batch, on the model's device. A chunk is as many whole frames
     as one UNet call of ``tiles_per_call`` tiles takes (None: as free memory allows; at least one frame), so device
-    memory is bounded by the call. ``both`` gives C = 8: eps_pix then eps_sem."""
+    memory is bounded by the call. ``both`` gives C = 8: eps_pix then eps_sem. ``scaled``: the samples are already
+    in the UNet's space (a live preview's kept z_lq)."""
     info = info_of(model)
     plan = sampling.plan(lambda_pix, lambda_sem, both)
     sampling.check_tiles(tile_size, tile_overlap)
@@ -79,7 +81,8 @@ def frame_chunks(model, latent: dict, positive, lambda_pix: float, lambda_sem: f
             part = slice(start, min(b, start + frames))
             # Contiguous NCHW: a channels_last latent (CPU VAEEncode) runs the UNet channels_last, whose GroupNorm
             # sums in another order (eps moved 2e-4); one layout keeps tiled, untiled and batched calls identical.
-            z = compat.latent_in(model, raw[part].to(dev, torch.float32)).contiguous()
+            z = raw[part].to(dev, torch.float32)
+            z = (z if scaled else compat.latent_in(model, z)).contiguous()
             done = start // frames * calls_per_chunk
             chunk_hooks = replace(hooks, progress=lambda d, t, done=done: hooks.progress(min(total, done + d),
                                                                                          total))
@@ -103,16 +106,37 @@ def sample_eps(model, latent: dict, positive, lambda_pix: float, lambda_sem: flo
     return z_all, eps_all
 
 
+def sample_kept(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,
+                tile_overlap: int, precision: str = "auto", tiles_per_call: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(``z_lq - eps`` as a raw latent, z_lq scaled, eps_pix, eps_sem), fp32 on the CPU: the output and what a live
+    preview keeps. Adjustable mode evaluates both eps (``both``, as the sweep does) and combines them here; a one-pass
+    mode keeps its one eps (the other is None) and scales it by its lambda. The device holds one chunk at a time
+    (frame_chunks); the host holds z_lq and the eps (3 latents in adjustable mode) beside the output."""
+    p = sampling.plan(lambda_pix, lambda_sem)
+    lp, ls = {Pass.DUAL: (lambda_pix, lambda_sem), Pass.SEM: (1.0, 1.0), Pass.PIX: (1.0, 0.0)}.get(p, (0.0, 0.0))
+    z, eps = sample_eps(model, latent, positive, lp, ls, tile_size, tile_overlap, precision=precision,
+                        tiles_per_call=tiles_per_call, both=p is Pass.DUAL)
+    eps_pix = eps_sem = None
+    if p is Pass.DUAL:
+        c = z.shape[1]
+        eps_pix, eps_sem = eps[:, :c], eps[:, c:]
+        eps = combine_eps(eps_pix, eps_sem, lambda_pix, lambda_sem)
+    elif p is not Pass.NONE:
+        if p is Pass.SEM:
+            eps_sem = eps
+        else:
+            eps_pix = eps
+        eps = eps if lambda_pix == 1.0 else eps * lambda_pix
+    out = compat.latent_out(model, z - eps).to(torch.float32)
+    return out, z, eps_pix, eps_sem
+
+
 def sample_hq(model, latent: dict, positive, lambda_pix: float, lambda_sem: float, tile_size: int,
               tile_overlap: int, precision: str = "auto", tiles_per_call: int | None = None) -> torch.Tensor:
-    """``z_lq - eps`` as a raw latent, fp32 on the CPU, chunk by chunk: a long batch costs the device one chunk."""
-    out = None
-    for part, z, eps in frame_chunks(model, latent, positive, lambda_pix, lambda_sem, tile_size, tile_overlap,
-                                     precision=precision, tiles_per_call=tiles_per_call):
-        if out is None:  # frame_chunks has checked the latent
-            out = torch.empty(latent["samples"].shape, dtype=torch.float32)
-        out[part] = compat.latent_out(model, z - eps).to(torch.float32).cpu()
-    return out
+    """``z_lq - eps`` as a raw latent, fp32 on the CPU (see sample_kept)."""
+    return sample_kept(model, latent, positive, lambda_pix, lambda_sem, tile_size, tile_overlap, precision,
+                       tiles_per_call)[0]
 
 
 class PiSASample(io.ComfyNode):
@@ -144,6 +168,7 @@ class PiSASample(io.ComfyNode):
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The high-quality latent; connect to PiSA "
                                       "Tiled VAE Decode.")],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],  # the live preview's record of the run
         )
 
     @classmethod
@@ -151,5 +176,16 @@ class PiSASample(io.ComfyNode):
     @trims_heap
     def execute(cls, model, positive, latent, lambda_pix=1.0, lambda_sem=1.0, tile_size=96,
                 tile_overlap=32, precision="auto") -> io.NodeOutput:
-        samples = sample_hq(model, latent, positive, lambda_pix, lambda_sem, tile_size, tile_overlap, precision)
-        return io.NodeOutput(dict(latent, samples=samples))
+        samples, z, eps_pix, eps_sem = sample_kept(model, latent, positive, lambda_pix, lambda_sem, tile_size,
+                                                   tile_overlap, precision)
+        out = dict(latent, samples=samples)
+        hidden = cls.hidden
+        if hidden is None or hidden.unique_id is None or not isinstance(hidden.prompt, dict):
+            return io.NodeOutput(out)  # called outside a prompt (tests, scripts): nothing to preview
+        ctx = conditioning_context(positive, compat.unet_config(model).get("context_dim"))
+        token = live.register_run(str(hidden.unique_id), hidden.prompt, model, z, eps_pix, eps_sem, ctx,
+                                  lambda_pix, lambda_sem, {"tile_size": tile_size, "tile_overlap": tile_overlap,
+                                                           "precision": precision})
+        out[live.LATENT_KEY] = token
+        return io.NodeOutput(out, ui=live.sampler_ui(token, lambda_pix, lambda_sem,
+                                                              eps_pix is None or eps_sem is None))

@@ -23,7 +23,8 @@ BAND_BYTES = 4 << 20  # fp32 rows blurred at once
 _ONEDNN_MIN = 20480
 
 
-def _mean_std(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std) of [B,C,H,W] as AdaIN uses them, each [B,C,1,1]."""
     b, c = x.shape[:2]
     flat = x.reshape(b, c, -1)
     var = flat.var(dim=2, unbiased=True) + eps  # the release: unbiased variance + 1e-5
@@ -32,8 +33,12 @@ def _mean_std(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.T
 
 def adain_fix(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """Match each channel's mean and std of ``target`` [B,C,H,W] (fp32, overwritten and returned) to ``source``."""
-    sm, ss = _mean_std(source)
-    tm, ts = _mean_std(target)
+    return adain_with_stats(target, channel_stats(target), channel_stats(source))
+
+
+def adain_with_stats(target: torch.Tensor, target_stats, source_stats) -> torch.Tensor:
+    """AdaIN with given statistics (a live loupe uses its whole picture's on a crop); ``target`` overwritten."""
+    (tm, ts), (sm, ss) = target_stats, source_stats
     return target.sub_(tm).div_(ts).mul_(ss).add_(sm)  # the release's (t - tm) / ts * ss + sm, in place
 
 
