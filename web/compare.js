@@ -9,7 +9,7 @@ import { chain, clamp, color, customWidget, findWidget, grow, inside, label, red
 
 const COMPARE = "pisa_sr_compare";
 const HOLD_MS = 400; // a press held this long without moving opens the loupe
-const LOUPE = 256; // side of the loupe's 1:1 crop, output px
+const LOUPE = 256; // side of the loupe's 1:1 crop, output px (at most half the picture's side)
 const TIP = "Drag to compare input and result. After a run, moving the sampler's lambdas previews them here; " +
   "press and hold on the picture for a 1:1 loupe.";
 
@@ -194,8 +194,10 @@ function addCompare(node) {
       if (!token || !r || !im || !lambdas) return;
       const [ow, oh] = this.outSize ?? [im.naturalWidth, im.naturalHeight];
       const [px, py] = this.loupeAt;
-      requestPreview(token, lambdas, "loupe", { frame: this.index, size: Math.min(LOUPE, ow, oh),
-        x: Math.round(clamp((px - r.x) / r.w, 0, 1) * ow), y: Math.round(clamp((py - r.y) / r.h, 0, 1) * oh) });
+      const at = (f, n) => Math.min(n - 1, Math.round(clamp(f, 0, 1) * n));
+      requestPreview(token, lambdas, "loupe", { decoder: node.id, frame: this.index,
+        size: Math.max(16, Math.round(Math.min(LOUPE, ow / 2, oh / 2))), x: at((px - r.x) / r.w, ow),
+        y: at((py - r.y) / r.h, oh) });
     },
 
     // The loupe: its crop outlined on the picture and drawn as an inset in the corner away from the pointer.

@@ -1,8 +1,9 @@
 // Live lambda preview (issue 21): after a run, a lambda edit on the sampler (pad drag or typed value) asks the pack's
 // route for a small preview prompt (the run's cached upstream nodes + PiSA_LivePreview), queues it at the front, and
-// draws the picture the `pisa_sr.live` event brings on every decoder holding the run's token (compare.js). Models run
-// only in ComfyUI's executor that way. Per token: one request in flight, the latest setting of each view pending, an
-// answer older than the one drawn dropped. The user's Queue or an interrupt cancels what is still pending.
+// draws the picture the `pisa_sr.live` event brings on the decoder it names (compare.js), for every decoder holding
+// the run's token. Models run only in ComfyUI's executor that way. Per token: one request in flight, the latest
+// setting of each view of each decoder pending, an answer older than the one drawn dropped. The user's Queue or an
+// interrupt cancels what is still pending.
 import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
 import { chain, findWidget, warn } from "./widget.js";
@@ -10,7 +11,8 @@ import { chain, findWidget, warn } from "./widget.js";
 const EVENT = "pisa_sr.live", ROUTE = "/pisa_sr/live/prompt", COMPARE = "pisa_sr_compare";
 export const FIT_SIZE = 1024; // max side of a fit preview: the decoder's own preview size (nodes/preview.py)
 
-const runs = new Map(); // token -> { seq, busy: request | null, pending: { fit, loupe }, drawn: { fit, loupe }, floor }
+// token -> { seq, busy: request | null, pending: Map "view:decoder" -> request, drawn: { "view:decoder": seq }, floor }
+const runs = new Map();
 const ours = new Set(); // ids of preview prompts queued and not finished
 const finished = new Set(); // ids of preview prompts that finished before /prompt answered (rare; bounded below)
 
@@ -20,14 +22,14 @@ const liveWidget = (node) => findWidget(node, COMPARE);
 function run(token) {
   if (!runs.has(token)) {
     while (runs.size >= 8) runs.delete(runs.keys().next().value); // the backend keeps a few entries too
-    runs.set(token, { seq: 0, busy: null, pending: {}, drawn: { fit: 0, loupe: 0 }, floor: 0 });
+    runs.set(token, { seq: 0, busy: null, pending: new Map(), drawn: {}, floor: 0 });
   }
   return runs.get(token);
 }
 
-// Tell every decoder of the token: compare.js's widget draws it (its liveUpdate()).
-function show(token, what) {
-  for (const node of decoders(token)) {
+// Tell the decoder `decoder` (null: every one) of the token: compare.js's widget draws it (its liveUpdate()).
+function show(token, what, decoder = null) {
+  for (const node of decoders(token).filter((n) => decoder == null || String(n.id) === decoder)) {
     liveWidget(node)?.liveUpdate(what).catch((e) => warn("live preview image", e));
   }
 }
@@ -52,9 +54,9 @@ function promptError(data) {
 }
 
 async function send(token, st) {
-  const view = st.pending.loupe ? "loupe" : "fit";
-  const req = (st.busy = st.pending[view]);
-  delete st.pending[view];
+  const key = [...st.pending.keys()].find((k) => k.startsWith("loupe")) ?? st.pending.keys().next().value;
+  const req = (st.busy = st.pending.get(key)); // a held loupe first
+  st.pending.delete(key);
   const asked = await postJSON(ROUTE, { token, ...req });
   if (st.busy !== req) return; // cancelled meanwhile
   if (!asked.ok) return done(token, req, asked.data.error ?? `live preview refused (HTTP ${asked.status})`);
@@ -71,10 +73,10 @@ async function send(token, st) {
 function done(token, req, error) {
   const st = runs.get(token);
   if (req.promptId) ours.delete(req.promptId);
-  if (error && req.seq >= st.floor) show(token, { error, seq: req.seq });
+  if (error && req.seq >= st.floor) show(token, { error, seq: req.seq }, req.decoder);
   if (st.busy !== req) return;
   st.busy = null;
-  if (st.pending.fit || st.pending.loupe) send(token, st).catch((e) => fail(token, st, e));
+  if (st.pending.size) send(token, st).catch((e) => fail(token, st, e));
 }
 
 function fail(token, st, e) {
@@ -82,13 +84,15 @@ function fail(token, st, e) {
   if (st.busy) done(token, st.busy, `live preview failed: ${e.message ?? e}`);
 }
 
-// Ask for a preview of `token` at the sampler's lambdas: view "fit" (the whole frame) or "loupe" (a 1:1 crop around
-// output pixel x, y). Coalesced: while one is in flight only the latest of each view waits.
-export function requestPreview(token, lambdas, view = "fit", at = {}) {
+// Ask for a preview of `token` for decoder node `at.decoder` at the given lambdas: view "fit" (the whole frame) or
+// "loupe" (an at.size crop around output pixel at.x, at.y). Coalesced: while one is in flight only the latest of
+// each view and decoder waits.
+export function requestPreview(token, lambdas, view, at) {
   const st = run(token);
-  const req = { seq: ++st.seq, view, lambda_pix: lambdas.pix, lambda_sem: lambdas.sem, frame: at.frame ?? 0,
-                size: view === "fit" ? FIT_SIZE : at.size, ...(view === "loupe" ? { x: at.x, y: at.y } : {}) };
-  st.pending[view] = req;
+  const req = { seq: ++st.seq, view, decoder: String(at.decoder), lambda_pix: lambdas.pix, lambda_sem: lambdas.sem,
+                frame: at.frame ?? 0, size: view === "fit" ? FIT_SIZE : at.size,
+                ...(view === "loupe" ? { x: at.x, y: at.y } : {}) };
+  st.pending.set(`${view}:${req.decoder}`, req);
   if (!st.busy) send(token, st).catch((e) => fail(token, st, e));
   return req.seq;
 }
@@ -104,13 +108,14 @@ function onLive({ detail: d }) {
   const st = d && runs.get(d.token);
   if (!st || d.seq < st.floor) return; // not ours, or cancelled
   const req = st.busy?.seq === d.seq ? st.busy : null;
-  if (d.status) return show(d.token, { status: d.status, seq: d.seq });
-  if (d.image && d.seq > st.drawn[d.view]) {
-    st.drawn[d.view] = d.seq; // an older answer (lower seq) is never drawn over it
-    show(d.token, { preview: d });
+  const decoder = d.decoder ?? req?.decoder ?? null, key = `${d.view}:${decoder}`;
+  if (d.status) return show(d.token, { status: d.status, seq: d.seq }, decoder);
+  if (d.image && d.seq > (st.drawn[key] ?? 0)) {
+    st.drawn[key] = d.seq; // an older answer (lower seq) is never drawn over it
+    show(d.token, { preview: d }, decoder);
   }
   if (req && (d.image || d.error)) done(d.token, req, d.error);
-  else if (d.error) show(d.token, { error: d.error, seq: d.seq });
+  else if (d.error) show(d.token, { error: d.error, seq: d.seq }, decoder);
 }
 
 // A preview prompt ended without its event (e.g. the executor refused it): free its slot.
@@ -132,7 +137,7 @@ function cancelAll() {
   const ids = [...ours];
   ours.clear();
   for (const [token, st] of runs) {
-    st.pending = {};
+    st.pending.clear();
     st.busy = null;
     st.floor = st.seq + 1;
     show(token, { clear: true });
@@ -151,7 +156,7 @@ function listen() {
 }
 
 // The sampler: keeps its run's live entry ({token, lambda_pix, lambda_sem, default_mode}) and asks for a fit preview
-// when a lambda changes after that run.
+// on each decoder of that run when a lambda changes.
 export function watchSampler(node) {
   listen();
   chain(node, "onExecuted", "live onExecuted", function (output) {
@@ -160,8 +165,9 @@ export function watchSampler(node) {
   const ask = () => { // once both lambdas of a pad move are set
     node.pisaLiveAsked = false;
     const token = node.pisaLiveRun?.token;
-    const shown = token && decoders(token)[0];
-    if (shown) requestPreview(token, samplerLambdas(token), "fit", { frame: liveWidget(shown)?.index });
+    for (const d of token ? decoders(token) : []) {
+      requestPreview(token, samplerLambdas(token), "fit", { decoder: d.id, frame: liveWidget(d)?.index });
+    }
   };
   for (const name of ["lambda_pix", "lambda_sem"]) {
     chain(findWidget(node, name) ?? {}, "callback", "live preview", () => {
