@@ -6,7 +6,6 @@ decode (and a lazy eps pass) run in ComfyUI's executor thread under its model ma
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,8 +16,6 @@ from ..pisa_sr.errors import PisaError
 from ..pisa_sr.live import (MAX_ENTRIES, WHAT, Decoder, LiveEntry, LiveStore, check_bounds, new_token, parse_request,
                             preview_prompt, preview_token, vae_nodes)
 from . import compat
-
-log = logging.getLogger("PiSA-SR")
 
 STORE = LiveStore()
 LATENT_KEY = "pisa_live"  # the sampler's LATENT carries its run's token under this key

@@ -8,9 +8,12 @@ limit and writes its JSON part under --out as soon as each step finishes, so a k
   b  bench/bench_pipeline.py at 128->512 and 512->2048, device memory capped to a 24 GB card (--cap-gib).
   c  (separately: --stages c) 1024->4096, bench/bench_vae.py at 4096 and 8192 px under the same cap, and the
      ComfyUI 0.30.0 host with dynamic VRAM (a placeholder until that host exists: issue 20).
+  d  (separately: --stages d, ~1 minute) bench/bench_live.py: ms per live preview update (fit 512 px, loupe 256 px)
+     of a 512 px output with the full-size SD VAE against re-queueing the graph (issue 21 goal: <= 50 ms).
 
     bash scripts/gpu_check.sh --device "$OUT"               # on the GPU machine (bench/RESULTS.md: the exact call)
     bash scripts/gpu_check.sh --device "$OUT" --stages b    # rerun one stage
+    bash scripts/gpu_check.sh --device "$OUT" --stages d    # live preview ms per update (issue 21)
     bash scripts/gpu_check.sh --out out/gpu --cpu --tiny    # what CI rehearses (tests/host/test_gpu_check.py)
 
 Bounds (8-bit PSNR against the fp32 reference; why: bench/RESULTS.md "GPU acceptance"): 40 dB where the VAE runs in
@@ -37,7 +40,7 @@ sys.path.insert(0, str(HERE))
 from comfy_server import REPO, ComfyServer  # noqa: E402
 
 BOUND_DB = {"fp16": 40.0, "fp32": 40.0, "bf16": 35.0}  # keyed by the VAE dtype of the compared setting
-LIMITS_S = {"a": 300, "b": 210, "c": 540}  # per stage, on an H100 (step-by-step estimate: bench/RESULTS.md)
+LIMITS_S = {"a": 300, "b": 210, "c": 540, "d": 150}  # per stage, on an H100 (step-by-step estimate: bench/RESULTS.md)
 LEFT_GIB = 2.5  # --lowvram: device memory left by --reserve-vram (the fp16 SD 2.1 UNet is 1.6 GiB + inference)
 CAP_GIB = 24.0
 IGNORED = {"pisa_sr_lambda_sweep": {"10": "grid: its printed scores may differ in the last digit by precision",
@@ -289,7 +292,17 @@ def stage_c(a, part: dict, save) -> bool:
     return ok and rc == 0 and all(r["ok"] for r in part["rows"])
 
 
-STAGES = {"a": stage_a, "b": stage_b, "c": stage_c}
+def stage_d(a, part: dict, save) -> bool:
+    """Speed only (no bound): the live preview's update times, reported; passes when the bench ran."""
+    cmd = [sys.executable, str(REPO / "bench" / "bench_live.py"), "--sizes", "512", "--runs", "3"]
+    cmd += ["--cpu", "--vaes", "tiny"] if a.cpu else ["--vaes", "sd"]
+    rc, lines = streamed(cmd, "bench_live")
+    part["live"] = {"command": " ".join(cmd[1:]), "rc": rc, "table": lines[-6:]}
+    save()
+    return rc == 0
+
+
+STAGES = {"a": stage_a, "b": stage_b, "c": stage_c, "d": stage_d}
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
@@ -367,6 +380,8 @@ def summary_lines(part: dict) -> list[str]:
             lines.append(f"  {flag} {r['workload']:<10} {r['mode']:<10} {r['psnr_db']} dB >= {r['bound_db']}{plain}  "
                          f"release {r['release_ms']} ms / ours {r['ours_ms']} ms, peak {r['release_peak_mib']} / "
                          f"{r['ours_peak_mib']} MiB")
+    if "live" in part:
+        lines += [f"  bench_live rc {part['live']['rc']}:"] + [f"    {ln}" for ln in part["live"]["table"]]
     if "vae" in part:
         lines += [f"  bench_vae rc {part['vae']['rc']}:"] + [f"    {ln}" for ln in part["vae"]["table"][-12:]]
     if "error" in part:
@@ -390,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for the report: stage_<x>.json and summary.json")
-    ap.add_argument("--stages", default="a,b", help="comma list of a, b, c (c is separate: it needs ~9 minutes)")
+    ap.add_argument("--stages", default="a,b", help="comma list of a, b, c, d (c and d are separate calls: "
+                    "c needs ~9 minutes)")
     ap.add_argument("--cpu", action="store_true", help="CPU only (default setting only: the others are no-ops)")
     ap.add_argument("--tiny", action="store_true", help="tiny random UNet instead of SD 2.1-base-shaped weights")
     ap.add_argument("--workflows", default="", help="comma list (default: every non-distributed example)")
@@ -412,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = [s for s in a.stages.split(",") if s]
     for s in stages:
         if s not in STAGES:
-            ap.error(f"unknown stage {s!r}; use a, b, c")
+            ap.error(f"unknown stage {s!r}; use a, b, c, d")
     t0 = time.time()
     info = device_info(a.cpu)
     if not a.cpu and "gpu" not in info:

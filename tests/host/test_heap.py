@@ -41,10 +41,35 @@ def test_disable_switch(monkeypatch):
     assert heap.trim_heap() is False
 
 
-@pytest.mark.parametrize("node_id", ["PiSA_EncodeLQ", "PiSA_Sample", "PiSA_Decode", "PiSA_LambdaSweep"])
+@pytest.mark.parametrize("node_id", ["PiSA_EncodeLQ", "PiSA_Sample", "PiSA_Decode", "PiSA_LambdaSweep",
+                                     "PiSA_LivePreview"])
 def test_heavy_nodes_trim_even_when_they_refuse(node_id, monkeypatch):
     calls = []
     monkeypatch.setattr(heap, "trim_heap", lambda: calls.append(1) or True)
     with pytest.raises(Exception):
         host.node(node_id).execute(**{"latent": None, "image": None, "vae": None, "model": None, "positive": None})
     assert calls == [1]
+
+
+def test_live_preview_store_stays_bounded_over_many_runs(world, pisa_model):
+    """Samplers run in prompts (hidden unique_id and prompt as the executor passes them): one entry per node id,
+    at most MAX_ENTRIES, each 3 latents fp32 + the conditioning, however many runs."""
+    live = host.pack("nodes.live")
+    core = host.pack("pisa_sr.live")
+    live.STORE.clear()
+    (lat,) = host.node("PiSA_EncodeLQ").execute(image=torch.rand(1, 24, 32, 3), vae=world.comfy_vae, upscale=4,
+                                                resize_filter="bicubic").result
+    cls = host.node("PiSA_Sample")
+    for run in range(12):
+        node_id = str(run % 6)
+        clone = cls.PREPARE_CLASS_CLONE({"UNIQUE_ID": node_id, "PROMPT": {node_id: {"class_type": "PiSA_Sample",
+                                                                                     "inputs": {}}}})
+        out = clone.execute(model=pisa_model, positive=world.conditioning, latent=lat, lambda_pix=0.5,
+                            lambda_sem=1.5, tile_size=96, tile_overlap=32).result[0]
+        assert live.STORE.get(out["pisa_live"]) is not None
+        assert len(live.STORE) <= core.MAX_ENTRIES
+    latent_bytes = lat["samples"].numel() * 4
+    ctx_bytes = world.conditioning[0][0].numel() * 4
+    assert len(live.STORE) == core.MAX_ENTRIES
+    assert live.STORE.nbytes() <= core.MAX_ENTRIES * (3 * latent_bytes + ctx_bytes)
+    live.STORE.clear()

@@ -60,7 +60,7 @@ def test_every_node_has_a_help_page_the_server_serves(server):
     repo_url = tomllib.loads((host.REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
     info = server.get("/object_info")
     ours = {nid: n for nid, n in info.items() if n.get("python_module") == f"custom_nodes.{PACK_NAME}"}
-    assert len(ours) == 9, sorted(ours)
+    assert len(ours) == 10, sorted(ours)
     pages = {p.stem for p in (host.REPO / "web" / "docs").glob("*.md")}
     assert pages == set(ours), f"pages without a node: {pages - set(ours)}; nodes without a page: {set(ours) - pages}"
     base = f"/extensions/{PACK_NAME}/docs/"
