@@ -75,8 +75,9 @@ function ownCanvas(ctx, width, height) {
 
 // A custom widget, not serialized, over `parts`: paint(ctx, width, y, lowQuality) draws in the coordinates pointer
 // positions come in (and records its hit boxes); a press that press(pos, e) answers "drag" starts a drag ("handled":
-// consumed) and dragTo(pos, e) applies it. The release position is ignored: Vue nodes report it relative to the
-// node, not to the widget's canvas (which set lambda_pix to its minimum). A draw or input error only warns.
+// consumed), dragTo(pos, e) applies it and release() (optional) ends it. The release position is ignored: Vue nodes
+// report it relative to the node, not to the widget's canvas (which set lambda_pix to its minimum). A draw or input
+// error only warns.
 export function customWidget(node, name, parts) {
   const w = {
     name, type: name, value: null, options: { serialize: false }, serialize: false, y: 0, dragging: false, ...parts,
@@ -101,6 +102,7 @@ export function customWidget(node, name, parts) {
         } else if (/up$|cancel$/.test(type)) {
           if (!this.dragging) return false;
           this.dragging = false;
+          this.release?.();
           redraw(node, this);
           return true;
         } else if (!this.dragging || !/move$/.test(type)) {
