@@ -104,7 +104,7 @@ def main() -> None:
             print(f"{label} re-run {1e3 * t_rerun:.0f} ms | fit {1e3 * t_fit:.0f} ms ({t_rerun / t_fit:.1f}x faster) | "
                   f"loupe {1e3 * t_loupe:.0f} ms ({t_rerun / t_loupe:.1f}x faster) | load {os.getloadavg()[0]:.1f}",
                   flush=True)
-        del pipe, ex
+        pipe = ex = None  # the executor and its cache go before the next VAE
         _comfy_side._REGISTRY.clear()
     print(f"store: {len(live.STORE)} entries, {live.STORE.nbytes() / 2 ** 20:.1f} MiB")
 

@@ -93,7 +93,7 @@ class LiveEntry:
 
     def decoder(self, node_id: str | None) -> Decoder:
         if not self.decoders:
-            raise PisaError(f"this run has no PiSA Tiled VAE Decode fed by its sampler. Connect one and "
+            raise PisaError("this run has no PiSA Tiled VAE Decode fed by its sampler. Connect one and "
                             "queue once.")
         if node_id in (None, ""):
             return next(reversed(self.decoders.values()))
@@ -180,10 +180,10 @@ def parse_request(body: object) -> Request:
     """The route's JSON body checked field by field (the token's existence and the frame/crop bounds, which need
     the entry, are checked by ``check_bounds``); a PisaError names the field and the fix."""
     if not isinstance(body, dict):
-        raise PisaError(f"the request must be a JSON object with token, lambda_pix, lambda_sem and view.")
+        raise PisaError("the request must be a JSON object with token, lambda_pix, lambda_sem and view.")
     token = body.get("token")
     if not isinstance(token, str) or not token:
-        raise PisaError(f"no token. Queue the workflow once: the sampler gives its widget the token.")
+        raise PisaError("no token. Queue the workflow once: the sampler gives its widget the token.")
     lp = _lambda(body, "lambda_pix")
     ls = _lambda(body, "lambda_sem")
     view = body.get("view", "fit")
@@ -274,7 +274,7 @@ def preview_prompt(entry: LiveEntry, decoder: Decoder, req: Request) -> dict:
     sinputs = sampler.get("inputs", {})
     latent_link, model_link = sinputs.get("latent"), sinputs.get("model")
     if not (_is_link(latent_link) and _is_link(model_link)):
-        raise PisaError(f"the recorded run lacks the sampler's links. Queue the workflow again.")
+        raise PisaError("the recorded run lacks the sampler's links. Queue the workflow again.")
     out = {nid: _copy_node(rec[nid]) for nid in _ancestors(rec, [entry.node_id])}
     for nid in _ancestors(decoder.nodes, [decoder.vae_link[0]]):
         out.setdefault(nid, _copy_node(decoder.nodes[nid]))
