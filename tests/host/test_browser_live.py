@@ -150,10 +150,12 @@ def test_live_preview_follows_the_pad_and_equals_the_queued_image(live_page, sho
         return { x, y, width: Math.max(p.right, q.right) + 10 - x,
                  height: Math.max(p.bottom, q.bottom) + 10 - y }; }""",
                          [sid, did])
-    page.evaluate("(tip) => { for (const e of document.querySelectorAll('body *')) "  # the hover tooltip, not
-                  "if (e.childElementCount === 0 && e.textContent.startsWith(tip)) "  # in the README shot (it
-                  "(e.closest('[role=tooltip]') ?? e.parentElement).style.visibility = 'hidden'; }",  # covers the pad)
-                  "Drag to compare input and result")
+    page.evaluate("""(tip) => { for (const e of document.querySelectorAll('body *')) {  // the hover tooltip, not in
+            if (e.childElementCount !== 0 || !e.textContent.startsWith(tip)) continue;  // the README shot (it covers
+            let box = e;  // the pad): its floating box, the first positioned ancestor of the text
+            while (box.parentElement && box.parentElement !== document.body &&
+                   !["fixed", "absolute"].includes(getComputedStyle(box).position)) box = box.parentElement;
+            box.style.visibility = "hidden"; } }""", "Drag to compare input and result")
     screenshot(page, shot, clip=clip)
     if page.version == NEWEST and page.vue and os.environ.get("PISA_SECOND_HOST") != "1":
         shutil.copy(shot, DOCS_SHOTS / "pisa_sr_live_preview.png")
