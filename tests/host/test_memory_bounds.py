@@ -116,3 +116,30 @@ def test_sample_eps_holds_one_chunk_not_the_batch(world, pisa_model, monkeypatch
     print(f"\n[sample_eps] working memory beyond (z, eps): 4 frames {four / chunk:.2f} chunks, 8 frames "
           f"{eight / chunk:.2f} chunks")
     assert eight <= four + chunk // 8 and eight <= 2 * chunk + 1024  # + scalars
+
+
+@pytest.mark.parametrize("lambdas", [(0.8, 1.2), (1.0, 1.0)], ids=["adjustable", "default"])
+def test_sample_kept_holds_its_stated_latents(world, pisa_model, monkeypatch, lambdas):
+    """What the sampler keeps for the live preview (issue 21) is bounded in latents: it returns the output, z_lq and
+    the eps it computed (adjustable: eps_pix and eps_sem, one [B,2C] tensor; default: one merged eps), and while it
+    combines them it holds at most two more latents of transients (the release's combination and ``z - eps``), for 4
+    frames as for 8. The UNet is stubbed as in the test above."""
+    sample = host.pack("nodes.sample")
+    monkeypatch.setattr(sample.sampling, "sample_eps", lambda z, *a, both=False, **k: torch.rand(
+        z.shape[0], 8 if both else 4, *z.shape[2:]))
+    latent = lambda frames: 4 * 48 * 40 * 4 * frames  # noqa: E731  (one fp32 [B,4,48,40] latent)
+
+    def held(frames: int) -> tuple[int, int]:
+        lat = random_latent(48, 40, b=frames)
+        with LiveBytes() as mem:
+            out = sample.sample_kept(pisa_model, lat, world.conditioning, *lambdas, 0, 0, tiles_per_call=1)
+        kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in out if t is not None}
+        return sum(kept.values()), mem.peak - sum(kept.values())
+
+    held(1)  # the first call patches the model's weights (kept): not this test's subject
+    for frames in (4, 8):
+        kept, extra = held(frames)
+        print(f"\n[sample_kept {lambdas}] {frames} frames: returns {kept / latent(frames):.2f} latents, "
+              f"transients {extra / latent(frames):.2f} latents")
+        assert kept == latent(frames) * (4 if lambdas != (1.0, 1.0) else 3)  # out, z, eps (2 latents / 1)
+        assert extra <= 2 * latent(frames) + 2 * 4 * 48 * 40 * 4 + 1024  # + one chunk's z and eps, scalars
