@@ -1,6 +1,7 @@
 """Freed host memory goes back to the OS after our heavy nodes (the soak's RSS plateau, issue 4)."""
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -60,10 +61,14 @@ def test_live_preview_store_stays_bounded_over_many_runs(world, pisa_model):
     (lat,) = host.node("PiSA_EncodeLQ").execute(image=torch.rand(1, 24, 32, 3), vae=world.comfy_vae, upscale=4,
                                                 resize_filter="bicubic").result
     cls = host.node("PiSA_Sample")
+    # how the executor hands a V3 node its hidden inputs (comfy_api/latest/_io.py): 0.3.75's
+    # PREPARE_CLASS_CLONE(hidden_inputs) takes the dict, 0.30.0's PREPARE_CLASS_CLONE(v3_data) reads
+    # v3_data["hidden_inputs"]
+    v3_data = "v3_data" in inspect.signature(cls.PREPARE_CLASS_CLONE).parameters
     for run in range(12):
         node_id = str(run % 6)
-        clone = cls.PREPARE_CLASS_CLONE({"UNIQUE_ID": node_id, "PROMPT": {node_id: {"class_type": "PiSA_Sample",
-                                                                                     "inputs": {}}}})
+        hidden = {"UNIQUE_ID": node_id, "PROMPT": {node_id: {"class_type": "PiSA_Sample", "inputs": {}}}}
+        clone = cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden} if v3_data else hidden)
         out = clone.execute(model=pisa_model, positive=world.conditioning, latent=lat, lambda_pix=0.5,
                             lambda_sem=1.5, tile_size=96, tile_overlap=32).result[0]
         assert live.STORE.get(out["pisa_live"]) is not None
