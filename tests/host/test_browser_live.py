@@ -30,7 +30,7 @@ from test_browser import (COMPARE, DOCS_SHOTS, INPUT, NEWEST, PINNED, PROMPT_TIM
 pytestmark = pytest.mark.slow
 
 # Both front ends in both renderers: a newest-front-end cell took 14-22 min on a 2-core CPU at load 11 (each drag
-# queues up to two preview prompts), about 4 min on a quiet one; a pinned cell drags once (DRAGS).
+# queues up to two preview prompts), 190-202 s on a quiet one; a pinned cell drags once (DRAGS): 79-91 s.
 CELLS = [f"{fe}-{mode}" for fe in dict.fromkeys((NEWEST, PINNED)) for mode in ("classic", "vue")]
 DRAGS = {PINNED: 1, NEWEST: 3}  # the newest wins where a host pins it
 # Per cell: the setting of the first run (adjustable mode) and the three the pad is dragged to, all different within
@@ -100,7 +100,7 @@ def test_live_preview_follows_the_pad_and_equals_the_queued_image(live_page, sho
                            arg=did, timeout=60_000)
     assert live_state(page, did)["token"] == token
 
-    # 2. three drags (one on the pinned front end), three previews: each drawn over the result side with its lambdas
+    # 2. three drags (one on the pinned front end), a preview per drag: each drawn over the result side with its lambdas
     page.posted.clear()
     previews, here, first_src = [], (run_pix, run_sem), None
     for pix, sem in targets:

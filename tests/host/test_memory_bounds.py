@@ -93,14 +93,22 @@ def test_encode_resize_writes_the_8bit_reference_without_float_copies():
     assert mem.peak <= image.numel() * (4 + 1)
 
 
-def test_sample_eps_holds_one_chunk_not_the_batch(world, pisa_model, monkeypatch):
+@pytest.fixture
+def stub_unet(monkeypatch):
+    """The sampler's UNet call stubbed (eps = a fresh tensor per chunk), so the sampler's own tensors are what is
+    seen; the sampler module."""
+    sample = host.pack("nodes.sample")
+    monkeypatch.setattr(sample.sampling, "sample_eps", lambda z, *a, both=False, **k: torch.rand(
+        z.shape[0], 8 if both else 4, *z.shape[2:]))
+    return sample
+
+
+def test_sample_eps_holds_one_chunk_not_the_batch(world, pisa_model, stub_unet):
     """The sweep's eps: each chunk (one frame here) leaves the device as it is made, so beyond the gathered (z, eps)
     it holds at most two chunks (the one being made, the one being copied) besides a constant (the conditioning
     checks), the same for 4 frames as for 8; it used to keep every chunk until the end. The UNet is stubbed (eps =
     a fresh tensor per chunk) so the chunks are what is seen."""
-    sample = host.pack("nodes.sample")
-    monkeypatch.setattr(sample.sampling, "sample_eps", lambda z, *a, both=False, **k: torch.rand(
-        z.shape[0], 8 if both else 4, *z.shape[2:]))
+    sample = stub_unet
     chunk = (4 + 8) * 48 * 40 * 4  # z and eps of one frame, fp32
 
     def extra(frames: int) -> int:
@@ -119,14 +127,12 @@ def test_sample_eps_holds_one_chunk_not_the_batch(world, pisa_model, monkeypatch
 
 
 @pytest.mark.parametrize("lambdas", [(0.8, 1.2), (1.0, 1.0)], ids=["adjustable", "default"])
-def test_sample_kept_holds_its_stated_latents(world, pisa_model, monkeypatch, lambdas):
+def test_sample_kept_holds_its_stated_latents(world, pisa_model, stub_unet, lambdas):
     """What the sampler keeps for the live preview (issue 21) is bounded in latents: it returns the output, z_lq and
     the eps it computed (adjustable: eps_pix and eps_sem, one [B,2C] tensor; default: one merged eps), and while it
     combines them it holds at most two more latents of transients (the release's combination and ``z - eps``), for 4
-    frames as for 8. The UNet is stubbed as in the test above."""
-    sample = host.pack("nodes.sample")
-    monkeypatch.setattr(sample.sampling, "sample_eps", lambda z, *a, both=False, **k: torch.rand(
-        z.shape[0], 8 if both else 4, *z.shape[2:]))
+    frames as for 8 (the UNet stubbed: stub_unet)."""
+    sample = stub_unet
     latent = lambda frames: 4 * 48 * 40 * 4 * frames  # noqa: E731  (one fp32 [B,4,48,40] latent)
 
     def held(frames: int) -> tuple[int, int]:
