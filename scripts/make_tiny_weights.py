@@ -8,6 +8,7 @@ at full size, so the checkpoint is about 950 MB in fp16.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import time
@@ -87,7 +88,12 @@ def make(out_dir: str, full: bool = False) -> tuple[str, str]:
     tmp = ckpt_path[: -len(".safetensors")] + ".tmp.safetensors"
     # The keys comfy.sd.save_checkpoint writes (no patches, so nothing to load first), cast to fp16 in memory and
     # written once: the full-size file is 2.6 GB instead of a 5.2 GB fp32 write, read back and rewritten.
-    sd = base.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    # ComfyUI 0.30.0's BaseModel.state_dict_for_saving takes the UNet's state dict first (its ModelPatcher hands it
+    # over); 0.3.75's reads it itself (comfy/model_base.py of each host). Same keys and bytes either way.
+    lead = ()
+    if "unet_state_dict" in inspect.signature(base.state_dict_for_saving).parameters:
+        lead = (base.diffusion_model.state_dict(),)
+    sd = base.state_dict_for_saving(*lead, clip.get_sd(), vae.get_sd(), None)
     sd = {k: sd.pop(k).half().contiguous() for k in list(sd)}
     comfy.utils.save_torch_file(sd, tmp)
     del sd

@@ -34,6 +34,18 @@ def test_workflow_files_are_generated_and_current():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_tiny_weights_built_on_this_host_load_as_sd2(tmp_path):
+    """Whichever host builds the weights cache first writes the file every host loads (0.30.0 once wrote the VAE
+    unprefixed and dropped the text encoder: Load Checkpoint could not detect it)."""
+    import comfy.sd
+    import comfy.supported_models
+    import make_tiny_weights
+
+    ckpt, _ = make_tiny_weights.make(str(tmp_path))
+    model, *_ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)
+    assert type(model.model.model_config) is comfy.supported_models.SD20
+
+
 def test_nodes_registered_with_tooltips(server):
     info = server.get("/object_info")
     for nid in NODE_IDS:
