@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls exactly this): on a fresh machine it first builds the cached
-# ComfyUI test hosts (scripts/setup_host.sh: 0.3.75 and 0.30.0, each a venv with its torch, the references, pytest
+# ComfyUI test host(s) (scripts/setup_host.sh: 0.3.75, and 0.30.0 when asked; each a venv with its torch, the references, pytest
 # and playwright) and installs Debian's chromium for tests/host/test_browser.py (apt-get, as root or through sudo).
-#   bash scripts/run_tests.sh                  everything: core and host tiers on 0.3.75, then the host tier on 0.30.0
+#   bash scripts/run_tests.sh                  everything on 0.3.75: core and host tiers
+#   PISA_HOSTS="0.3.75 0.30.0" bash scripts/run_tests.sh    then the host tier on 0.30.0 too (not yet CI's default:
+#                                              the two hosts together have not been shown well inside CI's 90 minutes)
 #   bash scripts/run_tests.sh --core           the pure-torch core tier only: no ComfyUI host, no browser (seconds)
 #   bash scripts/run_tests.sh -x -k sampler    other arguments go to pytest (each host's run gets them)
 #   PISA_HOSTS=0.30.0 bash scripts/run_tests.sh tests/host/test_x.py    the hosts to run, first one first
@@ -13,7 +15,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 core=0
 for a in "$@"; do [ "$a" = "--core" ] && core=1; done
-read -r -a hosts <<< "${PISA_HOSTS:-0.3.75 0.30.0}"
+read -r -a hosts <<< "${PISA_HOSTS:-0.3.75}"
 [ "$core" = 1 ] && hosts=("${hosts[0]}")
 declare -A py dir
 for h in "${hosts[@]}"; do
