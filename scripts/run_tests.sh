@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls exactly this): on a fresh machine it first builds the cached
-# ComfyUI test host(s) (scripts/setup_host.sh: 0.3.75, and 0.30.0 when asked; each a venv with its torch, the references, pytest
-# and playwright) and installs Debian's chromium for tests/host/test_browser.py (apt-get, as root or through sudo).
+# ComfyUI test host(s) (scripts/setup_host.sh: 0.3.75, and 0.30.0 when asked; each a venv with its torch, the
+# references, pytest and playwright) and installs Debian's chromium for tests/host/test_browser.py (apt-get, as root
+# or through sudo).
 #   bash scripts/run_tests.sh                  everything on 0.3.75: core and host tiers
 #   PISA_HOSTS="0.3.75 0.30.0" bash scripts/run_tests.sh    then the host tier on 0.30.0 too (not yet CI's default:
 #                                              the two hosts together have not been shown well inside CI's 90 minutes)

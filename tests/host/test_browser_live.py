@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 CELLS = [f"{fe}-{mode}" for fe in dict.fromkeys((NEWEST, PINNED)) for mode in ("classic", "vue")]
 # The newest front end's three drags run on the first host; a second host (PISA_SECOND_HOST=1) serves the same front-end
 # files, so there each cell drags once, like the pinned ones: every cell still previews, loupes and queues on it.
-DRAGS = {PINNED: 1, NEWEST: 1 if os.environ.get("PISA_SECOND_HOST") == "1" else 3}  # the newest wins where pinned
+DRAGS = {PINNED: 1, NEWEST: 1 if os.environ.get("PISA_SECOND_HOST") == "1" else 3}  # newest wins if pinned
 # Per cell: the setting of the first run (adjustable mode) and the three the pad is dragged to, all different within
 # one server (one per front end), so every queued run really runs the sampler and the decoder.
 SETTINGS = {"classic": ((0.8, 1.5), [(1.2, 0.6), (0.5, 2.0), (1.6, 1.1)]),
