@@ -30,23 +30,18 @@ STATUS_LAZY = "computing the pixel pass"
 
 
 def fill_missing_eps(entry: LiveEntry, model) -> None:
-    """The eps a one-pass run did not evaluate, once, through the sampler's own code path (same tiles, precision
-    and the run's conditioning), kept in the entry."""
+    """eps_pix and eps_sem, once, from the very call a queued adjustable run makes (the sampler's code path, one
+    UNet call on [z, z], the run's tiles, precision and conditioning), replacing the one eps a one-pass run kept.
+    Only then does a preview equal the queued image: the kept eps came from a batch-1 call, and the UNet's batch-1
+    vs batch-2 rounding, amplified by the VAE, moved default-mode previews by 2/255 on some CPUs."""
     if model is None:
         raise PisaError("this run still needs its other eps pass and the preview prompt has no model. Ask the "
                         "route for a new preview prompt.")
-    both = entry.eps_pix is None and entry.eps_sem is None
-    lp, ls = (1.0, 0.0) if entry.eps_pix is None else (1.0, 1.0)
     s = entry.sampling
-    _, eps = sample_eps(model, {"samples": entry.z_lq}, [[entry.context, {}]], lp, ls, s["tile_size"],
-                        s["tile_overlap"], precision=s.get("precision", "auto"), both=both, scaled=True)
+    _, eps = sample_eps(model, {"samples": entry.z_lq}, [[entry.context, {}]], 1.0, 1.0, s["tile_size"],
+                        s["tile_overlap"], precision=s.get("precision", "auto"), both=True, scaled=True)
     c = entry.z_lq.shape[1]
-    if both:
-        entry.eps_pix, entry.eps_sem = eps[:, :c], eps[:, c:]
-    elif entry.eps_pix is None:
-        entry.eps_pix = eps
-    else:
-        entry.eps_sem = eps
+    entry.eps_pix, entry.eps_sem = eps[:, :c], eps[:, c:]
 
 
 def frame_info(info: LQInfo | None, frame: int) -> LQInfo | None:
