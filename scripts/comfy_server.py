@@ -27,6 +27,8 @@ PACK_NAME = "ComfyUI-PiSA-SR"
 # Last-resort hang guards only, far above any honest run on a busy machine: a slow machine must never fail a test.
 HANG_GUARD_S = 3600.0
 HTTP_GUARD_S = 600.0
+# A library preloaded into the server only (not into the caller), e.g. Debian's tcmalloc: scripts/run_tests.sh sets it.
+PRELOAD_VAR = "PISA_SERVER_PRELOAD"
 _LIVE: set[subprocess.Popen] = set()  # servers still running, killed when this process ends
 
 
@@ -114,6 +116,8 @@ class ComfyServer:
                "--dont-print-server", *self.extra_args]
         self._log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if os.environ.get(PRELOAD_VAR):  # the test runner's allocator for servers (scripts/run_tests.sh)
+            env["LD_PRELOAD"] = os.environ[PRELOAD_VAR]
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         _LIVE.add(self.proc)
         deadline = time.time() + timeout

@@ -46,7 +46,7 @@ def test_device_command_offline_cpu_tiny(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "PISA_HOST_PYTHON", "PISA_COMFY_DIR", "PISA_HOST_PYTHON_0300",
-                        "PISA_COMFY_DIR_0300", "VIRTUAL_ENV")}
+                        "PISA_COMFY_DIR_0300", "VIRTUAL_ENV", "PISA_SERVER_PRELOAD")}
     env.update(dev, PISA_DEVICE_SITE=str(tmp_path / "site"), PYTHONUNBUFFERED="1")
     cmd = _offline(f"bash scripts/gpu_check.sh --device {out} --cpu --tiny --workflows pisa_sr_basic --stages a,b,d "
                    "--limit-a 3000 --limit-b 3000 --limit-d 3000")  # the stage limits are for an H100: hang guards here

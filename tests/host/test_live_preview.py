@@ -182,9 +182,16 @@ def test_loupe_of_a_tiled_picture_vs_the_final_crop(server):
     assert diff.mean() <= 20 and diff.max() <= 96
 
 
-def test_refusals_are_one_line(server):
+@pytest.fixture(scope="module")
+def live_token(server) -> str:
+    """The token of one run of the example at 96x80, shared by the refusal and flood tests (neither runs the sampler,
+    so the token stays the node's current one: LiveStore keeps one entry per sampler node)."""
     prompt, sampler, _, _ = example(server, 96, 80)
-    token = token_of(server.run(prompt), sampler)["token"]
+    return token_of(server.run(prompt), sampler)["token"]
+
+
+def test_refusals_are_one_line(server, live_token):
+    token = live_token
     ok = {"token": token, "lambda_pix": 1.0, "lambda_sem": 0.5, "view": "fit", "size": 256, "seq": 1}
     cases = [({**ok, "token": None}, 400, "no token"),
              ({**ok, "token": "not-a-token"}, 404, "unknown or expired token"),
@@ -201,11 +208,10 @@ def test_refusals_are_one_line(server):
         assert msg.startswith("PiSA live preview: ") and words in msg and "\n" not in msg, msg
 
 
-def test_a_flood_keeps_one_queued_preview_per_token_and_a_clean_history(server):
+def test_a_flood_keeps_one_queued_preview_per_token_and_a_clean_history(server, live_token):
     """Twenty preview prompts of one token posted at once: each POST drops the token's still-pending ones, so the
     queue holds at most one of them beside the one running; finished ones leave the history at the next POST."""
-    prompt, sampler, _, _ = example(server, 88, 72)  # not the refusal test's picture: its run would be all cached
-    token = token_of(server.run(prompt), sampler)["token"]
+    token = live_token
     body = {"token": token, "lambda_pix": 1.0, "lambda_sem": 0.5, "view": "loupe", "x": 100, "y": 100, "size": 16}
     ids = []
     for seq in range(20):

@@ -22,6 +22,9 @@ from test_vae_tiled import FP32_REL, Stop, _LiveBytes, _latent, _smooth_image, _
 from test_vae_tiled import _one_thread  # noqa: F401  (its autouse fixture: one intra-op thread here too)
 
 MIB = 1 << 20
+# the two slow spill tests (~95 s) run on the first host only
+SPILL_ONCE = pytest.mark.one_host("pisa_sr.park only moves maps between RAM and files; the host's modules are walked "
+                                  "the same way bounded or not, and test_vae_tiled.py checks the walk on each host")
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +92,7 @@ def _bounded_run(run, h: int, w: int, directory, budget: int):
     return out, mem
 
 
+@SPILL_ONCE
 def test_small_budget_spills_to_files_and_equals_unlimited(ae, tmp_path):
     z, x = _latent(32, 32, seed=22), _smooth_image(1, 256, 256, seed=23)
     budget = 2 * MIB  # the maps need ~26 MiB (decode) here
@@ -242,6 +246,7 @@ def _resident_bound(ae, tile: int, dtype_bytes: int = 4) -> int:
     return max(3 * rows * (widest + 2 * FAULT_AROUND), (q + kv) * 3 * c * dtype_bytes + 4 * FAULT_AROUND)
 
 
+@SPILL_ONCE
 def test_resident_spill_pages_are_bounded_independently_of_the_picture(ae, tmp_path):
     """Peak resident pages of the spill files for two picture sizes (4x the area) with the same tile: both within
     park.py's bound, which does not depend on the picture (on maps this narrow the fault-around windows also map
