@@ -29,13 +29,10 @@ from test_browser import (COMPARE, DOCS_SHOTS, INPUT, NEWEST, PINNED, PROMPT_TIM
 
 pytestmark = pytest.mark.slow
 
-# Both front ends in both renderers. One cell, the newest front end's Vue nodes on the first host, drags three times (a
-# drag queues up to two preview prompts: 176-184 s on a quiet 2-core CPU, 14-22 min at load 11); the others drag once
-# (79-91 s): the three-drag bookkeeping (pairwise different previews, a late answer not drawn over a newer one) does not
-# depend on the renderer or the host, while every cell still drags, previews, loupes and queues with real input.
-# On a second host (PISA_SECOND_HOST=1) only the front end it pins runs here: 1.58.1's bundle is the one that ran these
-# steps on the first host, and this host's half (the live route, the lazy pass, the exact preview) is held by the
-# pinned cells and by test_live_preview.py; 1.58.1 cells here would only repeat ~190 s of queued runs.
+# Three drags (a drag queues up to two preview prompts) in one cell only: the bookkeeping they check (pairwise different
+# previews, a late answer not drawn over a newer one) depends on neither renderer nor host. On a second host
+# (PISA_SECOND_HOST=1) only the pinned front end runs: 1.58.1's bundle ran these steps on the first host, and this
+# host's half (the live route, the lazy pass, the exact preview) is held by the pinned cells and test_live_preview.py.
 SECOND_HOST = os.environ.get("PISA_SECOND_HOST") == "1"
 CELLS = [f"{fe}-{mode}" for fe in dict.fromkeys((PINNED,) if SECOND_HOST else (NEWEST, PINNED))
          for mode in ("classic", "vue")]
